@@ -1,0 +1,333 @@
+"""Shape propagation into ``node.meta``.
+
+After `propagate_shapes`, every node that ran carries:
+
+``node.meta["regbn_shape"]``
+    ``tuple[int, ...]`` for a tensor, ``None`` for anything else.
+``node.meta["regbn_dtype"]``, ``node.meta["regbn_device"]``
+    The tensor's dtype and device, ``None`` for anything else.
+``node.meta["regbn_nested"]``
+    For a tuple, list or dict that holds tensors: the same structure with ``(shape, dtype)`` in
+    place of each tensor (``None`` in place of non-tensors). ``None`` otherwise.
+
+Real inputs (``example_inputs``) run the model once under ``torch.no_grad``. The model's buffers are
+swapped for copies during the run, so BatchNorm statistics, counters and any other buffer stay
+exactly as they were, and training flags are never touched. Shapes (``input_shapes``) run under
+``FakeTensorMode``: no activation memory, no compute, and models on ``torch.device("meta")`` work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["ShapeFailure", "propagate_shapes", "clear_shapes"]
+
+META_KEYS = ("regbn_shape", "regbn_dtype", "regbn_device", "regbn_nested")
+
+
+@dataclass(frozen=True)
+class ShapeFailure:
+    """Where shape propagation stopped: nodes before ``node_name`` keep their shapes."""
+
+    node_name: str
+    target: str
+    input_shapes: tuple[Any, ...]
+    message: str
+
+    def __str__(self) -> str:
+        shapes = ", ".join(_fmt(s) for s in self.input_shapes) or "no tensor inputs"
+        return (
+            f"shape propagation failed at node {self.node_name!r} ({self.target}) "
+            f"with inputs [{shapes}]: {self.message}"
+        )
+
+
+def _fmt(shape: Any) -> str:
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return "(" + ", ".join(str(d) for d in shape) + ")"
+    return repr(shape)
+
+
+class _NodeFailed(Exception):
+    def __init__(self, failure: ShapeFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def _describe(value: Any) -> tuple[Any, Any, Any, Any]:
+    if isinstance(value, torch.Tensor):
+        return tuple(int(d) for d in value.shape), value.dtype, value.device, None
+    nested = _nested(value)
+    return None, None, None, nested if _has_tensor(value) else None
+
+
+def _nested(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(int(d) for d in value.shape), value.dtype
+    if isinstance(value, Mapping):
+        return {k: _nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nested(v) for v in value]
+    if isinstance(value, tuple):  # plain tuple also for namedtuples and torch.Size
+        return tuple(_nested(v) for v in value)
+    return None
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_has_tensor(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
+
+
+class ShapeInterpreter(fx.Interpreter):
+    """Runs the graph once and writes each node's shape into its meta."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except _NodeFailed:
+            raise
+        except Exception as e:  # any op error becomes a ShapeFailure naming the node
+            args = [self.env[a] for a in n.all_input_nodes if a in self.env]
+            shapes = tuple(_describe(a)[0] or _nested(a) for a in args)
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            raise _NodeFailed(ShapeFailure(n.name, _target_name(n), shapes, msg)) from e
+        shape, dtype, device, nested = _describe(result)
+        n.meta["regbn_shape"] = shape
+        n.meta["regbn_dtype"] = dtype
+        n.meta["regbn_device"] = device
+        n.meta["regbn_nested"] = nested
+        return result
+
+
+def clear_shapes(gm: fx.GraphModule) -> None:
+    """Drop shape annotations, so a partial run never leaves stale shapes behind."""
+    for node in gm.graph.nodes:
+        for key in META_KEYS:
+            node.meta.pop(key, None)
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _arrange_inputs(gm: fx.GraphModule, positional: Sequence[Any], named: Mapping[str, Any]):
+    """Line up user inputs with the graph's placeholders (fills in defaults of concrete_args)."""
+    phs = _placeholders(gm)
+    names = [p.target.lstrip("*") for p in phs]
+    unknown = [k for k in named if k not in names]
+    if unknown:
+        raise ValueError(
+            f"inputs: unknown argument name(s) {unknown}; the model's forward takes {names}"
+        )
+    if len(positional) > len(phs):
+        raise ValueError(
+            f"inputs: got {len(positional)} positional inputs but the traced forward takes "
+            f"{len(phs)} ({', '.join(names)}); pass one per argument, or a dict of keyword "
+            "arguments"
+        )
+    values = []
+    for i, (ph, name) in enumerate(zip(phs, names, strict=True)):
+        if i < len(positional):
+            values.append(positional[i])
+        elif name in named:
+            values.append(named[name])
+        elif ph.args:
+            values.append(ph.args[0])
+        else:
+            raise ValueError(
+                f"inputs: no value for argument {name!r}; the traced forward takes "
+                f"{names}. Pass example_inputs/input_shapes for every argument"
+            )
+    return values
+
+
+def _split(inputs: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:
+    if isinstance(inputs, Mapping):
+        return (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+@contextlib.contextmanager
+def _swapped_state(module: nn.Module, make) -> Iterator[None]:
+    """Replace parameters/buffers by ``make(tensor, is_param)`` for the duration of the block.
+
+    Tied tensors stay tied. The originals are put back even if the block raises, so the caller's
+    modules end exactly as they began.
+    """
+    saved: list[tuple[nn.Module, str, str, torch.Tensor]] = []
+    memo: dict[int, torch.Tensor] = {}
+    try:
+        for mod in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(mod, kind)
+                for name, t in list(table.items()):
+                    if t is None:
+                        continue
+                    saved.append((mod, kind, name, t))
+                    if id(t) not in memo:
+                        memo[id(t)] = make(t, kind == "_parameters")
+                    table[name] = memo[id(t)]
+        yield
+    finally:
+        for mod, kind, name, t in reversed(saved):
+            getattr(mod, kind)[name] = t
+
+
+def _model_device(gm: nn.Module) -> torch.device:
+    for t in gm.parameters():
+        return t.device
+    for t in gm.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _parse_spec(spec: Any, dtype: torch.dtype | None, device: torch.device, where: str) -> Any:
+    """Turn one entry of input_shapes into a tensor (under fake mode) or a structure of them."""
+    if isinstance(spec, torch.Size) or (
+        isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec)
+    ):
+        if any(d < 0 for d in spec):
+            raise ValueError(f"input_shapes{where}: negative size in {tuple(spec)}")
+        return torch.empty(tuple(spec), dtype=dtype or torch.float32, device=device)
+    if (
+        isinstance(spec, (tuple, list))
+        and len(spec) == 2
+        and isinstance(spec[1], (torch.dtype, str))
+        and isinstance(spec[0], (tuple, list, torch.Size))
+    ):
+        return _parse_spec(spec[0], _dtype(spec[1], where), device, where)
+    if isinstance(spec, Mapping):
+        return {k: _parse_spec(v, dtype, device, f"{where}[{k!r}]") for k, v in spec.items()}
+    if isinstance(spec, (tuple, list)):
+        return type(spec)(
+            _parse_spec(v, dtype, device, f"{where}[{i}]") for i, v in enumerate(spec)
+        )
+    raise TypeError(
+        f"input_shapes{where}: expected a shape such as (2, 3, 28, 28), a (shape, dtype) pair, "
+        f"or a dict/tuple of those; got {spec!r}"
+    )
+
+
+def _dtype(value: Any, where: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    dt = getattr(torch, str(value), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"input_shapes{where}: unknown dtype {value!r}; use e.g. 'int64'")
+    return dt
+
+
+def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any], Mapping]:
+    positional, named = _split(input_shapes)
+    if input_dtypes is not None:
+        dts = list(input_dtypes.values() if isinstance(input_dtypes, Mapping) else input_dtypes)
+        if isinstance(input_dtypes, Mapping):
+            named = {
+                k: (v, _dtype(input_dtypes[k], f"[{k!r}]")) if k in input_dtypes else v
+                for k, v in named.items()
+            }
+        else:
+            positional = [
+                (s, _dtype(dts[i], f"[{i}]")) if i < len(dts) and dts[i] is not None else s
+                for i, s in enumerate(positional)
+            ]
+    pos = [_parse_spec(s, None, device, f"[{i}]") for i, s in enumerate(positional)]
+    kw = {k: _parse_spec(s, None, device, f"[{k!r}]") for k, s in named.items()}
+    return pos, kw
+
+
+def propagate_shapes(
+    gm: fx.GraphModule,
+    example_inputs: Any = None,
+    input_shapes: Any = None,
+    input_dtypes: Any = None,
+) -> ShapeFailure | None:
+    """Annotate every node of ``gm`` with its output shape (see the module docstring).
+
+    ``example_inputs``: real inputs, as a tuple of positional arguments, a dict of keyword
+    arguments, or a single tensor; entries may themselves be dicts/tuples of tensors.
+    ``input_shapes``: shapes instead, e.g. ``[(2, 1, 28, 28), ((2, 5), torch.int64)]``, or a dict
+    by argument name; an entry may be a dict/tuple of shapes for an argument that holds several
+    tensors. ``input_dtypes`` gives dtypes per entry (default float32).
+
+    Returns ``None`` on success, or a `ShapeFailure` naming the node where propagation stopped;
+    nodes before it keep their shapes, nodes after it have none. The model is left unchanged.
+    """
+    if (example_inputs is None) == (input_shapes is None):
+        raise ValueError(
+            "propagate_shapes needs exactly one of example_inputs (real tensors) or input_shapes "
+            f"(e.g. [(2, 1, 28, 28), (2, 3, 28, 28)]); got "
+            f"{'both' if example_inputs is not None else 'neither'}"
+        )
+    clear_shapes(gm)
+    if example_inputs is not None:
+        positional, named = _split(example_inputs)
+        args = _arrange_inputs(gm, positional, named)
+        return _run_real(gm, args)
+    return _run_fake(gm, input_shapes, input_dtypes)
+
+
+def _run_real(gm: fx.GraphModule, args: list[Any]) -> ShapeFailure | None:
+    def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
+        return t if is_param else t.clone()
+
+    with torch.no_grad(), _swapped_state(gm, copy_buffer):
+        return _interpret(gm, args)
+
+
+def _run_fake(gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any) -> ShapeFailure | None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = _model_device(gm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def to_fake(t: torch.Tensor, is_param: bool) -> torch.Tensor:
+        fake = mode.from_tensor(t, static_shapes=True)
+        return nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
+
+    with torch.no_grad(), _swapped_state(gm, to_fake), _quiet_fake_mode(), mode:
+        pos, kw = _fake_inputs(gm, input_shapes, input_dtypes, device)
+        args = _arrange_inputs(gm, pos, kw)
+        return _interpret(gm, args)
+
+
+@contextlib.contextmanager
+def _quiet_fake_mode() -> Iterator[None]:
+    # FakeTensorMode logs a full traceback for every failing op; the ShapeFailure says it better.
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _interpret(gm: fx.GraphModule, args: list[Any]) -> ShapeFailure | None:
+    try:
+        ShapeInterpreter(gm).run(*args)
+    except _NodeFailed as e:
+        return e.failure
+    return None

@@ -1,0 +1,349 @@
+"""Symbolic tracing for model surgery.
+
+`trace` turns an ``nn.Module`` into a ``torch.fx.GraphModule`` and records, for every node, where
+in the module hierarchy it came from. Everything downstream (shape propagation, modality analysis,
+name resolution in `regbn.insert`, `regbn.inspect`) reads these annotations:
+
+``node.meta["regbn_module"]``
+    Dotted path of the innermost module call the node belongs to; ``None`` at top level. For a leaf
+    ``call_module`` node it is the node's target.
+``node.meta["regbn_module_calls"]``
+    The whole stack of module calls, outermost first, as ``(path, call_index)`` pairs. The call
+    index tells apart two calls of one module (a shared encoder applied to two modalities).
+``node.meta["regbn_output_of"]``
+    The ``(path, call_index)`` calls whose return value is this node. For a leaf module it is its
+    own call; for a traced-through module (a ``Sequential``) the node its ``forward`` returned.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["TraceError", "RegBNTracer", "trace"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LeafSpec = type[nn.Module] | str
+
+
+class TraceError(ValueError):
+    """The model could not be traced symbolically.
+
+    The message names the module, the source line and the reason, and says how to work around it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        module_path: str | None = None,
+        location: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.module_path = module_path
+        self.location = location
+        self.reason = reason
+
+
+def _regbn_class() -> type[nn.Module] | None:
+    # Imported lazily: the layer module imports nothing from fx, but the package __init__ imports
+    # both, and tracing must not depend on import order.
+    try:
+        from ..layer import RegBN
+    except ImportError:  # pragma: no cover - only while the layer is not installed
+        return None
+    return RegBN
+
+
+class RegBNTracer(fx.Tracer):
+    """A tracer that keeps RegBN layers opaque and records module provenance in ``node.meta``."""
+
+    def __init__(
+        self,
+        leaf_classes: tuple[type[nn.Module], ...] = (),
+        leaf_paths: Iterable[str] = (),
+        autowrap_functions: Sequence[Callable[..., Any]] = (),
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        regbn = _regbn_class()
+        self.leaf_classes = leaf_classes + ((regbn,) if regbn is not None else ())
+        self.leaf_paths = frozenset(leaf_paths)
+        self._call_stack: list[tuple[str, int]] = []
+        self._call_counts: dict[str, int] = defaultdict(int)
+        # Innermost module path active when tracing failed (the stack is unwound by then).
+        self.failed_module: tuple[str, ...] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_classes) or module_qualified_name in self.leaf_paths:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # Not part of the hierarchy; let fx raise its own error with the stack intact.
+            return super().call_module(m, forward, args, kwargs)
+        call = (path, self._call_counts[path])
+        self._call_counts[path] += 1
+        self._call_stack.append(call)
+        last_before = self._last_node()
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = tuple(p for p, _ in self._call_stack)
+            raise
+        finally:
+            self._call_stack.pop()
+        self._mark_output(call, result, last_before)
+        return result
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["regbn_module"] = self._call_stack[-1][0] if self._call_stack else None
+        node.meta["regbn_module_calls"] = tuple(self._call_stack)
+        return node
+
+    def _last_node(self) -> fx.Node | None:
+        nodes = self.graph.nodes
+        return next(iter(reversed(nodes)), None) if len(nodes) else None
+
+    def _mark_output(self, call: tuple[str, int], result: Any, last_before: fx.Node | None) -> None:
+        if isinstance(result, fx.Proxy):
+            node = result.node
+        else:
+            # A tuple or dict of tensors: the design names the last node inside the call.
+            node = self._last_node()
+            if node is None or node is last_before:
+                return
+        node.meta.setdefault("regbn_output_of", []).append(call)
+
+
+def _split_leaf_modules(
+    model: nn.Module, leaf_modules: Iterable[LeafSpec] | None
+) -> tuple[tuple[type[nn.Module], ...], list[str]]:
+    classes: list[type[nn.Module]] = []
+    paths: list[str] = []
+    if leaf_modules is None:
+        return (), []
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = [leaf_modules]
+    known = [name for name, _ in model.named_modules() if name]
+    for spec in leaf_modules:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            classes.append(spec)
+        elif isinstance(spec, str):
+            if spec not in known:
+                close = difflib.get_close_matches(spec, known, n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(
+                    f"leaf_modules: {spec!r} is not a submodule of {type(model).__name__}{hint} "
+                    "Give dotted paths as in model.named_modules(), or nn.Module classes."
+                )
+            paths.append(spec)
+        else:
+            raise TypeError(
+                "leaf_modules must hold nn.Module classes or dotted module paths (str); "
+                f"got {spec!r} of type {type(spec).__name__}"
+            )
+    return tuple(classes), paths
+
+
+_REASONS: list[tuple[str, str]] = [
+    (
+        "cannot be used as inputs to control flow",
+        "a data-dependent `if`/`while` (bool() of a traced tensor): the branch taken depends on "
+        "values that do not exist while tracing",
+    ),
+    (
+        "cannot be iterated",
+        "iteration over a traced value (a `for` loop over a tensor, unpacking it, or passing it "
+        "as *args)",
+    ),
+    (
+        "'len' is not supported",
+        "len() of a traced tensor; its length is not known while tracing",
+    ),
+    (
+        "int() argument must be",
+        "int() of a traced value (e.g. of a shape entry); the number is not known while tracing",
+    ),
+    (
+        "cannot be interpreted as an integer",
+        "a traced value used as a Python integer (range(), list index, repeat count...), "
+        "e.g. x.shape[0] inside range()",
+    ),
+    (
+        "float() argument must be",
+        "float() of a traced value; the number is not known while tracing",
+    ),
+    (
+        "not installed as a submodule",
+        "a module that is not an attribute of the model (created inside forward?)",
+    ),
+]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    for needle, reason in _REASONS:
+        if needle in text:
+            return reason
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(_TORCH_DIR) or path.startswith(_REGBN_DIR + os.sep + "fx"):
+            continue
+        if frame.filename.startswith("<"):  # generated code (fx, eval)
+            continue
+        return frame
+    return None
+
+
+def _trace_error(exc: BaseException, model: nn.Module, tracer: RegBNTracer) -> TraceError:
+    stack = tracer.failed_module or ()
+    path = stack[-1] if stack else None
+    where = repr(path) if path else f"the top-level forward of {type(model).__name__}"
+    if path:
+        where += f" ({type(model.get_submodule(path)).__name__})"
+    frame = _user_frame(exc)
+    location = f"{frame.filename}:{frame.lineno}" if frame else None
+    reason = _reason(exc)
+    lines = [f"Cannot trace {type(model).__name__} with torch.fx: tracing failed in {where}"]
+    if frame is not None:
+        code = f"\n      {frame.line.strip()}" if frame.line else ""
+        lines.append(f"  at {location}, in {frame.name}(){code}")
+    lines.append(f"  why: {reason}")
+    fixes = []
+    for p in reversed(stack):
+        fixes.append(
+            f"leaf_modules=[{p!r}] to keep {p!r} as one opaque call "
+            "(it cannot then be named inside)"
+        )
+        break
+    fixes.append(
+        "concrete_args={'arg': value} to fix a Python-level argument (a flag, a length) "
+        "to a constant"
+    )
+    if frame is not None and frame.name != "forward":
+        fixes.append(f"autowrap_functions=[{frame.name}] to record that function as one call")
+    fixes.append("or trace the model yourself and pass the GraphModule")
+    lines.append("  fix: pass " + ";\n       ".join(fixes))
+    return TraceError("\n".join(lines), module_path=path, location=location, reason=reason)
+
+
+def trace(
+    model: nn.Module,
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+) -> fx.GraphModule:
+    """Trace ``model`` into a ``GraphModule`` annotated for surgery (see the module docstring).
+
+    An existing ``GraphModule`` is returned as it is. RegBN layers are always leaves, as are the
+    classes and dotted paths in ``leaf_modules``. The result shares the model's parameters and
+    buffers and keeps every ``state_dict`` key of the model, including those of parameters the
+    forward never reads. Raises `TraceError` (a ``ValueError``) when the model is not traceable.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace expects an nn.Module; got {type(model).__name__}")
+    if autowrap_functions is not None and not all(callable(f) for f in autowrap_functions):
+        raise TypeError("autowrap_functions must be a sequence of Python functions")
+    classes, paths = _split_leaf_modules(model, leaf_modules)
+    tracer = RegBNTracer(classes, paths, autowrap_functions or ())
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
+        if isinstance(e, TraceError):
+            raise
+        raise _trace_error(e, model, tracer) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    carry_missing_state(model, gm)
+    return gm
+
+
+def carry_missing_state(source: nn.Module, gm: fx.GraphModule, skip: Iterable[str] = ()) -> None:
+    """Give ``gm`` every parameter and buffer of ``source`` that the graph does not reference.
+
+    ``GraphModule`` copies only the attributes its graph uses, so an unused parameter would drop out
+    of ``state_dict`` and pretrained checkpoints would stop loading. Only modules created by fx are
+    touched; the caller's own module objects are never modified.
+    """
+    skipped = tuple(skip)
+    original = {id(m) for m in source.modules()}
+    for mod_path, mod in source.named_modules(remove_duplicate=False):
+        entries = [(n, t, "param") for n, t in mod._parameters.items() if t is not None]
+        entries += [(n, t, "buffer") for n, t in mod._buffers.items() if t is not None]
+        for name, tensor, kind in entries:
+            key = f"{mod_path}.{name}" if mod_path else name
+            if key.startswith(skipped):
+                continue
+            owner = _ensure_path(gm, mod_path, original)
+            if owner is None or id(owner) in original:
+                continue
+            if name in owner._parameters or name in owner._buffers:
+                if kind == "buffer" and name in mod._non_persistent_buffers_set:
+                    owner._non_persistent_buffers_set.add(name)
+                continue
+            if kind == "param":
+                owner.register_parameter(name, tensor)
+            else:
+                persistent = name not in mod._non_persistent_buffers_set
+                owner.register_buffer(name, tensor, persistent=persistent)
+        sub = _ensure_path(gm, mod_path, original, create=False)
+        if sub is not None and sub is not mod and id(sub) not in original:
+            sub.training = mod.training
+    _constants_not_persistent(source, gm, original)
+    gm.training = source.training
+
+
+def _constants_not_persistent(source: nn.Module, gm: fx.GraphModule, original: set[int]) -> None:
+    # fx stores tensors computed while tracing (``_tensor_constant0``) as buffers; keeping them out
+    # of state_dict lets a checkpoint of the original model load with strict=True.
+    known = set(source.state_dict().keys())
+    for mod_path, mod in gm.named_modules():
+        if id(mod) in original:
+            continue
+        for name in list(mod._buffers):
+            key = f"{mod_path}.{name}" if mod_path else name
+            if key not in known:
+                mod._non_persistent_buffers_set.add(name)
+
+
+def _ensure_path(
+    root: nn.Module, path: str, original: set[int], create: bool = True
+) -> nn.Module | None:
+    mod = root
+    if not path:
+        return root
+    for part in path.split("."):
+        child = mod._modules.get(part)
+        if child is None:
+            if not create or id(mod) in original:
+                return None
+            if hasattr(mod, part):
+                return None
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    return mod
