@@ -148,20 +148,28 @@ class Report:
 
     def summary(self) -> str:
         """Inputs, parameters per modality branch, fusions and the suggested pairs."""
-        lines = [f"{self.model_name}: {len(self.rows)} nodes"]
-        lines.append("Inputs:")
-        for info in self.inputs or []:
-            lines.append(f"  {info.name:<24} {_fmt_shape(info.shape):<24} {_dtype_str(info.dtype)}")
-        if not self.inputs:
-            lines.append("  (none)")
-        lines.append(f"Parameters: {self.total_params:,} total")
-        for label, count in self._param_items():
-            lines.append(f"  {label:<40} {count:>16,}")
-        lines.append(f"Fusions: {len(self.fusions)}")
+        inputs = [[i.name, _fmt_shape(i.shape), _dtype_str(i.dtype) or "-"] for i in self.inputs]
+        params = [[label, f"{count:,}"] for label, count in self._param_items()]
+        lines = [
+            f"{self.model_name}: {len(self.rows)} nodes, {_plural(len(self.fusions), 'fusion')}"
+        ]
+        lines += ["Inputs"] + (_align(inputs) if inputs else ["  (none)"])
+        lines += [f"Parameters per modality branch ({self.total_params:,} total)"]
+        lines += _align(params, right={1})
+        lines += [f"Fusions ({len(self.fusions)})"]
         for fusion in self.fusions:
-            lines.append("  " + self._fusion_line(fusion))
+            where = f" in {fusion.module}" if getattr(fusion, "module", None) else ""
+            out = getattr(fusion, "output_shape", None)
+            lines.append(f"  {fusion.name} [{fusion.kind}]{where} -> {_fmt_shape(out)}")
+            operands = [
+                [name, self.modality_label(mods), _fmt_shape(shape)]
+                for name, mods, shape in zip(
+                    fusion.operands, fusion.modalities, fusion.shapes, strict=False
+                )
+            ]
+            lines += _align(operands, indent=6)
         if self.pairs:
-            lines.append(f"Suggested: regbn.insert(model, pairs={self.pairs!r}, ...)")
+            lines += ["Suggested pairs for regbn.insert", f"  pairs={self.pairs!r}"]
         if self.failure is not None:
             lines.append(self.failure_text())
         return "\n".join(lines)
@@ -174,16 +182,20 @@ class Report:
         shapes = ", ".join(_fmt_shape(s) for s in (fail.input_shapes or ()))
         return (
             f"Shape propagation FAILED at node {fail.node_name!r} ({fail.target}) "
-            f"with input shapes [{shapes}]: {_one_line(fail.message)}. "
+            f"with input shapes [{shapes}]: {_one_line(fail.message).rstrip('.')}. "
             "Rows after it have no shape."
         )
 
     def _param_items(self) -> list[tuple[str, int]]:
         order = {name: i for i, name in enumerate(self.modality_names)}
-        keys = sorted(self.params_by_modality,
-                      key=lambda k: (len(k), sorted(order.get(m, len(order)) for m in k)))
-        items = [(self.modality_label(k) if k else "(no input)", self.params_by_modality[k])
-                 for k in keys]
+        keys = sorted(
+            self.params_by_modality,
+            key=lambda k: (len(k), sorted(order.get(m, len(order)) for m in k)),
+        )
+        items = [
+            (self.modality_label(k) if k else "(no input)", self.params_by_modality[k])
+            for k in keys
+        ]
         if self.unused_params:
             items.append(("(unused by forward)", self.unused_params))
         return items
@@ -198,8 +210,9 @@ class Report:
 
     # -- folding -------------------------------------------------------------------------
 
-    def lines(self, depth: int | None = None, all_nodes: bool = False,
-              max_rows: int = AUTO_MAX_ROWS) -> list[_Line]:
+    def lines(
+        self, depth: int | None = None, all_nodes: bool = False, max_rows: int = AUTO_MAX_ROWS
+    ) -> list[_Line]:
         """Displayed lines: every node (``all_nodes``), module calls folded below ``depth``,
         or (``depth=None``) the deepest folding that fits in ``max_rows`` lines."""
         if all_nodes:
@@ -248,40 +261,79 @@ class Report:
     def _line_of(self, members: list[Row], path: str | None = None) -> _Line:
         last = members[-1]
         if path is None:
-            return _Line(last.name, last.module, last.layer, last.shape, last.dtype,
-                         last.modalities, last.is_fusion, last.is_regbn, last.params,
-                         (last.name,), last.op)
+            return _Line(
+                last.name,
+                last.module,
+                last.layer,
+                last.shape,
+                last.dtype,
+                last.modalities,
+                last.is_fusion,
+                last.is_regbn,
+                last.params,
+                (last.name,),
+                last.op,
+            )
         shaped = [r for r in members if r.op != "get_attr"] or members
         out = shaped[-1]
         modalities = frozenset().union(*(r.modalities for r in members))
         kind = self.module_types.get(path, "module")
-        return _Line(path, path, kind, out.shape, out.dtype,
-                     modalities, any(r.is_fusion for r in members),
-                     any(r.is_regbn for r in members), sum(r.params for r in members),
-                     tuple(r.name for r in members), "module")
+        return _Line(
+            path,
+            path,
+            kind,
+            out.shape,
+            out.dtype,
+            modalities,
+            any(r.is_fusion for r in members),
+            any(r.is_regbn for r in members),
+            sum(r.params for r in members),
+            tuple(r.name for r in members),
+            "module",
+        )
 
     # -- text views ----------------------------------------------------------------------
 
-    def table(self, depth: int | None = None, all_nodes: bool = False,
-              width: int | None = None) -> str:
+    def table(
+        self, depth: int | None = None, all_nodes: bool = False, width: int | None = None
+    ) -> str:
         """An aligned text table (80-120 columns) followed by the summary."""
         width = width or _terminal_width()
         failed = self.failure.node_name if self.failure is not None else None
         body = []
         for line in self.lines(depth, all_nodes):
-            mark = "!!" if failed in line.members else "*F" if line.is_fusion else (
-                "RB" if line.is_regbn else "")
+            mark = (
+                "!!"
+                if failed in line.members
+                else "*F"
+                if line.is_fusion
+                else ("RB" if line.is_regbn else "")
+            )
             node = f"({len(line.members)} nodes)" if line.folded else line.name
-            body.append([mark, node, line.module or "", line.layer, _fmt_shape(line.shape),
-                         _dtype_str(line.dtype, short=True),
-                         self.modality_label(line.modalities), _fmt_params(line.params)])
-        headers = ["", "node", "module", "layer", "output shape", "dtype", "modalities",
-                   "params"]
+            body.append(
+                [
+                    mark,
+                    node,
+                    line.module or "",
+                    line.layer,
+                    _fmt_shape(line.shape),
+                    _dtype_str(line.dtype, short=True),
+                    self.modality_label(line.modalities),
+                    _fmt_params(line.params),
+                ]
+            )
+        headers = ["", "node", "module", "layer", "output shape", "dtype", "modalities", "params"]
         text = _format_table(headers, body, width, right_align={7})
         marks = {row[0] for row in body}
-        legend = "   ".join(text for mark, text in (
-            ("*F", "*F fusion"), ("RB", "RB RegBN layer"),
-            ("!!", "!! shape propagation failed here")) if mark in marks)
+        legend = "   ".join(
+            text
+            for mark, text in (
+                ("*F", "*F fusion"),
+                ("RB", "RB RegBN layer"),
+                ("!!", "!! shape propagation failed here"),
+            )
+            if mark in marks
+        )
         parts = [self.failure_text()] if self.failure is not None else []
         parts += [text] + ([legend] if legend else []) + ["", self.summary()]
         return "\n".join(parts)
@@ -291,11 +343,14 @@ class Report:
 
     def __repr__(self) -> str:
         state = "partial" if self.failure is not None else "complete"
-        return (f"<regbn Report of {self.model_name}: {len(self.rows)} nodes, "
-                f"{len(self.fusions)} fusions, {state}>")
+        return (
+            f"<regbn Report of {self.model_name}: {len(self.rows)} nodes, "
+            f"{len(self.fusions)} fusions, {state}>"
+        )
 
     def to_markdown(self, depth: int | None = None, all_nodes: bool = False) -> str:
         """A GitHub-flavoured Markdown table plus the summary as a list."""
+
         def cell(value: object) -> str:
             return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -306,14 +361,26 @@ class Report:
         out.append("|---|---|---|---|---|--:|---|")
         for line in self.lines(depth, all_nodes):
             mark = "**fusion**" if line.is_fusion else "RegBN" if line.is_regbn else ""
-            values = [f"`{line.name}`", line.layer, _fmt_shape(line.shape),
-                      _dtype_str(line.dtype), self.modality_label(line.modalities),
-                      _fmt_params(line.params), mark]
+            values = [
+                f"`{line.name}`",
+                line.layer,
+                _fmt_shape(line.shape),
+                _dtype_str(line.dtype),
+                self.modality_label(line.modalities),
+                _fmt_params(line.params),
+                mark,
+            ]
             out.append("| " + " | ".join(cell(v) for v in values) + " |")
-        out += ["", "**Inputs**: " + ", ".join(
-            f"`{cell(i.name)}` {_fmt_shape(i.shape)}" for i in self.inputs), ""]
-        out.append(f"**Parameters**: {self.total_params:,} total; " + "; ".join(
-            f"{cell(label)}: {count:,}" for label, count in self._param_items()))
+        out += [
+            "",
+            "**Inputs**: "
+            + ", ".join(f"`{cell(i.name)}` {_fmt_shape(i.shape)}" for i in self.inputs),
+            "",
+        ]
+        out.append(
+            f"**Parameters**: {self.total_params:,} total; "
+            + "; ".join(f"{cell(label)}: {count:,}" for label, count in self._param_items())
+        )
         out += ["", f"**Fusions**: {len(self.fusions)}"]
         out += [f"- {cell(self._fusion_line(f))}" for f in self.fusions]
         if self.pairs:
@@ -325,8 +392,10 @@ class Report:
         fail = self.failure
         return {
             "model": self.model_name,
-            "inputs": [{"name": i.name, "shape": _shape_to_json(i.shape),
-                        "dtype": _dtype_str(i.dtype)} for i in self.inputs],
+            "inputs": [
+                {"name": i.name, "shape": _shape_to_json(i.shape), "dtype": _dtype_str(i.dtype)}
+                for i in self.inputs
+            ],
             "rows": [row.to_dict() for row in self.rows],
             "fusions": [_fusion_to_dict(f) for f in self.fusions],
             "pairs": [list(p) for p in self.pairs],
@@ -334,8 +403,11 @@ class Report:
                 "total": self.total_params,
                 "by_modality": {label: n for label, n in self._param_items()},
             },
-            "failure": None if fail is None else {
-                "node": fail.node_name, "target": str(fail.target),
+            "failure": None
+            if fail is None
+            else {
+                "node": fail.node_name,
+                "target": str(fail.target),
                 "input_shapes": [_shape_to_json(s) for s in fail.input_shapes or ()],
                 "message": str(fail.message),
             },
@@ -367,40 +439,65 @@ class Report:
             names = self.modality_label(modalities).split("+") if modalities else []
             return "".join(
                 f'<span class="tag" style="background:{colours.get(m, "#777")}">{esc(m)}</span>'
-                for m in names)
+                for m in names
+            )
 
         failed = self.failure.node_name if self.failure is not None else None
         rows_html = []
         for row in self.rows:
-            classes = [c for c, on in (("fusion", row.is_fusion), ("regbn", row.is_regbn),
-                                       ("failed", row.name == failed),
-                                       ("noshape", row.shape is None)) if on]
-            cells = [row.name, row.module or "", row.layer, _fmt_shape(row.shape),
-                     _dtype_str(row.dtype)]
+            classes = [
+                c
+                for c, on in (
+                    ("fusion", row.is_fusion),
+                    ("regbn", row.is_regbn),
+                    ("failed", row.name == failed),
+                    ("noshape", row.shape is None),
+                )
+                if on
+            ]
+            cells = [
+                row.name,
+                row.module or "",
+                row.layer,
+                _fmt_shape(row.shape),
+                _dtype_str(row.dtype),
+            ]
             tds = "".join(f"<td>{esc(str(c))}</td>" for c in cells)
             tds += f"<td>{tags(row.modalities)}</td>"
             tds += f'<td class="num">{esc(_fmt_params(row.params))}</td>'
             rows_html.append(f'<tr class="{" ".join(classes)}">{tds}</tr>')
-        head = "".join(f"<th>{h}</th>" for h in (
-            "node", "module", "layer", "output shape", "dtype", "modalities", "params"))
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("node", "module", "layer", "output shape", "dtype", "modalities", "params")
+        )
 
-        summary = [f"<b>{esc(self.model_name)}</b>: {len(self.rows)} nodes, "
-                   f"{self.total_params:,} parameters, {len(self.fusions)} fusions"]
+        summary = [
+            f"<b>{esc(self.model_name)}</b>: {len(self.rows)} nodes, "
+            f"{self.total_params:,} parameters, {len(self.fusions)} fusions"
+        ]
         if self.failure is not None:
             summary.append(f'<b style="color:#b00">{esc(self.failure_text())}</b>')
-        summary.append("Inputs: " + ", ".join(
-            f"{tags(frozenset([i.name]))}{esc(_fmt_shape(i.shape))}" for i in self.inputs))
-        summary.append("Parameters: " + "; ".join(
-            f"{esc(label)}: {count:,}" for label, count in self._param_items()))
+        summary.append(
+            "Inputs: "
+            + ", ".join(
+                f"{tags(frozenset([i.name]))}{esc(_fmt_shape(i.shape))}" for i in self.inputs
+            )
+        )
+        summary.append(
+            "Parameters: "
+            + "; ".join(f"{esc(label)}: {count:,}" for label, count in self._param_items())
+        )
         for fusion in self.fusions:
             summary.append("Fusion: " + esc(self._fusion_line(fusion)))
         if self.pairs:
-            summary.append(f"<code>regbn.insert(model, pairs={esc(repr(self.pairs))}, "
-                           "...)</code>")
-        return (f'<div class="regbn-report">{css}'
-                + "".join(f"<div>{s}</div>" for s in summary)
-                + f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
-                + "".join(rows_html) + "</tbody></table></div></div>")
+            summary.append(f"<code>regbn.insert(model, pairs={esc(repr(self.pairs))}, ...)</code>")
+        return (
+            f'<div class="regbn-report">{css}'
+            + "".join(f"<div>{s}</div>" for s in summary)
+            + f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
+            + "".join(rows_html)
+            + "</tbody></table></div></div>"
+        )
 
     def _colours(self) -> dict[str, str]:
         return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(self.modality_names)}
@@ -436,8 +533,11 @@ class Report:
         def q(text: str) -> str:
             return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-        out = [f"digraph {q(self.model_name)} {{", "  rankdir=TB;",
-               '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=9];']
+        out = [
+            f"digraph {q(self.model_name)} {{",
+            "  rankdir=TB;",
+            '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=9];',
+        ]
         for name, data in g.nodes(data=True):
             line: _Line = data["line"]
             label = "\\n".join(_escape_dot_label(s) for s in self._node_label(line))
@@ -498,16 +598,35 @@ class Report:
             edge, lw = (_FUSION_COLOUR, 2.5) if line.is_fusion else ("#333333", 0.6)
             x, y = pos[name]
             texts[name] = ax.text(
-                x, y, "\n".join(self._node_label(line)), ha="center", va="center",
-                fontsize=6.5, family="monospace", zorder=3,
-                bbox={"boxstyle": "round,pad=0.3", "fc": fill, "ec": edge, "lw": lw})
+                x,
+                y,
+                "\n".join(self._node_label(line)),
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                family="monospace",
+                zorder=3,
+                bbox={"boxstyle": "round,pad=0.3", "fc": fill, "ec": edge, "lw": lw},
+            )
         for u, v in g.edges:
             # patchA/patchB clip the arrow at the label boxes, so heads stay visible.
             # Drawn after the boxes (higher zorder) so that their patches are placed already.
-            ax.annotate("", xy=pos[v], xytext=pos[u], zorder=4, arrowprops={
-                "arrowstyle": "-|>", "color": "#555555", "lw": 0.6, "shrinkA": 1, "shrinkB": 1,
-                "patchA": texts[u].get_bbox_patch(), "patchB": texts[v].get_bbox_patch(),
-                "connectionstyle": "arc3,rad=0.0"})
+            ax.annotate(
+                "",
+                xy=pos[v],
+                xytext=pos[u],
+                zorder=4,
+                arrowprops={
+                    "arrowstyle": "-|>",
+                    "color": "#555555",
+                    "lw": 0.6,
+                    "shrinkA": 1,
+                    "shrinkB": 1,
+                    "patchA": texts[u].get_bbox_patch(),
+                    "patchB": texts[v].get_bbox_patch(),
+                    "connectionstyle": "arc3,rad=0.0",
+                },
+            )
         handles = [Patch(fc=colours[m], label=m) for m in self.modality_names]
         handles.append(Patch(fc="white", ec=_FUSION_COLOUR, lw=2.5, label="fusion"))
         if any(r.is_regbn for r in self.rows):
@@ -544,20 +663,40 @@ def inspect(
     A shape-propagation failure gives a partial report (``report.failure``); a trace failure
     raises ``TraceError``.
     """
-    from .modality import analyse_graph
+    from .modality import annotate_modalities, detect_fusions
     from .shapes import propagate_shapes
     from .tracing import trace
 
-    gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules,
-               autowrap_functions=autowrap_functions)
-    failure = propagate_shapes(gm, example_inputs, input_shapes=input_shapes,
-                               input_dtypes=input_dtypes)
-    fusions = analyse_graph(gm)
+    gm = trace(
+        model,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+    )
+    failure = None
+    if example_inputs is not None or input_shapes is not None:
+        failure = propagate_shapes(
+            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes
+        )
+    # Modalities are structural: they hold for every node, even past a shape failure.
+    annotate_modalities(gm)
+    fusions = [_insert_ready(gm, f) for f in detect_fusions(gm)]
     return report_from_graph(gm, fusions, failure, model=model)
 
 
-def report_from_graph(gm: fx.GraphModule, fusions: list[Any], failure: Any = None,
-                      model: nn.Module | None = None) -> Report:
+def _insert_ready(gm: fx.GraphModule, fusion: Any) -> Any:
+    """The fusion with its pair spelled as ``regbn.insert`` resolves it (as find_fusions does)."""
+    from . import modality
+
+    try:
+        return modality._with_pair_names(gm, fusion)
+    except ImportError:  # insertion not there yet: bare node names are valid names too
+        return fusion
+
+
+def report_from_graph(
+    gm: fx.GraphModule, fusions: list[Any], failure: Any = None, model: nn.Module | None = None
+) -> Report:
     """Build a :class:`Report` from a graph whose nodes carry the ``regbn_*`` meta keys."""
     model = gm if model is None else model
     fusion_names = {f.name for f in fusions}
@@ -565,8 +704,12 @@ def report_from_graph(gm: fx.GraphModule, fusions: list[Any], failure: Any = Non
     rows = [_row(node, gm, fusion_names, regbn_paths) for node in gm.graph.nodes]
     by_modality, unused = _params_by_modality(model, rows)
     return Report(
-        rows=rows, fusions=list(fusions), failure=failure, inputs=_inputs(gm, rows),
-        params_by_modality=by_modality, unused_params=unused,
+        rows=rows,
+        fusions=list(fusions),
+        failure=failure,
+        inputs=_inputs(gm, rows),
+        params_by_modality=by_modality,
+        unused_params=unused,
         model_name=type(model).__name__,
         # The model's own classes win over the plain containers fx builds for its paths.
         module_types={name: type(m).__name__ for name, m in gm.named_modules() if name}
@@ -574,20 +717,23 @@ def report_from_graph(gm: fx.GraphModule, fusions: list[Any], failure: Any = Non
     )
 
 
-def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str],
-         regbn_paths: set[str]) -> Row:
+def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str], regbn_paths: set[str]) -> Row:
     module = node.meta.get("regbn_module")
     if module is None and node.op == "call_module":
         module = str(node.target)
     shape = node.meta.get("regbn_shape")
     return Row(
-        name=node.name, module=module or None, op=node.op, target=_target_str(node),
+        name=node.name,
+        module=module or None,
+        op=node.op,
+        target=_target_str(node),
         shape=tuple(shape) if shape is not None else None,
         dtype=node.meta.get("regbn_dtype"),
         modalities=frozenset(node.meta.get("regbn_modalities", ())),
         is_fusion=node.name in fusion_names,
         inputs=tuple(n.name for n in node.all_input_nodes),
-        layer=_layer_label(node, gm), params=_node_params(node, gm),
+        layer=_layer_label(node, gm),
+        params=_node_params(node, gm),
         is_regbn=node.op == "call_module" and str(node.target) in regbn_paths,
         calls=tuple(tuple(c) for c in node.meta.get("regbn_module_calls", ())),
     )
@@ -614,8 +760,14 @@ def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
         # A container input: its entries are the first nodes that carry exactly one of its
         # modalities (the getitem that unpacks it).
         for modality in sorted(row.modalities):
-            entry = next((r for r in rows if r.op != "placeholder"
-                          and r.modalities == {modality} and row.name in r.inputs), None)
+            entry = next(
+                (
+                    r
+                    for r in rows
+                    if r.op != "placeholder" and r.modalities == {modality} and row.name in r.inputs
+                ),
+                None,
+            )
             entry = entry or by_name[row.name]
             infos.append(InputInfo(modality, entry.shape, entry.dtype))
     return infos
@@ -658,8 +810,11 @@ def _target_str(node: fx.Node) -> str:
     if isinstance(target, str):
         return target
     module = getattr(target, "__module__", None) or ""
-    module = {"_operator": "operator", "torch._C._nn": "torch.nn.functional",
-              "torch._C._VariableFunctions": "torch"}.get(module, module)
+    module = {
+        "_operator": "operator",
+        "torch._C._nn": "torch.nn.functional",
+        "torch._C._VariableFunctions": "torch",
+    }.get(module, module)
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
     return f"{module}.{name}" if module else name
 
@@ -704,6 +859,7 @@ def _layered_positions(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], i
     pos: dict[str, tuple[float, float]] = {}
     widest = max((len(layer) for layer in layers), default=1)
     for depth, layer in enumerate(layers):
+
         def barycentre(name: str) -> tuple[float, int]:
             xs = [pos[p][0] for p in g.predecessors(name) if p in pos]
             return (sum(xs) / len(xs) if xs else -1.0, order[name])
@@ -715,8 +871,9 @@ def _layered_positions(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], i
     return pos, max(len(layers), 1), widest
 
 
-def _format_table(headers: list[str], body: list[list[str]], width: int,
-                  right_align: set[int] = frozenset()) -> str:
+def _format_table(
+    headers: list[str], body: list[list[str]], width: int, right_align: set[int] = frozenset()
+) -> str:
     """Aligned columns; the widest columns are shortened (middle ellipsis) to fit ``width``."""
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
     minimum = [max(len(h), 6 if i else 2) for i, h in enumerate(headers)]
@@ -744,7 +901,7 @@ def _shorten(text: str, width: int) -> str:
     if width <= 3:
         return text[:width]
     head = (width - 2) // 2
-    return text[:head] + ".." + text[len(text) - (width - 2 - head):]
+    return text[:head] + ".." + text[len(text) - (width - 2 - head) :]
 
 
 def _terminal_width() -> int:
@@ -778,13 +935,31 @@ def _dtype_str(dtype: object, short: bool = False) -> str | None:
         return "-" if short else None
     text = str(dtype).removeprefix("torch.")
     if short:
-        text = (text.replace("float", "f").replace("bfloat", "bf").replace("int", "i")
-                .replace("complex", "c").replace("bool", "b"))
+        text = (
+            text.replace("float", "f")
+            .replace("bfloat", "bf")
+            .replace("int", "i")
+            .replace("complex", "c")
+            .replace("bool", "b")
+        )
     return text
 
 
 def _fmt_params(n: int) -> str:
     return f"{n:,}" if n else ""
+
+
+def _align(rows: list[list[str]], indent: int = 2, right: set[int] = frozenset()) -> list[str]:
+    """Rows of cells as aligned text lines (the summary's small tables)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
+    return [
+        " " * indent
+        + "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
 
 
 def _plural(n: int, word: str) -> str:
@@ -801,7 +976,7 @@ def _escape_dot_label(text: str) -> str:
 
 def _hex_to_rgb(colour: str) -> list[float]:
     colour = colour.lstrip("#")
-    return [int(colour[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+    return [int(colour[i : i + 2], 16) / 255 for i in (0, 2, 4)]
 
 
 def _rgb_to_hex(rgb: Sequence[float]) -> str:
@@ -816,4 +991,6 @@ def _fusion_to_dict(fusion: Any) -> dict[str, Any]:
         "modalities": [sorted(m) for m in fusion.modalities],
         "shapes": [_shape_to_json(s) for s in fusion.shapes],
         "pair": list(fusion.pair) if getattr(fusion, "pair", None) is not None else None,
+        "module": getattr(fusion, "module", None),
+        "output_shape": _shape_to_json(getattr(fusion, "output_shape", None)),
     }

@@ -1,0 +1,255 @@
+"""Command line: ``regbn inspect MODULE:FACTORY --input 2x1x28x28 --input 2x3x28x28``.
+
+Shapes run on fake tensors, so no input data and no memory for activations is needed. Every user
+error is one line on stderr, ``regbn: error: ...``, and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+__all__ = ["main"]
+
+_PROG = "regbn"
+_DEBUG_ENV = "REGBN_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+class UserError(Exception):
+    """A mistake in the command line or the model it names: reported in one line, status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints usage plus an error and exits; we want the one-line contract instead.
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, description="RegBN tools for multimodal PyTorch models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = sub.add_parser(
+        "inspect",
+        help="show every tensor's shape, its modalities and the fusions of a model",
+        description="Trace MODULE:FACTORY with torch.fx and propagate the --input shapes on "
+        "fake tensors (no data, no activation memory). Prints a table, the fusions and the "
+        "pairs to give regbn.insert.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODULE:FACTORY",
+        help="importable module or path to a .py file, and a callable (function or "
+        "class) in it that returns the nn.Module, e.g. mypkg.models:build",
+    )
+    p.add_argument(
+        "--input",
+        "-i",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="[NAME=]SHAPE[:DTYPE]",
+        help="one per forward argument, in order (or NAME=... by argument name), "
+        "e.g. 2x1x28x28 or 2x16:int64",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--draw", metavar="FILE", help="write the graph picture (.svg or .png)")
+    p.add_argument(
+        "--depth",
+        type=_depth,
+        default=None,
+        help="fold module calls deeper than N (default: automatic)",
+    )
+    p.add_argument(
+        "--all", dest="all_nodes", action="store_true", help="show every node, folding nothing"
+    )
+    return parser
+
+
+def _depth(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--depth must be a positive integer, got {text!r}")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, ...] | tuple[tuple[int, ...], torch.dtype]:
+    """``"2x1x28x28"`` -> ``(2, 1, 28, 28)``; ``"2x16:int64"`` -> ``((2, 16), torch.int64)``."""
+    sizes, _, dtype_name = text.partition(":")
+    example = "expected sizes joined by 'x' and an optional dtype, e.g. 2x1x28x28 or 2x16:int64"
+    try:
+        shape = tuple(int(s) for s in sizes.lower().split("x"))
+    except ValueError:
+        raise UserError(f"bad shape {text!r}: {example}") from None
+    if any(s < 0 for s in shape):
+        raise UserError(f"bad shape {text!r}: sizes must not be negative")
+    if not dtype_name:
+        return shape
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(
+            f"bad shape {text!r}: unknown dtype {dtype_name!r} "
+            "(use a torch dtype name such as float32, float64, int64, bool)"
+        )
+    return shape, dtype
+
+
+def _input_shapes(specs: Sequence[str]) -> list[Any] | dict[str, Any]:
+    if not specs:
+        raise UserError(
+            "no input shapes: give one --input per forward argument, "
+            "e.g. --input 2x1x28x28 --input 2x3x28x28"
+        )
+    named = [spec.partition("=") for spec in specs]
+    if all(sep for _, sep, _ in named):
+        return {name.strip(): parse_shape(shape.strip()) for name, _, shape in named}
+    if any(sep for _, sep, _ in named):
+        raise UserError("--input: give all inputs by position or all as NAME=SHAPE, not both")
+    return [parse_shape(spec.strip()) for spec in specs]
+
+
+def _import_module(name: str) -> ModuleType:
+    looks_like_file = name.endswith(".py") or os.sep in name or "/" in name
+    if looks_like_file:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"no such file: {name!r}")
+        # Its folder goes on sys.path, so the file can import its neighbours.
+        sys.path.insert(0, str(path.resolve().parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise UserError(f"cannot load {name!r} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        _run_user_code(lambda: spec.loader.exec_module(module), f"importing {name!r}")
+        return module
+    # Like `python -m`, look in the current folder too (a console script does not).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            raise UserError(
+                f"cannot import module {name!r}: no module named {e.name!r} "
+                "(give an importable module name or a path to a .py file)"
+            ) from None
+        raise UserError(f"importing {name!r} failed: {_one_line(e)}") from None
+    except Exception as e:  # the user's module raised while importing
+        raise UserError(f"importing {name!r} failed: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _run_user_code(fn, what: str) -> Any:
+    try:
+        return fn()
+    except Exception as e:
+        raise UserError(f"{what} failed: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def load_model(spec: str) -> nn.Module:
+    """Build the model named by ``MODULE:FACTORY``."""
+    module_name, sep, factory_name = spec.rpartition(":")
+    if not sep or not module_name or not factory_name:
+        raise UserError(f"expected MODULE:FACTORY (e.g. mypkg.models:build), got {spec!r}")
+    module = _import_module(module_name)
+    factory: Any = module
+    for part in factory_name.split("."):
+        if not hasattr(factory, part):
+            names = [n for n in dir(factory) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"{module_name!r} has no attribute {factory_name!r}{hint}")
+        factory = getattr(factory, part)
+    if isinstance(factory, nn.Module):  # a module-level instance is fine too
+        return factory
+    if not callable(factory):
+        raise UserError(f"{spec!r} is a {type(factory).__name__}, not a callable factory")
+    model = _run_user_code(factory, f"calling {factory_name}()")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{factory_name}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .fx.report import inspect
+    from .fx.tracing import TraceError
+
+    if args.draw is not None and Path(args.draw).suffix.lower() not in (".svg", ".png"):
+        raise UserError(f"--draw writes .svg or .png, got {args.draw!r}")
+    shapes = _input_shapes(args.inputs)
+    model = load_model(args.model)
+    try:
+        report = inspect(model, input_shapes=shapes)
+    except TraceError as e:
+        raise UserError(_one_line(e)) from None
+    except (ValueError, TypeError) as e:  # inputs that do not fit the forward's arguments
+        raise UserError(_one_line(e)) from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table(depth=args.depth, all_nodes=args.all_nodes))
+    if args.draw is not None:
+        try:
+            report.draw(args.draw, depth=args.depth, all_nodes=args.all_nodes)
+        except ImportError:
+            raise UserError("--draw needs matplotlib: pip install matplotlib") from None
+        except OSError as e:
+            raise UserError(f"cannot write {args.draw!r}: {e.strerror or e}") from None
+        print(f"{_PROG}: wrote {args.draw}", file=sys.stderr)
+    if report.failure is not None:
+        raise UserError(report.failure_text())
+    return 0
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split())
+
+
+def _fail(message: str) -> int:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script passes it to exit)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        return _fail(str(e))
+    except SystemExit as e:  # --help and --version exit through argparse
+        return e.code if isinstance(e.code, int) else 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _inspect(args)
+    except UserError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except Exception as e:  # a bug of ours: still one line, unless asked for the traceback
+        if os.environ.get(_DEBUG_ENV):
+            raise
+        return _fail(
+            f"internal error: {type(e).__name__}: {_one_line(e)} "
+            f"(set {_DEBUG_ENV}=1 for the traceback)"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
