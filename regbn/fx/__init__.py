@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from .insertion import insert, remove
+from .modality import Fusion, annotate_modalities, build_graph, detect_fusions, find_fusions
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import TraceError, trace
 
-__all__ = ["ShapeFailure", "TraceError", "propagate_shapes", "trace"]
+__all__ = [
+    "Fusion",
+    "ShapeFailure",
+    "TraceError",
+    "annotate_modalities",
+    "build_graph",
+    "detect_fusions",
+    "find_fusions",
+    "insert",
+    "propagate_shapes",
+    "remove",
+    "trace",
+]

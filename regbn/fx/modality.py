@@ -1,0 +1,291 @@
+"""Modality analysis and fusion detection on an annotated fx graph, with networkx.
+
+A *modality* is one input tensor of the model: a tensor argument of ``forward`` (``"gray"``), or
+one entry of an argument that holds several tensors (``"batch['audio']"``, ``"x[0]"``). After
+`annotate_modalities`, each node carries ``node.meta["regbn_modalities"]``, the frozenset of
+modalities its value depends on, plus ``node.meta["regbn_fusion"]``: its `Fusion` or ``None``.
+
+A *fusion* is a node whose tensor operands depend on pairwise disjoint, non-empty sets of
+modalities: where separate branches meet. Constants and parameters are not operands, so
+``mul(1, x)`` and ``x * self.scale`` are not fusions, and neither is a residual add inside one
+modality.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Fusion",
+    "annotate_modalities",
+    "build_graph",
+    "detect_fusions",
+    "find_fusions",
+    "modality_sources",
+]
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A node where branches of different modalities meet.
+
+    ``pair`` is the ``(f, g)`` that ``regbn.insert(..., pairs="auto")`` uses: the first tensor
+    operand is normalised with respect to the second (in argument order). A fusion with more than
+    two operands therefore gets one RegBN layer, on its first two operands; pass explicit pairs to
+    normalise the others. Each name is an fx node name, prefixed with ``node:`` only where the bare
+    name would be ambiguous for ``insert``.
+    """
+
+    name: str
+    kind: str
+    operands: tuple[str, ...]
+    modalities: tuple[frozenset[str], ...]
+    shapes: tuple[tuple[int, ...] | None, ...]
+    pair: tuple[str, str]
+    module: str | None = None
+    output_shape: tuple[int, ...] | None = None
+
+    def __str__(self) -> str:
+        ops = ", ".join(
+            f"{o} {{{', '.join(sorted(m))}}}"
+            for o, m in zip(self.operands, self.modalities, strict=True)
+        )
+        return f"{self.name} [{self.kind}]: {ops} -> pair {self.pair}"
+
+
+def build_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """A DiGraph of fx node names; an edge u -> v when v reads u's value."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def _is_tensor_node(node: fx.Node) -> bool | None:
+    """True/False from shape meta; None when shapes were not propagated."""
+    if "regbn_shape" not in node.meta:
+        return None
+    return node.meta["regbn_shape"] is not None
+
+
+def _key_repr(key: Any) -> str:
+    return repr(key)
+
+
+def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
+    """Map node name -> modality name for every node that introduces a modality.
+
+    A placeholder is a source unless it is a container (a dict or tuple of tensors) read through
+    constant keys; then each ``getitem`` with a constant key is a source of its own, and the
+    container itself (where used whole) depends on all of them.
+    """
+    sources: dict[str, str] = {}
+    for ph in gm.graph.nodes:
+        if ph.op != "placeholder":
+            continue
+        entries = [u for u in ph.users if _is_constant_getitem(u)]
+        if entries and _is_tensor_node(ph) is not True:
+            for u in entries:
+                sources[u.name] = f"{ph.target.lstrip('*')}[{_key_repr(u.args[1])}]"
+            continue
+        sources[ph.name] = ph.target.lstrip("*")
+    return sources
+
+
+def _is_constant_getitem(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and len(node.args) == 2
+        and isinstance(node.args[1], (int, str))
+    )
+
+
+def annotate_modalities(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> nx.DiGraph:
+    """Set ``node.meta["regbn_modalities"]`` and ``["regbn_fusion"]`` on every node.
+
+    Returns the networkx graph used. A container placeholder that is also used whole depends on
+    all of its entries.
+    """
+    graph = build_graph(gm) if graph is None else graph
+    sources = modality_sources(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    deps: dict[str, frozenset[str]] = {}
+    # A source starts afresh rather than inheriting from its container placeholder, so two
+    # entries of one dict count as two modalities.
+    for name in nx.topological_sort(graph):
+        node = by_name[name]
+        if name in sources:
+            deps[name] = frozenset({sources[name]})
+        elif node.op == "placeholder":
+            deps[name] = frozenset(sources[u.name] for u in node.users if u.name in sources)
+        else:
+            deps[name] = frozenset().union(*(deps[p] for p in graph.predecessors(name)))
+    for name, mods in deps.items():
+        by_name[name].meta["regbn_modalities"] = mods
+    for node in gm.graph.nodes:
+        node.meta["regbn_fusion"] = _fusion_at(gm, node)
+    return graph
+
+
+def detect_fusions(gm: fx.GraphModule) -> list[Fusion]:
+    """The fusions of an annotated graph, in graph order."""
+    return [n.meta["regbn_fusion"] for n in gm.graph.nodes if n.meta.get("regbn_fusion")]
+
+
+def _operands(node: fx.Node) -> list[fx.Node]:
+    seen: list[fx.Node] = []
+    for src in node.all_input_nodes:
+        if src in seen or _is_tensor_node(src) is False:
+            continue
+        if not src.meta.get("regbn_modalities"):
+            continue  # parameters, constants and buffers carry no modality
+        seen.append(src)
+    return seen
+
+
+def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    ops = _operands(node)
+    if len(ops) < 2:
+        return None
+    mods = [op.meta["regbn_modalities"] for op in ops]
+    for i in range(len(mods)):
+        for j in range(i + 1, len(mods)):
+            if mods[i] & mods[j]:
+                return None
+    return Fusion(
+        name=node.name,
+        kind=fusion_kind(gm, node),
+        operands=tuple(op.name for op in ops),
+        modalities=tuple(mods),
+        shapes=tuple(op.meta.get("regbn_shape") for op in ops),
+        pair=(ops[0].name, ops[1].name),
+        module=node.meta.get("regbn_module"),
+        output_shape=node.meta.get("regbn_shape"),
+    )
+
+
+_FUNCTION_KINDS: dict[Any, str] = {
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.concatenate: "cat",
+    torch.hstack: "cat",
+    torch.vstack: "cat",
+    torch.dstack: "cat",
+    torch.column_stack: "cat",
+    torch.stack: "stack",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
+    torch.subtract: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    torch.multiply: "mul",
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    operator.floordiv: "div",
+    torch.div: "div",
+    torch.divide: "div",
+    torch.true_divide: "div",
+    operator.matmul: "matmul",
+    torch.matmul: "matmul",
+    torch.mm: "matmul",
+    torch.bmm: "matmul",
+    torch.einsum: "einsum",
+    F.bilinear: "bilinear",
+    torch.bilinear: "bilinear",
+    F.scaled_dot_product_attention: "attention",
+    F.multi_head_attention_forward: "attention",
+}
+
+_METHOD_KINDS: dict[str, str] = {
+    "add": "add",
+    "add_": "add",
+    "sub": "sub",
+    "sub_": "sub",
+    "mul": "mul",
+    "mul_": "mul",
+    "div": "div",
+    "div_": "div",
+    "matmul": "matmul",
+    "mm": "matmul",
+    "bmm": "matmul",
+}
+
+
+def fusion_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """cat, stack, add, sub, mul, div, matmul, einsum, attention, bilinear or other."""
+    if node.op == "call_function":
+        return _FUNCTION_KINDS.get(node.target, "other")
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target, "other")
+    try:
+        module = gm.get_submodule(node.target)
+    except AttributeError:
+        return "other"
+    if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
+        return "attention"
+    if isinstance(module, nn.Bilinear):
+        return "bilinear"
+    return "other"
+
+
+def _unambiguous(gm: fx.GraphModule, name: str) -> str:
+    from .insertion import is_ambiguous  # insertion imports this module
+
+    return f"node:{name}" if is_ambiguous(gm, name) else name
+
+
+def find_fusions(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    input_shapes: Any = None,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Any = None,
+    autowrap_functions: Any = None,
+) -> list[Fusion]:
+    """Trace ``model`` and list the nodes where its modality branches fuse, in graph order.
+
+    With ``example_inputs`` or ``input_shapes`` the fusions carry shapes and only tensor operands
+    count; without, every node operand with a modality counts. See `Fusion` for ``pair``.
+    """
+    from .shapes import propagate_shapes
+    from .tracing import trace
+
+    gm = trace(
+        model,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+    )
+    if example_inputs is not None or input_shapes is not None:
+        failure = propagate_shapes(gm, example_inputs=example_inputs, input_shapes=input_shapes)
+        if failure is not None:
+            raise ValueError(f"find_fusions: {failure}")
+    annotate_modalities(gm)
+    fusions = detect_fusions(gm)
+    return [_with_pair_names(gm, f) for f in fusions]
+
+
+def _with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
+    from dataclasses import replace
+
+    pair = (_unambiguous(gm, fusion.pair[0]), _unambiguous(gm, fusion.pair[1]))
+    return replace(fusion, pair=pair)
