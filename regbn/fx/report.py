@@ -550,7 +550,8 @@ class Report:
         return "\n".join(out) + "\n"
 
     def _node_label(self, line: _Line) -> list[str]:
-        label = [line.name, line.layer, _fmt_shape(line.shape)]
+        layer = f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer
+        label = [line.name, layer, _fmt_shape(line.shape)]
         if line.is_fusion:
             label.append("FUSION")
         if line.is_regbn:
@@ -609,13 +610,14 @@ class Report:
                 bbox={"boxstyle": "round,pad=0.3", "fc": fill, "ec": edge, "lw": lw},
             )
         for u, v in g.edges:
-            # patchA/patchB clip the arrow at the label boxes, so heads stay visible.
-            # Drawn after the boxes (higher zorder) so that their patches are placed already.
+            # patchA/patchB clip the arrow at the label boxes, so heads stay visible; an edge
+            # that skips layers (a residual) bends so it does not run through the boxes between.
+            span = round(pos[u][1] - pos[v][1])
             ax.annotate(
                 "",
                 xy=pos[v],
                 xytext=pos[u],
-                zorder=4,
+                zorder=1,
                 arrowprops={
                     "arrowstyle": "-|>",
                     "color": "#555555",
@@ -624,7 +626,7 @@ class Report:
                     "shrinkB": 1,
                     "patchA": texts[u].get_bbox_patch(),
                     "patchB": texts[v].get_bbox_patch(),
-                    "connectionstyle": "arc3,rad=0.0",
+                    "connectionstyle": f"arc3,rad={0.35 if span > 1 else 0.0}",
                 },
             )
         handles = [Patch(fc=colours[m], label=m) for m in self.modality_names]
@@ -636,6 +638,9 @@ class Report:
         if self.failure is not None:
             title += f" (shape propagation failed at {self.failure.node_name})"
         fig.suptitle(title, fontsize=9)
+        # One layout pass first: it places the label boxes, which the arrows (drawn below
+        # them) clip against when the file is written.
+        fig.draw_without_rendering()
         fig.savefig(path, format=fmt)
         return path
 
