@@ -63,7 +63,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 class RegBN(nn.Module):
@@ -311,12 +311,13 @@ class RegBN(nn.Module):
                     f"{_shape_str(x.shape)}. Pass the declared shape or build the layer for this "
                     f"one"
                 )
-        if f.device != self.adam_m.device or g.device != self.adam_m.device:
+        symbolic = _is_symbolic(f) or _is_symbolic(g)
+        if not symbolic and (f.device != self.adam_m.device or g.device != self.adam_m.device):
             raise ValueError(
                 f"RegBN: f ({f.device}) and g ({g.device}) must be on the layer's device "
                 f"({self.adam_m.device}); move the layer with layer.to(device)"
             )
-        if training:
+        if training and not symbolic:
             if f.shape[0] < 2:
                 raise ValueError(
                     "RegBN: a training batch needs at least 2 samples to estimate the projection; "

@@ -1,0 +1,411 @@
+"""regbn.RegBN: shapes, modes, buffers, normalisations, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from reference import reference
+
+import regbn
+from regbn import RegBN
+
+# (f feature shape, g feature shape): vectors, 1D/2D/3D maps, tokens, the seed's shape
+LAYER_SHAPES = {
+    "vector": ((12,), (5,)),
+    "map1d": ((3, 8), (2, 6)),
+    "map2d": ((2, 5, 5), (3, 4, 4)),
+    "map3d": ((2, 3, 3, 3), (1, 2, 4, 2)),
+    "tokens": ((6, 4), (3, 8)),
+    "seed": ((32,), (8, 3, 3)),
+}
+
+
+def make(fs, gs, **kw) -> RegBN:
+    return RegBN(fs[0], gs[0], list(fs[1:]), list(gs[1:]), **kw)
+
+
+def batch(B, fs, gs, seed=0, dtype=torch.float64, g_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, *fs, generator=gen, dtype=dtype)
+    g = g_scale * torch.randn(B, *gs, generator=gen, dtype=dtype)
+    return f, g
+
+
+def buffers(layer: RegBN) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def assert_same_buffers(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) or (a[k].isnan() == b[k].isnan()).all() and torch.equal(
+            a[k].nan_to_num(), b[k].nan_to_num()), k
+
+
+# ----------------------------------------------------------------------------- training output
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize("name", list(LAYER_SHAPES), ids=list(LAYER_SHAPES))
+def test_training_output_matches_reference(name, rule):
+    fs, gs = LAYER_SHAPES[name]
+    layer = make(fs, gs, normalize_output=False, lambda_rule=rule).double()
+    f, g = batch(10, fs, gs, g_scale=0.5)
+    f_r, g_out = layer(f, g)
+    ref = reference(f, g, rule)
+    assert f_r.shape == f.shape and g_out.shape == g.shape
+    torch.testing.assert_close(f_r.reshape(10, -1), ref.f_r, rtol=1e-9, atol=1e-10)
+    assert torch.equal(g_out, g)
+    assert layer.last_lambda == pytest.approx(ref.lam, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["vector", "map2d", "tokens"])
+def test_output_normalisation_is_layernorm_over_channels_and_space(name):
+    fs, gs = LAYER_SHAPES[name]
+    f, g = batch(8, fs, gs)
+    plain = make(fs, gs, normalize_output=False).double()
+    normed = make(fs, gs).double()
+    f_raw, _ = plain(f, g)
+    f_r, g_out = normed(f, g)
+    torch.testing.assert_close(f_r, TF.layer_norm(f_raw, list(fs)))
+    torch.testing.assert_close(g_out, TF.layer_norm(g, list(gs)))
+
+
+@pytest.mark.parametrize("name", ["vector", "map1d", "map2d", "map3d", "tokens"])
+def test_input_normalisation_uses_the_normalised_pair(name):
+    fs, gs = LAYER_SHAPES[name]
+    f, g = batch(9, fs, gs)
+    layer = make(fs, gs, normalize_input=True, normalize_output=False).double()
+    f_r, g_out = layer(f, g)
+
+    def norm(x, shape):
+        if len(shape) - 1 >= 2:  # BatchNorm over channels, batch statistics in training
+            return TF.batch_norm(x, None, None, training=True)
+        return TF.layer_norm(x, list(shape))
+
+    fn, gn = norm(f, fs), norm(g, gs)
+    ref = reference(fn, gn)
+    torch.testing.assert_close(f_r.reshape(9, -1), ref.f_r, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(g_out, gn)
+    kinds = {type(layer.norm_f).__name__, type(layer.norm_g).__name__}
+    assert kinds <= {"LayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"}
+
+
+def test_affine_switches_learnable_norms():
+    layer = make((4, 3, 3), (2,), normalize_input=True, affine=True)
+    names = {n for n, _ in layer.named_parameters()}
+    assert {"norm_f.weight", "norm_f.bias", "norm_f_out.weight", "norm_g_out.weight"} <= names
+    assert not list(make((4, 3, 3), (2,), normalize_input=True).parameters())
+
+
+# ----------------------------------------------------------------------------- running update
+def test_running_update_follows_paper_eq6():
+    fs, gs = (7,), (4, 2)
+    layer = make(fs, gs, momentum=0.3, beta1=0.8, beta2=0.95).double()
+    W = torch.zeros(8, 7, dtype=torch.float64)
+    m = v = 0.0
+    for t in range(1, 5):
+        f, g = batch(6, fs, gs, seed=t)
+        layer(f, g)
+        Wb = reference(f, g).W
+        d = float((W - Wb).abs().mean())
+        m = 0.8 * m + 0.2 * d
+        v = 0.95 * v + 0.05 * d * d
+        eta = 0.3 * (m / (1 - 0.8**t)) / (math.sqrt(v / (1 - 0.95**t)) + 1e-8)
+        W = (1 - eta) * W + eta * Wb
+        torch.testing.assert_close(layer.W, W, rtol=1e-9, atol=1e-12)
+        assert int(layer.num_batches_tracked) == t
+    hist = layer.lambda_history[~layer.lambda_history.isnan()]
+    assert hist.numel() == 4 and float(hist[-1]) == layer.last_lambda
+
+
+def test_eval_uses_and_never_changes_the_running_w():
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, normalize_input=True, normalize_output=False).double()
+    for seed in range(3):
+        layer(*batch(8, fs, gs, seed=seed))
+    layer.eval()
+    before = buffers(layer)
+    f, g = batch(5, fs, gs, seed=9)
+    f_r, g_out = layer(f, g)
+    assert_same_buffers(before, buffers(layer))
+    fn = layer.norm_f(f).reshape(5, -1)
+    gn = layer.norm_g(g).reshape(5, -1)
+    torch.testing.assert_close(f_r.reshape(5, -1), fn - gn @ layer.W)
+    # a batch of one is fine in eval
+    f1, g1 = layer(f[:1], g[:1])
+    torch.testing.assert_close(f1, f_r[:1])
+
+
+def test_is_training_keyword_overrides_the_mode_and_official_kwargs_are_accepted():
+    fs, gs = LAYER_SHAPES["vector"]
+    layer = make(fs, gs).eval()
+    f, g = batch(6, fs, gs, dtype=torch.float32)
+    layer(f, g, is_training=True, n_epoch=3, steps_per_epoch=100)
+    assert int(layer.num_batches_tracked) == 1
+    layer.train()
+    before = buffers(layer)
+    layer(f, g, is_training=False)
+    assert_same_buffers(before, buffers(layer))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_state_dict_round_trip_is_bit_exact():
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, normalize_input=True, affine=True)
+    for seed in range(3):
+        layer(*batch(8, fs, gs, seed=seed, dtype=torch.float32))
+    keys = set(layer.state_dict())
+    assert {"W", "adam_m", "adam_v", "num_batches_tracked", "lambda_history"} <= keys
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = make(fs, gs, normalize_input=True, affine=True)
+    fresh.load_state_dict(torch.load(buf))
+    layer.eval()
+    fresh.eval()
+    f, g = batch(4, fs, gs, seed=7, dtype=torch.float32)
+    a, b = layer(f, g), fresh(f, g)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert fresh.last_lambda == layer.last_lambda
+
+
+def test_checkpoint_loads_into_a_lazy_layer():
+    fs, gs = LAYER_SHAPES["map1d"]
+    layer = make(fs, gs)
+    layer(*batch(6, fs, gs, dtype=torch.float32))
+    lazy = RegBN()
+    assert lazy.has_uninitialized_params()
+    lazy.load_state_dict(layer.state_dict())
+    assert lazy.f_shape == fs and lazy.g_shape == gs
+    assert torch.equal(lazy.W, layer.W)
+
+
+def test_checkpoint_of_other_shapes_is_refused():
+    layer = make((4,), (3,))
+    other = make((5,), (3,))
+    with pytest.raises(ValueError, match="checkpoint was saved for f_shape"):
+        other.load_state_dict(layer.state_dict(), strict=False)
+
+
+# ----------------------------------------------------------------------------- lazy shapes
+def test_lazy_shapes_come_from_the_first_batch():
+    layer = RegBN()
+    assert "lazy" in repr(layer)
+    f, g = batch(6, (3, 4, 4), (5,), dtype=torch.float32)
+    layer(f, g)
+    assert layer.f_shape == (3, 4, 4) and layer.g_shape == (5,)
+    assert layer.W.shape == (5, 48)
+    assert "f=(B, 3, 4, 4)" in repr(layer)
+    with pytest.raises(ValueError, match=r"f must have shape \(B, 3, 4, 4\)"):
+        layer(*batch(6, (3, 4, 5), (5,), dtype=torch.float32))
+
+
+def test_repr_shows_shapes():
+    text = repr(make((512,), (64, 7, 7)))
+    assert "f=(B, 512)" in text and "g=(B, 64, 7, 7)" in text and "3136×512" in text
+
+
+# ----------------------------------------------------------------------------- dtypes, devices
+def test_float32_constraint_and_dtype():
+    fs, gs = (512,), (64, 7, 7)
+    layer = make(fs, gs)
+    f, g = batch(50, fs, gs, dtype=torch.float32)
+    f_r, g_out = layer(f, g)
+    assert f_r.dtype == torch.float32 and g_out.dtype == torch.float32
+    assert layer.W.dtype == torch.float32
+
+
+def test_autocast_runs_the_solve_in_float32():
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs)
+    f, g = batch(8, fs, gs, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_r, g_out = layer(f.bfloat16(), g.bfloat16())
+    assert f_r.dtype == torch.float32 and torch.isfinite(f_r).all()
+    ref, _ = make(fs, gs)(f.bfloat16().float(), g.bfloat16().float())
+    torch.testing.assert_close(f_r, ref)
+
+
+def test_half_inputs_outside_autocast_come_back_in_their_dtype():
+    layer = make((6,), (3,))
+    f, g = batch(8, (6,), (3,), dtype=torch.float32)
+    f_r, g_out = layer(f.bfloat16(), g.bfloat16())
+    assert f_r.dtype == torch.bfloat16 and g_out.dtype == torch.bfloat16
+
+
+def test_gpu_argument_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="gpu=0 is ignored"):
+        RegBN(4, 3, [], [], gpu=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RegBN(4, 3, [], [])
+
+
+# ----------------------------------------------------------------------------- gradients
+GRAD_SHAPES = {"vector": ((6,), (5,)), "map2d": ((2, 3, 3), (2, 2, 2)), "tokens": ((3, 2), (2, 4))}
+
+
+@pytest.mark.parametrize("name,normalize_input", [("vector", False), ("map2d", True),
+                                                  ("tokens", False)])
+def test_gradcheck_training_mode(name, normalize_input):
+    fs, gs = GRAD_SHAPES[name]
+    layer = make(fs, gs, normalize_input=normalize_input).double()
+    f, g = batch(4, fs, gs, seed=3, g_scale=0.5)
+    f.requires_grad_(True)
+    g.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, g: layer(f, g), (f, g), eps=1e-6, atol=1e-5,
+                                    rtol=1e-4)
+
+
+def test_eval_gradients_flow_to_both_inputs():
+    layer = make((4,), (3,)).double()
+    layer(*batch(6, (4,), (3,)))
+    layer.eval()
+    f, g = batch(3, (4,), (3,), seed=1)
+    f.requires_grad_(True)
+    g.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, g: layer(f, g), (f, g))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_batch_sizes_that_differ():
+    layer = make((4,), (3,))
+    with pytest.raises(ValueError, match=r"batch sizes \(dim 0\) must match; got f \(6, 4\) "
+                                         r"and g \(5, 3\)"):
+        layer(torch.randn(6, 4), torch.randn(5, 3))
+
+
+def test_shape_that_differs_from_the_declared_one():
+    layer = make((4,), (3, 2))
+    with pytest.raises(ValueError, match=r"g must have shape \(B, 3, 2\) as declared.*got "
+                                         r"\(6, 3, 3\)"):
+        layer(torch.randn(6, 4), torch.randn(6, 3, 3))
+
+
+def test_training_batch_of_one():
+    layer = make((4,), (3,))
+    with pytest.raises(ValueError, match="at least 2 samples.*got a batch of 1.*layer.eval()"):
+        layer(torch.randn(1, 4), torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("which", ["f", "g"])
+def test_non_finite_training_input_changes_no_buffer(which, bad):
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, normalize_input=True, affine=True)
+    layer(*batch(6, fs, gs, dtype=torch.float32))
+    before = buffers(layer)
+    f, g = batch(6, fs, gs, seed=1, dtype=torch.float32)
+    (f if which == "f" else g)[2, 0, 1, 1] = bad
+    with pytest.raises(ValueError, match=f"training input {which} holds non-finite values"):
+        layer(f, g)
+    assert_same_buffers(before, buffers(layer))
+
+
+def test_projection_larger_than_the_limit():
+    with pytest.raises(ValueError, match=r"W would be Dg×Df = 3136×512.*max_projection_bytes=1000"
+                                         r".*pooled"):
+        RegBN(512, 64, [], [7, 7], max_projection_bytes=1000)
+    lazy = RegBN(max_projection_bytes=100)
+    with pytest.raises(ValueError, match="max_projection_bytes=100"):
+        lazy(torch.randn(4, 10), torch.randn(4, 10))
+
+
+def test_failed_solve_restores_input_norm_statistics(monkeypatch):
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, normalize_input=True)
+    before = buffers(layer)
+
+    def boom(*a, **k):
+        raise RuntimeError("solver failed")
+
+    monkeypatch.setattr(regbn.layer, "solve_batch", boom)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        layer(*batch(6, fs, gs, dtype=torch.float32))
+    assert_same_buffers(before, buffers(layer))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta1": 1.0}, r"beta1 must be in \[0, 1\); got 1.0"),
+        ({"beta2": -0.1}, r"beta2 must be in \[0, 1\)"),
+        ({"momentum": -1}, "momentum must be a finite number >= 0"),
+        ({"sigma_THR": math.nan}, "sigma_THR must be a finite number"),
+        ({"lambda_rule": "lbfgs"}, r"lambda_rule must be one of \('paper', 'official'\); got "
+                                   r"'lbfgs'"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RegBN(4, 3, [], [], **kwargs)
+
+
+def test_bad_dims():
+    with pytest.raises(ValueError, match="f_num_channels and f_layer_dim must be positive ints"):
+        RegBN(0, 3, [], [])
+    with pytest.raises(ValueError, match="g_num_channels and g_layer_dim must be positive ints"):
+        RegBN(4, 3, [], [2.5])
+
+
+def test_inputs_that_are_not_float_tensors():
+    layer = make((4,), (3,))
+    with pytest.raises(TypeError, match="f must be a torch.Tensor; got list"):
+        layer([1.0, 2.0], torch.randn(2, 3))
+    with pytest.raises(TypeError, match="g must be a floating-point tensor; got dtype torch.int64"):
+        layer(torch.randn(2, 4), torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"f must be \(B, C, \*spatial\).*got shape \(4,\)"):
+        layer(torch.randn(4), torch.randn(4, 3))
+
+
+def test_meta_tensors_only_propagate_shapes():
+    layer = make((4, 3), (2,))
+    f_r, g_out = layer(torch.empty(5, 4, 3, device="meta"), torch.empty(5, 2, device="meta"))
+    assert f_r.shape == (5, 4, 3) and g_out.shape == (5, 2)
+    assert int(layer.num_batches_tracked) == 0
+
+
+# ----------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", ["paper", "official"])
+def test_cuda_matches_cpu(rule):
+    fs, gs = (64,), (8, 4, 4)
+    cpu = make(fs, gs, lambda_rule=rule, normalize_input=True)
+    gpu = make(fs, gs, lambda_rule=rule, normalize_input=True).to("cuda")
+    for seed in range(3):
+        f, g = batch(16, fs, gs, seed=seed, dtype=torch.float32)
+        a = cpu(f, g)
+        b = gpu(f.cuda(), g.cuda())
+        torch.testing.assert_close(b[0].cpu(), a[0], rtol=1e-4, atol=1e-4)
+        assert gpu.last_lambda == pytest.approx(cpu.last_lambda, rel=1e-4)
+    torch.testing.assert_close(gpu.W.cpu(), cpu.W, rtol=1e-4, atol=1e-5)
+    cpu.eval()
+    gpu.eval()
+    f, g = batch(1, fs, gs, seed=5, dtype=torch.float32)
+    torch.testing.assert_close(gpu(f.cuda(), g.cuda())[0].cpu(), cpu(f, g)[0], rtol=1e-4,
+                               atol=1e-4)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_gradcheck():
+    layer = make((4,), (9,)).double().cuda()
+    f, g = batch(5, (4,), (9,), seed=2, g_scale=0.5)
+    f, g = f.cuda().requires_grad_(), g.cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, g: layer(f, g), (f, g), eps=1e-6, atol=1e-5,
+                                    rtol=1e-4)
+
+
+def test_device_mismatch_is_explained():
+    layer = make((4,), (3,)).to("meta")
+    with pytest.raises(ValueError, match=r"f \(cpu\) and g \(cpu\) must be on the layer's "
+                                         r"device \(meta\); move the layer"):
+        layer(torch.randn(2, 4), torch.randn(2, 3))

@@ -1,0 +1,250 @@
+"""regbn.solver against the independent float64 reference in tests/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import reference, ridge_direct
+
+from regbn.solver import batch_spectrum, secular_root, solve_batch, solve_lambda
+
+# (B, f feature shape, g feature shape): vectors, 1D/2D/3D maps and tokens, B < Dg and B > Dg
+SHAPES = {
+    "vector_B>Dg": (24, (10,), (6,)),
+    "vector_B<Dg": (6, (9,), (20,)),
+    "map1d": (8, (3, 7), (2, 9)),
+    "map2d": (10, (2, 4, 4), (3, 3, 3)),
+    "map3d": (6, (2, 3, 3, 2), (1, 2, 3, 3)),
+    "tokens": (5, (4, 6), (3, 5)),
+    "seed_like": (12, (32,), (8, 3, 3)),
+}
+
+
+def _data(B, fs, gs, seed=0, g_scale=1.0, f_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    f = f_scale * torch.randn(B, *fs, generator=gen, dtype=torch.float64)
+    g = g_scale * torch.randn(B, *gs, generator=gen, dtype=torch.float64)
+    return f.reshape(B, -1), g.reshape(B, -1)
+
+
+def _check(F, G, rule="paper", thr=0.0, smin=0.0, rtol=1e-9):
+    sol = solve_batch(F, G, rule, thr, smin)
+    ref = reference(F, G, rule, thr, smin)
+    assert sol.lam == pytest.approx(ref.lam, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(sol.W.double(), ref.W, rtol=rtol, atol=1e-10)
+    torch.testing.assert_close(sol.f_r.double(), ref.f_r, rtol=rtol, atol=1e-10)
+    return sol, ref
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_matches_reference(shape, rule):
+    B, fs, gs = SHAPES[shape]
+    F, G = _data(B, fs, gs, seed=1, g_scale=0.3)
+    sol, _ = _check(F, G, rule)
+    assert sol.lam > 0
+    if rule == "paper":
+        assert float(sol.W.square().sum()) == pytest.approx(1.0, abs=1e-9)
+    # the closed form agrees with the SVD reference too
+    torch.testing.assert_close(sol.W, ridge_direct(F, G, sol.lam), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", ["vector_B>Dg", "vector_B<Dg", "map2d"])
+def test_lambda_zero_when_least_norm_solution_is_inside_the_ball(shape):
+    B, fs, gs = SHAPES[shape]
+    F, G = _data(B, fs, gs, seed=2, g_scale=50.0, f_scale=0.01)
+    sol, ref = _check(F, G)
+    assert sol.lam == 0.0 and ref.lam == 0.0
+    W0 = torch.linalg.pinv(G) @ F
+    torch.testing.assert_close(sol.W, W0, rtol=1e-8, atol=1e-12)
+    assert float(W0.square().sum()) <= 1.0
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize("B,Dg", [(20, 8), (6, 15)])
+def test_rank_deficient_g(B, Dg, rule):
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(B, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, Dg, generator=gen, dtype=torch.float64)
+    F = torch.randn(B, 7, generator=gen, dtype=torch.float64)
+    spec = batch_spectrum(F, G)
+    assert spec.s.numel() == 3  # the zero singular values were recognised as zero
+    _check(F, G, rule)
+
+
+@pytest.mark.parametrize("B,Dg", [(20, 8), (6, 15)])
+def test_rank_deficient_g_with_lambda_zero(B, Dg):
+    gen = torch.Generator().manual_seed(4)
+    G = 30 * torch.randn(B, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, Dg, generator=gen, dtype=torch.float64)
+    F = 0.05 * torch.randn(B, 5, generator=gen, dtype=torch.float64)
+    sol, ref = _check(F, G)
+    assert sol.lam == 0.0
+    # f_r keeps exactly the part of F outside the column space of G
+    P = G @ torch.linalg.pinv(G)
+    torch.testing.assert_close(sol.f_r, F - P @ F, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+def test_all_zero_g_leaves_f_unchanged(rule):
+    F = torch.randn(8, 5, dtype=torch.float64)
+    G = torch.zeros(8, 12, dtype=torch.float64)
+    sol = solve_batch(F, G, rule)
+    assert sol.lam == 0.0
+    assert torch.equal(sol.W, torch.zeros(12, 5, dtype=torch.float64))
+    torch.testing.assert_close(sol.f_r, F)
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize("thr,smin", [(0.3, 0.0), (0.3, 0.05), (0.5, 0.2)])
+@pytest.mark.parametrize("B,Dg", [(20, 8), (6, 15)])
+def test_sigma_thresholds(B, Dg, thr, smin, rule):
+    gen = torch.Generator().manual_seed(5)
+    # a spread spectrum so that the threshold really discards some directions
+    U, _ = torch.linalg.qr(torch.randn(B, min(B, Dg), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(Dg, min(B, Dg), generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -2, min(B, Dg), dtype=torch.float64)
+    G = (U * s) @ V.T
+    F = 0.5 * torch.randn(B, 6, generator=gen, dtype=torch.float64)
+    spec = batch_spectrum(F, G, thr, smin)
+    assert not spec.plain
+    _check(F, G, rule, thr, smin)
+
+
+def test_official_rule_depends_on_g_alone_and_misses_the_paper_constraint():
+    F, G = _data(50, (512,), (64, 7, 7), seed=0)
+    lam = solve_batch(F, G, "official").lam
+    assert solve_batch(3 * F + 1, G, "official").lam == pytest.approx(lam, rel=1e-12)
+    W = solve_batch(F, G, "official").W
+    # design §1: on the seed's shapes ||W||² is far below the paper's 1
+    assert 0.05 < float(W.square().sum()) < 0.5
+
+
+def test_float32_constraint_at_seed_shape():
+    gen = torch.Generator().manual_seed(0)
+    F = torch.randn(50, 512, generator=gen)
+    G = torch.randn(50, 64 * 7 * 7, generator=gen)
+    sol = solve_batch(F, G)
+    assert sol.W.dtype == torch.float32 and sol.f_r.dtype == torch.float32
+    assert abs(float(sol.W.double().square().sum()) - 1) < 1e-3
+
+
+def test_secular_root_edge_cases():
+    assert secular_root(np.array([]), np.array([])) == 0.0
+    assert secular_root(np.array([1.0]), np.array([0.5])) == 0.0  # φ(0) = 0.5 ≤ 1
+    # one term: a/(d+λ)² = 1  ⇒  λ = sqrt(a) − d
+    assert secular_root(np.array([2.0]), np.array([49.0])) == pytest.approx(5.0, rel=1e-15)
+    # extremely spread poles still converge to the bisection answer
+    d = np.logspace(-12, 6, 40)
+    a = np.full(40, 3.0)
+    lam = secular_root(d, a)
+    assert float(np.sum(a / (d + lam) ** 2)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_gram_and_primal_paths_agree():
+    # B = Dg + 1 takes the primal path, B = Dg the Gram path; both must match the reference
+    for B in (9, 10):
+        F, G = _data(B, (4,), (9,), seed=6, g_scale=0.5)
+        _check(F, G)
+        assert batch_spectrum(F, G).primal == (B > 9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(2, 12),
+    Dg=st.integers(1, 14),
+    Df=st.integers(1, 9),
+    g_scale=st.floats(0.01, 30.0),
+    f_scale=st.floats(0.01, 30.0),
+    rule=st.sampled_from(["paper", "official"]),
+)
+def test_properties(seed, B, Dg, Df, g_scale, f_scale, rule):
+    gen = torch.Generator().manual_seed(seed)
+    G = g_scale * torch.randn(B, Dg, generator=gen, dtype=torch.float64)
+    F = f_scale * torch.randn(B, Df, generator=gen, dtype=torch.float64)
+    sol = solve_batch(F, G, rule)
+    assert sol.lam >= 0 and math.isfinite(sol.lam)
+    if rule == "paper":
+        W0 = torch.linalg.pinv(G, rtol=1e-9) @ F
+        inside = float(W0.square().sum()) <= 1.0
+        assert (sol.lam == 0.0) == inside
+        if sol.lam > 0:
+            assert abs(float(sol.W.square().sum()) - 1.0) <= 1e-9
+        else:
+            torch.testing.assert_close(sol.W, W0, rtol=1e-7, atol=1e-9)
+    else:
+        spec = batch_spectrum(F, G)
+        if sol.lam > 0:
+            q = (spec.s**2 / (spec.s**2 + sol.lam)) ** 2
+            assert abs(float(q.sum()) - 1.0) <= 1e-9
+        else:
+            assert spec.s.numel() <= 1
+    # f_r is always F − G W
+    torch.testing.assert_close(sol.f_r, F - G @ sol.W, rtol=1e-7, atol=1e-9)
+
+
+def test_solve_lambda_matches_solve_batch():
+    F, G = _data(10, (5,), (30,), seed=7)
+    spec = batch_spectrum(F, G)
+    assert solve_lambda(spec, "paper") == solve_batch(F, G).lam
+
+
+# ----------------------------------------------------------------------------- gradients
+GRAD_CASES = {
+    "gram_paper": (6, 4, 9, "paper", 0.0, 0.0, 0.5, 1.0),
+    "primal_paper": (9, 4, 3, "paper", 0.0, 0.0, 0.5, 1.0),
+    "gram_official": (5, 3, 8, "official", 0.0, 0.0, 1.0, 1.0),
+    "primal_official": (9, 3, 4, "official", 0.0, 0.0, 1.0, 1.0),
+    "primal_lambda_zero": (9, 3, 3, "paper", 0.0, 0.0, 20.0, 0.05),
+    "gram_lambda_zero": (4, 3, 7, "paper", 0.0, 0.0, 20.0, 0.05),
+    "thresholded": (7, 3, 5, "paper", 0.4, 0.1, 0.5, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES), ids=list(GRAD_CASES))
+def test_gradcheck(case):
+    B, Df, Dg, rule, thr, smin, g_scale, f_scale = GRAD_CASES[case]
+    gen = torch.Generator().manual_seed(11)
+    if case == "thresholded":
+        U, _ = torch.linalg.qr(torch.randn(B, min(B, Dg), generator=gen, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(Dg, min(B, Dg), generator=gen, dtype=torch.float64))
+        G = (U * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2], dtype=torch.float64)) @ V.T
+    else:
+        G = g_scale * torch.randn(B, Dg, generator=gen, dtype=torch.float64)
+    F = f_scale * torch.randn(B, Df, generator=gen, dtype=torch.float64)
+    F.requires_grad_(True)
+    G.requires_grad_(True)
+    lam = solve_batch(F.detach(), G.detach(), rule, thr, smin).lam
+    assert (lam == 0.0) == ("lambda_zero" in case)
+
+    def fn(F, G):
+        return solve_batch(F, G, rule, thr, smin).f_r
+
+    assert torch.autograd.gradcheck(fn, (F, G), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_includes_dlambda():
+    """Freezing λ⁺ gives a different (wrong) gradient: the implicit term matters."""
+    gen = torch.Generator().manual_seed(12)
+    F = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    G = 0.5 * torch.randn(6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    sol = solve_batch(F, G)
+    (gF,) = torch.autograd.grad(sol.f_r.sum(), F)
+    lam = sol.lam
+    Fd, Gd = F.detach().clone().requires_grad_(), G.detach()
+    frozen = lam * torch.linalg.solve(Gd @ Gd.T + lam * torch.eye(6, dtype=torch.float64), Fd)
+    (gF_frozen,) = torch.autograd.grad(frozen.sum(), Fd)
+    assert not torch.allclose(gF, gF_frozen, atol=1e-6)
+
+
+def test_no_grad_and_grad_paths_give_the_same_values():
+    F, G = _data(8, (5,), (20,), seed=13, g_scale=0.4)
+    a = solve_batch(F, G).f_r
+    b = solve_batch(F.clone().requires_grad_(), G.clone().requires_grad_()).f_r
+    torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
