@@ -61,6 +61,12 @@ class Row:
     # The module calls enclosing the node, outermost first, as (path, call index): folding
     # uses them so that two consecutive calls of one shared module stay two lines.
     calls: tuple[tuple[str, int], ...] = ()
+    # For a node returning a tuple/list/dict of tensors (shape None): the shapes inside it.
+    nested: Any = None
+
+    @property
+    def shape_or_nested(self) -> Any:
+        return self.shape if self.shape is not None else self.nested
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +82,7 @@ class Row:
             "is_regbn": self.is_regbn,
             "params": self.params,
             "inputs": list(self.inputs),
+            "nested_shapes": _shape_to_json(self.nested),
         }
 
 
@@ -126,8 +133,16 @@ class Report:
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
-        """The pairs ``regbn.insert`` would use for the fusions found (paste-ready)."""
-        return [tuple(f.pair) for f in self.fusions if getattr(f, "pair", None) is not None]
+        """The pairs ``regbn.insert`` would use for the fusions found (paste-ready).
+
+        A fusion at an inserted RegBN layer (a patched model) is already normalised: no pair.
+        """
+        regbn = {row.name for row in self.rows if row.is_regbn}
+        return [
+            tuple(f.pair)
+            for f in self.fusions
+            if getattr(f, "pair", None) is not None and f.name not in regbn
+        ]
 
     @property
     def total_params(self) -> int:
@@ -157,10 +172,12 @@ class Report:
         lines += [f"Parameters per modality branch ({self.total_params:,} total)"]
         lines += _align(params, right={1})
         lines += [f"Fusions ({len(self.fusions)})"]
+        regbn = {row.name for row in self.rows if row.is_regbn}
         for fusion in self.fusions:
             where = f" in {fusion.module}" if getattr(fusion, "module", None) else ""
             out = getattr(fusion, "output_shape", None)
-            lines.append(f"  {fusion.name} [{fusion.kind}]{where} -> {_fmt_shape(out)}")
+            done = "  (a RegBN layer: already normalised)" if fusion.name in regbn else ""
+            lines.append(f"  {fusion.name} [{fusion.kind}]{where} -> {_fmt_shape(out)}{done}")
             operands = [
                 [name, self.modality_label(mods), _fmt_shape(shape)]
                 for name, mods, shape in zip(
@@ -265,7 +282,7 @@ class Report:
                 last.name,
                 last.module,
                 last.layer,
-                last.shape,
+                last.shape_or_nested,
                 last.dtype,
                 last.modalities,
                 last.is_fusion,
@@ -282,7 +299,7 @@ class Report:
             path,
             path,
             kind,
-            out.shape,
+            out.shape_or_nested,
             out.dtype,
             modalities,
             any(r.is_fusion for r in members),
@@ -302,13 +319,10 @@ class Report:
         failed = self.failure.node_name if self.failure is not None else None
         body = []
         for line in self.lines(depth, all_nodes):
-            mark = (
-                "!!"
-                if failed in line.members
-                else "*F"
-                if line.is_fusion
-                else ("RB" if line.is_regbn else "")
-            )
+            if failed in line.members:
+                mark = "!!"
+            else:
+                mark = "RB" if line.is_regbn else "*F" if line.is_fusion else ""
             node = f"({len(line.members)} nodes)" if line.folded else line.name
             body.append(
                 [
@@ -323,7 +337,9 @@ class Report:
                 ]
             )
         headers = ["", "node", "module", "layer", "output shape", "dtype", "modalities", "params"]
-        text = _format_table(headers, body, width, right_align={7})
+        # The module path mostly repeats the node name, so it gives up room first.
+        shrink = [(2, 12), (3, 10), (6, 12), (1, 16), (4, 14)]
+        text = _format_table(headers, body, width, right_align={7}, shrink=shrink, optional=2)
         marks = {row[0] for row in body}
         legend = "   ".join(
             text
@@ -459,7 +475,7 @@ class Report:
                 row.name,
                 row.module or "",
                 row.layer,
-                _fmt_shape(row.shape),
+                _fmt_shape(row.shape_or_nested),
                 _dtype_str(row.dtype),
             ]
             tds = "".join(f"<td>{esc(str(c))}</td>" for c in cells)
@@ -733,6 +749,7 @@ def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str], regbn_paths:
         op=node.op,
         target=_target_str(node),
         shape=tuple(shape) if shape is not None else None,
+        nested=_strip_dtypes(node.meta.get("regbn_nested")),
         dtype=node.meta.get("regbn_dtype"),
         modalities=frozenset(node.meta.get("regbn_modalities", ())),
         is_fusion=node.name in fusion_names,
@@ -877,17 +894,42 @@ def _layered_positions(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], i
 
 
 def _format_table(
-    headers: list[str], body: list[list[str]], width: int, right_align: set[int] = frozenset()
+    headers: list[str],
+    body: list[list[str]],
+    width: int,
+    right_align: set[int] = frozenset(),
+    shrink: Sequence[tuple[int, int]] = (),
+    optional: int | None = None,
 ) -> str:
-    """Aligned columns; the widest columns are shortened (middle ellipsis) to fit ``width``."""
+    """Aligned columns, shortened (middle ellipsis) to fit ``width``.
+
+    ``shrink`` lists (column, narrowest) in the order columns give up room; if that is not
+    enough the ``optional`` column is left out, and then the widest column shrinks further.
+    """
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
-    minimum = [max(len(h), 6 if i else 2) for i, h in enumerate(headers)]
     sep = 2
-    while sum(widths) + sep * (len(widths) - 1) > width:
+    excess = sum(widths) + sep * (len(widths) - 1) - width
+    for i, narrowest in shrink:
+        cut = max(0, min(excess, widths[i] - max(narrowest, len(headers[i]))))
+        widths[i] -= cut
+        excess -= cut
+    if excess > 0 and optional is not None:
+        keep = [i for i in range(len(headers)) if i != optional]
+        renumber = {old: new for new, old in enumerate(keep)}
+        return _format_table(
+            [headers[i] for i in keep],
+            [[row[i] for i in keep] for row in body],
+            width,
+            {renumber[i] for i in right_align if i in renumber},
+            [(renumber[i], n) for i, n in shrink if i in renumber],
+        )
+    minimum = [max(len(h), 2) for h in headers]
+    while excess > 0:
         i = max(range(len(widths)), key=lambda j: widths[j] - minimum[j])
         if widths[i] <= minimum[i]:
             break
         widths[i] -= 1
+        excess -= 1
 
     def fmt(cells: list[str]) -> str:
         parts = []
@@ -917,9 +959,22 @@ def _path_depth(path: str | None) -> int:
     return 0 if not path else path.count(".") + 1
 
 
+def _strip_dtypes(nested: Any) -> Any:
+    """regbn_nested holds (shape, dtype) leaves; the views want the shapes alone."""
+    if isinstance(nested, dict):
+        return {k: _strip_dtypes(v) for k, v in nested.items()}
+    if isinstance(nested, tuple) and len(nested) == 2 and isinstance(nested[1], torch.dtype):
+        return nested[0]
+    if isinstance(nested, (tuple, list)):
+        return type(nested)(_strip_dtypes(v) for v in nested)
+    return nested
+
+
 def _fmt_shape(shape: object) -> str:
     if shape is None:
         return "-"
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{k!r}: {_fmt_shape(v)}" for k, v in shape.items()) + "}"
     if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
         return "(" + ", ".join(str(d) for d in shape) + ")"
     if isinstance(shape, (tuple, list)):  # nested: a node returning several tensors
@@ -928,6 +983,8 @@ def _fmt_shape(shape: object) -> str:
 
 
 def _shape_to_json(shape: object) -> object:
+    if isinstance(shape, dict):
+        return {str(k): _shape_to_json(v) for k, v in shape.items()}
     if isinstance(shape, (tuple, list)):
         return [_shape_to_json(s) for s in shape]
     if shape is None or isinstance(shape, (int, float, str)):
