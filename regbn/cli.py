@@ -177,10 +177,12 @@ def load_model(spec: str) -> nn.Module:
     if isinstance(factory, nn.Module):  # a module-level instance is fine too
         return factory
     if not callable(factory):
-        raise UserError(f"{spec!r} is a {type(factory).__name__}, not a callable factory")
+        raise UserError(f"{spec!r} is of type {type(factory).__name__}, not a callable factory")
     model = _run_user_code(factory, f"calling {factory_name}()")
     if not isinstance(model, nn.Module):
-        raise UserError(f"{factory_name}() returned a {type(model).__name__}, not an nn.Module")
+        raise UserError(
+            f"{factory_name}() returned a value of type {type(model).__name__}, not an nn.Module"
+        )
     return model
 
 
