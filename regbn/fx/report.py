@@ -14,6 +14,7 @@ import html
 import itertools
 import operator
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -656,8 +657,12 @@ class Report:
         fig.suptitle(title, fontsize=9)
         # One layout pass first: it places the label boxes, which the arrows (drawn below
         # them) clip against when the file is written.
-        fig.draw_without_rendering()
-        fig.savefig(path, format=fmt)
+        import matplotlib
+
+        # SVG keeps its labels as text (searchable, small), not as glyph outlines.
+        with matplotlib.rc_context({"svg.fonttype": "none"}):
+            fig.draw_without_rendering()
+            fig.savefig(path, format=fmt)
         return path
 
 
@@ -837,7 +842,11 @@ def _target_str(node: fx.Node) -> str:
         "torch._C._nn": "torch.nn.functional",
         "torch._C._VariableFunctions": "torch",
     }.get(module, module)
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    simple = getattr(target, "__name__", None)
+    # The public spelling when the module exports it (torch.cat, not its builtin class path).
+    if simple and getattr(sys.modules.get(module), simple, None) is target:
+        return f"{module}.{simple}"
+    name = getattr(target, "__qualname__", None) or simple or repr(target)
     return f"{module}.{name}" if module else name
 
 
