@@ -238,17 +238,17 @@ def _check_tensor(node: fx.Node, name: str, where: str) -> tuple[int, ...]:
         raise ValueError(
             f"{where}: {name!r} (node {node.name}) is {what}, but RegBN needs one tensor{hint}"
         )
-    if len(shape) < 2:
-        raise ValueError(
-            f"{where}: RegBN needs tensors shaped (batch, channels, ...); {name!r} has shape "
-            f"{tuple(shape)}. Pair a tensor with a channel dimension, e.g. before a final "
-            ".squeeze()/.sum(-1)"
-        )
     dtype = node.meta.get("regbn_dtype")
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(
             f"{where}: {name!r} holds {dtype} values; RegBN normalises floating-point features "
             "(pair an embedding output, not token ids)"
+        )
+    if len(shape) < 2:
+        raise ValueError(
+            f"{where}: RegBN needs tensors shaped (batch, channels, ...); {name!r} has shape "
+            f"{tuple(shape)}. Pair a tensor with a channel dimension, e.g. before a final "
+            ".squeeze()/.sum(-1)"
         )
     return tuple(shape)
 

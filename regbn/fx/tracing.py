@@ -231,13 +231,16 @@ def _trace_error(exc: BaseException, model: nn.Module, tracer: RegBNTracer) -> T
         code = f"\n      {frame.line.strip()}" if frame.line else ""
         lines.append(f"  at {location}, in {frame.name}(){code}")
     lines.append(f"  why: {reason}")
-    fixes = []
-    for p in reversed(stack):
-        fixes.append(
-            f"leaf_modules=[{p!r}] to keep {p!r} as one opaque call "
+    if stack:
+        fixes = [
+            f"leaf_modules=[{stack[-1]!r}] to keep {stack[-1]!r} as one opaque call "
             "(it cannot then be named inside)"
-        )
-        break
+        ]
+    else:
+        fixes = [
+            "leaf_modules=[...] naming a submodule that holds this code (code in the top-level "
+            "forward must move into a submodule first)"
+        ]
     fixes.append(
         "concrete_args={'arg': value} to fix a Python-level argument (a flag, a length) "
         "to a constant"

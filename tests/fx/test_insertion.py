@@ -1,0 +1,520 @@
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import regbn
+from regbn.fx import insert, remove
+
+from .conftest import CASES, PMR, B, Case, LateConcat, ThreeModal
+
+ATOL = 1e-5
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _layers(patched: fx.GraphModule) -> list[nn.Module]:
+    n = len([m for m in patched._modules if re.fullmatch(r"regbn_\d+", m)])
+    return [getattr(patched, f"regbn_{i}") for i in range(n)]
+
+
+def _hand_edited(case: Case, model: nn.Module, patched: fx.GraphModule) -> nn.Module:
+    """The same model with the same RegBN layers written into forward by hand."""
+    hand = copy.deepcopy(model)
+    hand.hand = nn.ModuleList(copy.deepcopy(layer) for layer in _layers(patched))
+    return hand
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return (out - 0.5).square().mean()
+
+
+# --------------------------------------------------------------------------- against hand edits
+
+
+def test_patched_equals_hand_edited(case: Case):
+    model = case.make()
+    inputs = case.inputs()
+    patched = insert(model, case.pairs, inputs)
+    hand = _hand_edited(case, model, patched)
+    assert isinstance(patched, fx.GraphModule)
+    assert len(_layers(patched)) == len(case.pairs)
+    for layer in _layers(patched):
+        assert isinstance(layer, regbn.RegBN)
+
+    opt_p = torch.optim.SGD(patched.parameters(), lr=0.05)
+    opt_h = torch.optim.SGD(hand.parameters(), lr=0.05)
+    for _ in range(3):
+        batch = case.inputs()
+        out_p, out_h = case.call(patched, batch), case.call(hand, batch)
+        torch.testing.assert_close(out_p, out_h, atol=ATOL, rtol=1e-4)
+        for opt, out in ((opt_p, out_p), (opt_h, out_h)):
+            opt.zero_grad()
+            _loss(out).backward()
+            opt.step()
+    for mine, theirs in zip(_layers(patched), hand.hand, strict=True):
+        assert int(mine.num_batches_tracked) == 3
+        torch.testing.assert_close(mine.W, theirs.W, atol=ATOL, rtol=1e-4)
+        assert mine.W.abs().sum() > 0
+    patched.eval()
+    hand.eval()
+    batch = case.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            case.call(patched, batch), case.call(hand, batch), atol=ATOL, rtol=1e-4
+        )
+
+
+def test_backward_reaches_every_weight(case: Case):
+    model = case.make()
+    inputs = case.inputs()
+    _loss(case.call(model, inputs)).backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    patched = insert(model, case.pairs, inputs)
+    _loss(case.call(patched, inputs)).backward()
+    got = {n for n, p in patched.named_parameters() if p.grad is not None}
+    assert reached <= got
+
+
+def test_model_left_unchanged(case: Case):
+    model = case.make()
+    before = _state(model)
+    forward = model.forward
+    modules = dict(model.named_modules())
+    flags = {n: m.training for n, m in model.named_modules()}
+    inputs = case.inputs()
+    patched = insert(model, case.pairs, inputs)
+    assert _same_state(before, _state(model))
+    assert model.forward == forward
+    assert dict(model.named_modules()) == modules
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert not any(name.startswith("regbn_") for name in modules)
+    assert patched is not model
+
+
+def test_state_dict_keys_and_values_kept(case: Case):
+    model = case.make()
+    patched = insert(model, case.pairs, case.inputs())
+    original, mine = model.state_dict(), patched.state_dict()
+    for key, value in original.items():
+        assert key in mine, key
+        assert torch.equal(value, mine[key])
+    extra = {k.split(".")[0] for k in mine.keys() - original.keys()}
+    assert extra == {f"regbn_{i}" for i in range(len(case.pairs))}
+    # parameters are shared, not copied
+    assert patched.get_parameter(next(iter(dict(model.named_parameters())))) is next(
+        iter(model.parameters())
+    )
+
+
+def test_checkpoint_reloads_into_fresh_insert_strict(case: Case):
+    model = case.make()
+    patched = insert(model, case.pairs, case.inputs())
+    for _ in range(2):
+        case.call(patched, case.inputs())
+    buf = io.BytesIO()
+    torch.save(patched.state_dict(), buf)
+    buf.seek(0)
+    fresh = insert(case.make(), case.pairs, case.inputs())
+    fresh.load_state_dict(torch.load(buf), strict=True)
+    patched.eval()
+    fresh.eval()
+    batch = case.inputs()
+    with torch.no_grad():
+        assert torch.equal(case.call(patched, batch), case.call(fresh, batch))
+
+
+def test_deepcopy_and_pickle(case: Case):
+    model = case.make()
+    patched = insert(model, case.pairs, case.inputs())
+    patched.eval()
+    batch = case.inputs()
+    with torch.no_grad():
+        expected = case.call(patched, batch)
+        for clone in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
+            assert torch.equal(case.call(clone, batch), expected)
+            assert clone.state_dict().keys() == patched.state_dict().keys()
+
+
+def test_remove_restores_the_model(case: Case):
+    model = case.make()
+    model.eval()
+    patched = insert(model, case.pairs, case.inputs())
+    restored = remove(patched)
+    assert not [m for m in restored._modules if m.startswith("regbn_")]
+    assert "regbn_0" in patched._modules  # remove does not touch its argument
+    batch = case.inputs()
+    with torch.no_grad():
+        assert torch.equal(case.call(restored, batch), case.call(model, batch))
+    assert restored.state_dict().keys() == model.state_dict().keys()
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_training_mode_preserved_and_propagates():
+    model = LateConcat().eval()
+    patched = insert(model, [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12)))
+    assert not patched.training and not patched.regbn_0.training
+    patched.train()
+    assert patched.regbn_0.training
+    model2 = LateConcat()
+    assert insert(model2, [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12))).training
+
+
+def test_copy_true_is_independent():
+    model = LateConcat()
+    inputs = (torch.randn(B, 10), torch.randn(B, 12))
+    patched = insert(model, [("enc_a", "enc_b")], inputs, copy=True)
+    with torch.no_grad():
+        patched.enc_a.weight.add_(1.0)
+    assert not torch.equal(patched.enc_a.weight, model.enc_a.weight)
+    shared = insert(model, [("enc_a", "enc_b")], inputs)
+    assert shared.enc_a.weight is model.enc_a.weight
+
+
+def test_regbn_kwargs_reach_every_layer():
+    model = ThreeModal()
+    inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
+    patched = insert(
+        model,
+        [("enc_a", "enc_c"), ("enc_b", "enc_c")],
+        inputs,
+        momentum=0.5,
+        lambda_rule="official",
+        normalize_output=False,
+    )
+    for layer in _layers(patched):
+        assert layer.momentum == 0.5 and layer.lambda_rule == "official"
+        assert not layer.normalize_output
+    assert patched.regbn_0.f_shape == (4,) and patched.regbn_0.g_shape == (4,)
+
+
+def test_layers_named_in_order_of_pairs_and_chained():
+    model = ThreeModal()
+    inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
+    patched = insert(model, [("enc_b", "enc_c"), ("enc_a", "enc_c")], inputs)
+    calls = {n.target: n for n in patched.graph.nodes if n.op == "call_module"}
+    assert [a.name for a in calls["regbn_0"].args] == ["enc_b", "enc_c"]
+    # the second pair reads c in its normalised form: regbn_0's second output
+    g_arg = calls["regbn_1"].args[1]
+    assert g_arg.target is __import__("operator").getitem and g_arg.args == (calls["regbn_0"], 1)
+
+
+def test_prefixes_and_input_names():
+    model = PMR()
+    inputs = (torch.randn(B, 1, 28, 28), torch.randn(B, 3, 28, 28))
+    a = insert(model, [("input:gray", "input:colored")], inputs)
+    b = insert(model, [("module:gray_net.fc", "node:colored_net_fc")], inputs)
+    assert a.regbn_0.f_shape == (1, 28, 28) and a.regbn_0.g_shape == (3, 28, 28)
+    assert b.regbn_0.f_shape == (16,)
+
+
+def test_pairs_auto_uses_find_fusions():
+    model = ThreeModal()
+    inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
+    fusions = regbn.fx.find_fusions(model, inputs)
+    patched = insert(model, "auto", inputs)
+    assert len(_layers(patched)) == len(fusions) == 1
+    call = next(n for n in patched.graph.nodes if n.target == "regbn_0")
+    assert tuple(a.name for a in call.args) == fusions[0].pair == ("enc_a", "enc_b")
+    patched(*inputs)
+
+
+def test_graph_module_accepted_and_not_mutated():
+    model = LateConcat()
+    gm = fx.symbolic_trace(model)
+    code = gm.code
+    patched = insert(gm, [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12)))
+    assert gm.code == code and "regbn_0" not in gm._modules
+    assert "regbn_0" in patched.code
+
+
+def test_input_shapes_on_meta_model():
+    with torch.device("meta"):
+        model = PMR()
+    patched = insert(
+        model, [("gray_net.fc", "colored_net.fc")], input_shapes=[(B, 1, 28, 28), (B, 3, 28, 28)]
+    )
+    assert patched.regbn_0.W.device.type == "meta"
+    assert patched.regbn_0.W.shape == (16, 16)
+
+
+def test_float64_model_gets_float64_layer():
+    model = LateConcat().double()
+    inputs = (torch.randn(B, 10, dtype=torch.float64), torch.randn(B, 12, dtype=torch.float64))
+    patched = insert(model, [("enc_a", "enc_b")], inputs)
+    assert patched.regbn_0.W.dtype == torch.float64
+    assert patched(*inputs).dtype == torch.float64
+
+
+def test_pretrained_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = PMR()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        x = (torch.randn(B, 1, 28, 28), torch.randn(B, 3, 28, 28))
+        loss = nn.functional.cross_entropy(model(*x), torch.randint(0, 10, (B,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "pretrained.pt")
+    saved = torch.load(tmp_path / "pretrained.pt")
+    rebuilt = PMR()
+    rebuilt.load_state_dict(saved)
+    patched = insert(
+        rebuilt,
+        [("gray_net.fc", "colored_net.fc")],
+        (torch.randn(B, 1, 28, 28), torch.randn(B, 3, 28, 28)),
+    )
+    state = patched.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    # an original checkpoint loads into the patched model (strict=False: the layer is new)
+    missing, unexpected = patched.load_state_dict(saved, strict=False)
+    assert not unexpected and all(k.startswith("regbn_0.") for k in missing)
+    # BatchNorm statistics were not disturbed by shape propagation
+    assert int(patched.gray_net.bn.num_batches_tracked) == 3
+
+
+def test_unused_parameters_keep_their_keys():
+    class WithUnused(LateConcat):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(3.0))
+            self.register_buffer("scratch", torch.zeros(1), persistent=False)
+
+    model = WithUnused()
+    patched = insert(model, [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12)))
+    keys = patched.state_dict().keys()
+    assert {"spare.weight", "spare.bias", "table"} <= keys
+    assert "scratch" not in keys
+    fresh = insert(WithUnused(), [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12)))
+    fresh.load_state_dict(patched.state_dict(), strict=True)
+
+
+def _compiled_matches(backend: str) -> None:
+    model = LateConcat()
+    inputs = (torch.randn(B, 10), torch.randn(B, 12))
+    patched = insert(model, [("relu", "relu_1")], inputs)
+    patched(*inputs)  # one training batch so W is non-zero
+    patched.eval()
+    compiled = torch.compile(patched, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), patched(*inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_eval():
+    # aot_eager runs dynamo and AOTAutograd over the patched graph (where surgery could break
+    # compilation) without inductor's C++ build, which takes ~30 s on two cores.
+    _compiled_matches("aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("REGBN_TEST_INDUCTOR"),
+    reason="inductor compiles C++ (~30 s on 2 cores); set REGBN_TEST_INDUCTOR=1 to run",
+)
+def test_torch_compile_inductor_eval():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile's inductor backend needs a C compiler; none on this machine")
+    _compiled_matches("inductor")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def pmr():
+    return PMR(), (torch.randn(B, 1, 28, 28), torch.randn(B, 3, 28, 28))
+
+
+BAD_PAIRS = [
+    (
+        [("gray_net.fcc", "colored_net.fc")],
+        r"pair 0: 'gray_net.fcc' is not a tensor of this model; did you mean 'gray_net.fc'.*"
+        r"Run regbn\.inspect\(model, \.\.\.\) to list them",
+    ),
+    (
+        [("gray_net.fc", "colored_net.fc"), ("gray_net.fc", "nowhere")],
+        r"pair 1: 'nowhere' is not a tensor of this model",
+    ),
+    (
+        [("gray", "gray_net.fc")],
+        r"pair 0: 'gray_net\.fc' is computed from 'gray' \(gray -> .* -> gray_net_fc\).*cycle",
+    ),
+    (
+        [("colored_net.fc", "colored")],
+        r"pair 0: 'colored_net\.fc' is computed from 'colored'",
+    ),
+    ([("gray", "input:gray")], r"pair 0: f and g are the same tensor"),
+    ([("gray_net.fc", "head")], r"pair 0: 'head' is computed from 'gray_net.fc'"),
+    ([("module:gray", "colored")], r"pair 0: 'module:gray' is not a tensor of this model"),
+    ([("gray_net.bn.weight", "colored")], r"'gray_net.bn.weight' is not a tensor of this model"),
+]
+
+
+@pytest.mark.parametrize("pairs, message", BAD_PAIRS)
+def test_bad_pairs(pmr, pairs, message):
+    model, inputs = pmr
+    before = _state(model)
+    with pytest.raises(ValueError, match=message):
+        insert(model, pairs, inputs)
+    assert _same_state(before, _state(model))
+    assert not any(n.startswith("regbn_") for n, _ in model.named_modules())
+
+
+class Ambiguous(nn.Module):
+    """forward(self, tab) with a module self.tab: 'tab' names two tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.tab = nn.Linear(4, 4)
+        self.img = nn.Linear(6, 4)
+        self.shared = nn.Linear(4, 4)
+        self.split = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, tab, image):
+        t = self.tab(tab)
+        i = self.img(image)
+        s1, s2 = self.shared(t), self.shared(i)  # one module, two calls
+        a, _b = self.split(s1).chunk(2, dim=1)
+        return torch.cat([s1, s2, a], 1)
+
+
+def test_ambiguous_name_lists_candidates_and_prefix_resolves():
+    model = Ambiguous()
+    inputs = (torch.randn(B, 4), torch.randn(B, 6))
+    with pytest.raises(ValueError, match=r"'tab' is ambiguous.*'input:tab'.*'module:tab'"):
+        insert(model, [("tab", "img")], inputs)
+    patched = insert(model, [("module:tab", "img")], inputs)
+    assert patched.regbn_0.f_shape == (4,)
+    patched = insert(model, [("input:tab", "input:image")], inputs)
+    assert patched.regbn_0.g_shape == (6,)
+
+
+def test_module_called_twice_is_ambiguous():
+    model = Ambiguous()
+    inputs = (torch.randn(B, 4), torch.randn(B, 6))
+    with pytest.raises(ValueError, match=r"'shared' is ambiguous.*call 0.*node:shared\b.*call 1"):
+        insert(model, [("shared", "img")], inputs)
+    patched = insert(model, [("node:shared", "node:shared_1")], inputs)
+    patched(*inputs)
+
+
+@pytest.mark.parametrize(
+    "pairs, exc, message",
+    [
+        ("everything", ValueError, r"pairs must be 'auto' or a list of \(f, g\) name pairs"),
+        ([], ValueError, r"pairs is empty"),
+        ([("tab",)], TypeError, r"pair 0: each pair must be two names \(f, g\).*got \('tab',\)"),
+        ([("tab", 3)], TypeError, r"pair 0: each pair must be two names"),
+        (42, TypeError, r"pairs must be 'auto' or a list"),
+        ([("unused", "img")], ValueError, r"'unused' is not a tensor.*forward never calls it"),
+        ([("chunk", "img")], ValueError, r"pair 0: 'chunk' \(node chunk\) is a tuple.*getitem"),
+    ],
+)
+def test_bad_pair_arguments(pairs, exc, message):
+    model = Ambiguous()
+    with pytest.raises(exc, match=message):
+        insert(model, pairs, (torch.randn(B, 4), torch.randn(B, 6)))
+
+
+def test_non_tensor_and_bad_shapes_refused():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(6, 4)
+
+        def forward(self, x, y, ids):
+            pair = (self.a(x), self.b(y))
+            return pair[0].sum(1) + pair[1].sum(1) + ids.sum(), x.shape
+
+    model = Odd()
+    inputs = (torch.randn(B, 4), torch.randn(B, 6), torch.arange(B))
+    with pytest.raises(ValueError, match=r"'getattr_1' \(node getattr_1\) is not a tensor"):
+        insert(model, [("getattr_1", "b")], inputs)
+    with pytest.raises(ValueError, match=r"shaped \(batch, channels, \.\.\.\); 'sum_1' has shape"):
+        insert(model, [("sum_1", "b")], inputs)
+    with pytest.raises(ValueError, match=r"'ids' holds torch.int64 values"):
+        insert(model, [("a", "ids")], inputs)
+
+    class TwoHeads(nn.Module):
+        def forward(self, x, y):
+            return x * 2, y * 2
+
+    with pytest.raises(ValueError, match=r"batch sizes differ: 'mul' has shape \(8, 4\)"):
+        insert(TwoHeads(), [("mul", "mul_1")], {"x": torch.randn(B, 4), "y": torch.randn(5, 6)})
+
+
+def test_missing_inputs_and_shape_failure():
+    model = LateConcat()
+    with pytest.raises(ValueError, match=r"needs example_inputs .* or input_shapes"):
+        insert(model, [("relu", "relu_1")])
+    with pytest.raises(ValueError, match=r"cannot infer RegBN dims.*node 'enc_a'"):
+        insert(model, [("relu", "relu_1")], input_shapes=[(B, 11), (B, 12)])
+
+
+def test_auto_without_fusion():
+    class Single(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) + x
+
+    with pytest.raises(ValueError, match=r"pairs='auto': found no fusion"):
+        insert(Single(), "auto", (torch.randn(B, 3),))
+
+
+def test_bad_regbn_kwargs_leave_model_untouched(pmr):
+    model, inputs = pmr
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"regbn_kwargs"):
+        insert(model, [("gray_net.fc", "colored_net.fc")], inputs, bogus=1)
+    with pytest.raises(ValueError, match=r"max_projection_bytes"):
+        insert(model, [("gray", "colored")], inputs, max_projection_bytes=1000)
+    assert _same_state(before, _state(model))
+
+
+def test_untraceable_model_in_insert():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x, y):
+            if x.mean() > 0:
+                return self.a(x) + y
+            return y
+
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)tracing failed in the top-level forward of Branchy.*"
+        r"test_insertion.py:\d+.*data-dependent.*leaf_modules.*concrete_args",
+    ):
+        insert(Branchy(), [("x", "y")], (torch.randn(B, 3), torch.randn(B, 3)))
+
+
+def test_all_cases_are_covered():
+    assert len(CASES) >= 10
