@@ -91,7 +91,7 @@ class RegBN(nn.Module):
         Outputs ``(f_r, g_out)`` have the inputs' shapes. ``W`` is (Dg, Df).
 
     Args:
-        f_num_channels: channels C of f (dim 1); None with every dim None: taken from the first batch.
+        f_num_channels: channels C of f (dim 1); None: every shape comes from the first batch.
         g_num_channels: channels of g; None likewise.
         f_layer_dim: spatial dims of f after the channels, ``[]`` for vectors.
         g_layer_dim: spatial dims of g after the channels.
@@ -396,22 +396,27 @@ class RegBN(nn.Module):
             for live, copy in saved:
                 live.copy_(copy)
             raise
-        self._update_running(sol.W, sol.lam)
         if self.verbose:
-            print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={float(sol.W.square().sum()):.6g}")
+            norm2 = float(sol.W.square().sum())
+            print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
+        self._update_running(sol.W, sol.lam)
         return sol.f_r.reshape(f.shape), g_n
 
     @torch.no_grad()
     def _update_running(self, W_batch: Tensor, lam: float) -> None:
         """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1."""
         t = int(self.num_batches_tracked) + 1
-        d = (self.W - W_batch.to(self.W.dtype)).abs().mean().to(torch.float64)
+        # W_batch is ours to overwrite: reuse it for W_batch − W instead of a Dg×Df temporary.
+        diff = W_batch.to(self.W.dtype).sub_(self.W)
+        # In slices: a second Dg×Df temporary costs more in page faults than the sum itself.
+        flat = diff.view(-1)
+        d = sum(c.abs().sum().double() for c in flat.split(1 << 18)) / flat.numel()
         self.adam_m.mul_(self.beta1).add_((1 - self.beta1) * d)
         self.adam_v.mul_(self.beta2).add_((1 - self.beta2) * d * d)
         m_hat = self.adam_m / (1 - self.beta1**t)
         v_hat = self.adam_v / (1 - self.beta2**t)
-        eta = self.momentum * m_hat / (v_hat.sqrt() + 1e-8)
-        self.W.lerp_(W_batch.to(self.W.dtype), eta.to(self.W.dtype))
+        eta = float(self.momentum * m_hat / (v_hat.sqrt() + 1e-8))
+        self.W.add_(diff, alpha=eta)
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
         self.lambda_history[-1] = lam

@@ -28,6 +28,7 @@ __all__ = [
     "LAMBDA_RULES",
     "Spectrum",
     "batch_spectrum",
+    "gram",
     "secular_root",
     "secular_weights",
     "solve_lambda",
@@ -59,6 +60,9 @@ class Spectrum:
     coeffs: Tensor  # C_r = U_rᵀ F, r×Df (solve dtype)
     primal: bool  # True when factorised through GᵀG (B > Dg), False for the Gram GGᵀ
     plain: bool  # True when the thresholds changed no non-zero singular value
+    evals: Tensor  # every eigenvalue of the factorised Gram, clamped at 0
+    vecs: Tensor  # every eigenvector of the factorised Gram
+    full_coeffs: Tensor | None  # vecsᵀ F in the Gram case (B×Df), else None
 
 
 def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float):
@@ -78,7 +82,29 @@ def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float):
     return nonzero, s, s_eff, live, plain
 
 
-def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: float = 0.0) -> Spectrum:
+class _Gram(torch.autograd.Function):
+    """GGᵀ (or GᵀG) with a backward of one product: d/dG of GGᵀ is (∂K + ∂Kᵀ) G."""
+
+    @staticmethod
+    def forward(ctx, G: Tensor, primal: bool) -> Tensor:
+        ctx.save_for_backward(G)
+        ctx.primal = primal
+        return G.T @ G if primal else G @ G.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (G,) = ctx.saved_tensors
+        sym = grad + grad.T
+        return (G @ sym if ctx.primal else sym @ G), None
+
+
+def gram(G: Tensor, primal: bool) -> Tensor:
+    """GᵀG (``primal``) or GGᵀ, differentiable."""
+    return _Gram.apply(G, primal)
+
+
+def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: float = 0.0,
+                   K: Tensor | None = None) -> Spectrum:
     """Decompose one batch: the B×B Gram GGᵀ when B ≤ Dg, else the Dg×Dg matrix GᵀG.
 
     Args:
@@ -86,25 +112,23 @@ def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: floa
         G: (B, Dg) features whose linear effect is removed.
         sigma_THR: singular values at or below ``sigma_THR * max(s)`` are replaced by ``sigma_MIN``.
         sigma_MIN: the replacement value (0 drops the direction).
+        K: the Gram matrix in the solve dtype, when the caller has already formed it.
     """
     dt = solve_dtype(F.device)
     F64, G64 = F.detach().to(dt), G.detach().to(dt)
     B, Dg = G64.shape
-    n = max(B, Dg)
     primal = B > Dg
+    K = gram(G64, primal) if K is None else K.detach()
+    evals, vecs = torch.linalg.eigh(K)
+    nonzero, s, s_eff, live, plain = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN)
+    kept = vecs[:, nonzero][:, live]
+    s, s_eff = s[live], s_eff[live]
     if primal:
-        evals, V = torch.linalg.eigh(G64.T @ G64)
-        nonzero, s, s_eff, live, plain = _threshold(evals, n, sigma_THR, sigma_MIN)
-        V = V[:, nonzero][:, live]
-        s, s_eff = s[live], s_eff[live]
-        # U_r = G V_r S_r⁻¹ is defined for every kept (non-zero) direction.
-        U = (G64 @ V) / s
-    else:
-        evals, U = torch.linalg.eigh(G64 @ G64.T)
-        nonzero, s, s_eff, live, plain = _threshold(evals, n, sigma_THR, sigma_MIN)
-        U = U[:, nonzero][:, live]
-        s, s_eff = s[live], s_eff[live]
-    return Spectrum(U, s, s_eff, U.T @ F64, primal, plain)
+        # U_r = G V_r S_r⁻¹, defined for every kept (non-zero) direction.
+        U = (G64 @ kept) / s
+        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, None)
+    Q = vecs.T @ F64
+    return Spectrum(kept, s, s_eff, Q[nonzero][live], primal, plain, evals.clamp_min(0), vecs, Q)
 
 
 def secular_weights(spec: Spectrum, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +210,61 @@ def residual(F: Tensor, spec: Spectrum, lam: float) -> Tensor:
     return F - (spec.basis @ (w[:, None] * spec.coeffs)).to(F.dtype)
 
 
+class _DualRidge(torch.autograd.Function):
+    """f_r = λ⁺ (K + λ⁺I)⁻¹ F for the Gram case, with the exact backward written out.
+
+    The forward value is computed by the caller from K = U diag(e) Uᵀ; the backward routes the
+    gradient to F and K at fixed λ⁺ and adds the implicit-function term through dλ⁺, with the
+    secular function φ(λ) written in matrix form:
+
+        paper:    φ = tr(Xᵀ K X),  ∂φ/∂F = 2S,  ∂φ/∂K = XXᵀ − XSᵀ − SXᵀ
+        official: φ = ‖(K + λI)⁻¹K‖²_F,  ∂φ/∂F = 0,  ∂φ/∂K = 2λ U diag(e/(e+λ)³) Uᵀ
+
+    where X = (K + λI)⁻¹F, S = K(K + λI)⁻¹X = X − λ(K + λI)⁻¹X and dλ⁺ = −dφ / φ'(λ⁺).
+    """
+
+    @staticmethod
+    def forward(ctx, F, K, X, S, U, e, lam, dphi, rule):
+        ctx.save_for_backward(X, S, U, e)
+        ctx.lam, ctx.dphi, ctx.rule, ctx.K_dtype = lam, dphi, rule, K.dtype
+        return lam * X
+
+    @staticmethod
+    def backward(ctx, gY):
+        X, S, U, e = ctx.saved_tensors
+        lam, dphi = ctx.lam, ctx.dphi
+        inv = 1.0 / (e + lam)
+        Z = U @ (inv[:, None] * (U.T @ gY))  # (K + λI)⁻¹ gY
+        c = (gY * S).sum() / dphi  # gradient reaching λ, times −dλ/dφ... folded below
+        if ctx.rule == "paper":
+            gF = lam * Z - 2 * c * S
+            gK = torch.cat([c * S - lam * Z, -c * X], 1) @ torch.cat([X, X - S], 1).T
+        else:
+            gF = lam * Z
+            gK = -lam * Z @ X.T - (2 * lam * c) * (U * (e * inv**3)) @ U.T
+        return gF, gK.to(ctx.K_dtype), None, None, None, None, None, None, None
+
+
+def _dual_plain(F: Tensor, G: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str,
+                dphi: float, need_grad: bool) -> BatchSolution:
+    """The common case (B ≤ Dg, λ⁺ > 0, no thresholding): X = U diag(1/(e+λ)) UᵀF, one pass."""
+    wd = F.dtype
+    U = spec.vecs.to(wd)
+    e = spec.evals.to(wd)
+    inv = 1.0 / (e + lam)
+    Q = spec.full_coeffs.to(wd)
+    if need_grad:
+        XS = U @ torch.cat([inv[:, None] * Q, (e * inv * inv)[:, None] * Q], 1)
+        X, S = XS[:, : Q.shape[1]], XS[:, Q.shape[1]:]
+        f_r = _DualRidge.apply(F, K, X, S, U, e, lam, dphi, rule)
+    else:
+        X = U @ (inv[:, None] * Q)
+        f_r = lam * X
+    # W(λ) = Gᵀ (K + λI)⁻¹ F: the one Dg×Df product.
+    W = G.detach().T @ X.to(G.dtype)
+    return BatchSolution(f_r, W, lam)
+
+
 @dataclass
 class BatchSolution:
     """The training-mode result for one batch."""
@@ -195,16 +274,15 @@ class BatchSolution:
     lam: float  # λ⁺
 
 
-def _closed_form(F: Tensor, G: Tensor, spec: Spectrum, lam: float, rule: str):
+def _closed_form(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str):
     """(f_r, h) with autograd in the closed form; h = secular function − 1 at fixed λ.
 
     Used when λ > 0 and the thresholds did not alter the spectrum, so that
     f_r = λ (K + λI)⁻¹ F (Gram case) or F − G (GᵀG + λI)⁻¹ GᵀF (primal case) exactly.
     """
-    dt = spec.basis.dtype
-    Fd, Gd = F.to(dt), G.to(dt)
+    dt = K.dtype
     if spec.primal:
-        M = Gd.T @ Gd
+        M = K
         A = M + lam * torch.eye(M.shape[0], dtype=dt, device=M.device)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
@@ -215,7 +293,6 @@ def _closed_form(F: Tensor, G: Tensor, spec: Spectrum, lam: float, rule: str):
         # dW/dλ = −A⁻¹W, so the λ-sensitivity of f_r = F − G W is + G A⁻¹ W.
         sens = Gd.detach() @ torch.cholesky_solve(Wd.detach(), L.detach())
         return Fd - Gd @ Wd, h - 1.0, sens
-    K = Gd @ Gd.T
     A = K + lam * torch.eye(K.shape[0], dtype=dt, device=K.device)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
@@ -231,16 +308,14 @@ def _closed_form(F: Tensor, G: Tensor, spec: Spectrum, lam: float, rule: str):
     return lam * X, h - 1.0, sens
 
 
-def _spectral(F: Tensor, G: Tensor, spec: Spectrum, lam: float, rule: str, sigma_THR: float,
-              sigma_MIN: float):
+def _spectral(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str,
+              sigma_THR: float, sigma_MIN: float):
     """(f_r, h, sens) with autograd through the eigendecomposition, for the general case."""
-    dt = spec.basis.dtype
-    Fd, Gd = F.to(dt), G.to(dt)
     B, Dg = Gd.shape
     if spec.primal:
-        evals, V = torch.linalg.eigh(Gd.T @ Gd)
+        evals, V = torch.linalg.eigh(K)
     else:
-        evals, U = torch.linalg.eigh(Gd @ Gd.T)
+        evals, U = torch.linalg.eigh(K)
     nonzero, _, _, _, _ = _threshold(evals.detach(), max(B, Dg), sigma_THR, sigma_MIN)
     evals = evals[nonzero]
     s = evals.clamp_min(0).sqrt()
@@ -286,20 +361,27 @@ def solve_batch(F: Tensor, G: Tensor, rule: str = "paper", sigma_THR: float = 0.
         raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}; got {rule!r}")
     if need_grad is None:
         need_grad = torch.is_grad_enabled() and (F.requires_grad or G.requires_grad)
-    spec = batch_spectrum(F, G, sigma_THR, sigma_MIN)
+    dt = solve_dtype(F.device)
+    Fd, Gd = F.to(dt), G.to(dt)
+    if not need_grad:
+        Fd, Gd = Fd.detach(), Gd.detach()
+    K = gram(Gd, G.shape[0] > G.shape[1])
+    spec = batch_spectrum(Fd, Gd, sigma_THR, sigma_MIN, K=K)
     d, a = secular_weights(spec, rule)
     lam = secular_root(d, a)
+    live = (a > 0) & (d > 0)
+    dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
+    if spec.plain and lam > 0 and not spec.primal:
+        return _dual_plain(F, G, K, spec, lam, rule, dphi, need_grad)
     W = projection_from_spectrum(G, spec, lam)
     if not need_grad:
         return BatchSolution(residual(F, spec, lam), W, lam)
 
-    out = _closed_form(F, G, spec, lam, rule) if (spec.plain and lam > 0) else None
+    out = _closed_form(Fd, Gd, K, spec, lam, rule) if (spec.plain and lam > 0) else None
     if out is None:
-        out = _spectral(F, G, spec, lam, rule, sigma_THR, sigma_MIN)
+        out = _spectral(Fd, Gd, K, spec, lam, rule, sigma_THR, sigma_MIN)
     f_r, h, sens = out
     if lam > 0:
-        live = (a > 0) & (d > 0)
-        dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
         # δ has value 0 and carries dλ⁺ = −∂h / φ'(λ⁺).
         delta = -(h - h.detach()) / dphi
         f_r = f_r + delta * sens
