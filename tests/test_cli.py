@@ -1,0 +1,213 @@
+"""The command line, ``python -m regbn inspect`` and ``regbn inspect``.
+
+Each interpreter start imports torch (seconds on a loaded 2-core machine). So the commands that
+run in subprocesses are started at once by one module-scoped fixture: the successful ones, the
+console script and one error of each kind (import, shape string, trace, shape propagation).
+Every error path also runs in-process through ``main``, which is what the console script calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from regbn.cli import main, parse_shape
+
+HERE = Path(__file__).resolve().parent
+MODELS = str(HERE / "cli_models.py")
+TWO = ["-i", "2x1x28x28", "-i", "2x3x28x28"]
+
+# name -> argv after `python -m regbn`; the "draw" case writes into the fixture's tmp folder.
+SUCCESS = {
+    "table": ["inspect", f"{MODELS}:two_branch", *TWO],
+    "json_class_by_module_name": ["inspect", "cli_models:TwoBranch", *TWO, "--json"],
+    "tokens_int64": ["inspect", f"{MODELS}:tokens", "-i", "2x7:int64", "-i", "2x5x12"],
+    "draw_depth": [
+        "inspect",
+        f"{MODELS}:two_branch",
+        *TWO,
+        "--depth",
+        "1",
+        "--draw",
+        "{tmp}/m.svg",
+    ],
+}
+ERRORS = {
+    "unknown_module": (["inspect", "no_such_module_xyz:build", "-i", "2"], "no_such_module_xyz"),
+    "unknown_file": (["inspect", "missing/file.py:build", "-i", "2"], "no such file"),
+    "unknown_factory": (["inspect", f"{MODELS}:two_brnch", "-i", "2"], "did you mean two_branch"),
+    "no_colon": (["inspect", "cli_models", "-i", "2"], "MODULE:FACTORY"),
+    "bad_shape": (["inspect", f"{MODELS}:two_branch", "-i", "2xax28"], "bad shape '2xax28'"),
+    "bad_dtype": (["inspect", f"{MODELS}:two_branch", "-i", "2x3:floot"], "unknown dtype 'floot'"),
+    "no_inputs": (["inspect", f"{MODELS}:two_branch"], "--input"),
+    "too_few_inputs": (["inspect", f"{MODELS}:two_branch", "-i", "2x1x28x28"], "'colored'"),
+    "untraceable": (["inspect", f"{MODELS}:untraceable", "-i", "2x4"], "cli_models.py:"),
+    "shape_failure": (["inspect", f"{MODELS}:mismatch", "-i", "2x8", "-i", "2x5"], "'a_2'"),
+    "factory_raises": (["inspect", f"{MODELS}:broken", "-i", "2"], "the factory itself fails"),
+    "not_a_module": (["inspect", f"{MODELS}:not_a_model", "-i", "2"], "not an nn.Module"),
+    "not_callable": (["inspect", f"{MODELS}:NOT_CALLABLE", "-i", "2"], "not a callable"),
+    "bad_draw_suffix": (
+        ["inspect", f"{MODELS}:two_branch", *TWO, "--draw", "m.jpg"],
+        ".svg or .png",
+    ),
+    "bad_depth": (["inspect", f"{MODELS}:two_branch", *TWO, "--depth", "0"], "--depth"),
+    "unknown_option": (["inspect", f"{MODELS}:two_branch", "--colour"], "--colour"),
+    "unknown_command": (["frobnicate"], "frobnicate"),
+}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# The error paths that also run as real processes (one per stage that can fail).
+IN_SUBPROCESS = ("unknown_module", "untraceable", "shape_failure")
+# The successful commands that run in-process only (the others also run as real processes).
+IN_PROCESS_ONLY = ("tokens_int64", "draw_depth")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, Result]:
+    tmp = tmp_path_factory.mktemp("cli")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    )
+    env["COLUMNS"] = "100"
+    commands = {
+        name: [sys.executable, "-m", "regbn", *argv]
+        for name, argv in SUCCESS.items()
+        if name not in IN_PROCESS_ONLY
+    }
+    commands |= {name: [sys.executable, "-m", "regbn", *ERRORS[name][0]] for name in IN_SUBPROCESS}
+    script = Path(sys.executable).parent / "regbn"
+    if script.exists():  # the console script declared in pyproject.toml
+        commands["console_script"] = [str(script), *SUCCESS["table"]]
+    procs = {
+        name: subprocess.Popen(
+            [a.replace("{tmp}", str(tmp)) for a in cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp,
+            env=env,
+        )
+        for name, cmd in commands.items()
+    }
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out[name] = Result(proc.returncode, stdout, stderr)
+    out["tmp"] = tmp  # type: ignore[assignment]
+    return out
+
+
+def test_table_and_fusions(results):
+    r = results["table"]
+    assert r.returncode == 0, r.stderr
+    assert "gray_net_3" in r.stdout and "(2, 8)" in r.stdout  # the Linear's output shape
+    assert "*F  cat" in r.stdout
+    assert "Suggested pairs for regbn.insert" in r.stdout
+    assert "pairs=[('gray_net_3', 'colored_net_3')]" in r.stdout
+    assert max(len(line) for line in r.stdout.split("\n\n")[0].splitlines()) <= 100
+
+
+def test_console_script_is_the_same_command(results):
+    if "console_script" not in results:
+        pytest.skip("the regbn console script is not installed in this environment")
+    r = results["console_script"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == results["table"].stdout
+
+
+def test_json_with_a_class_from_an_importable_module(results):
+    r = results["json_class_by_module_name"]
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["model"] == "TwoBranch"
+    assert [i["shape"] for i in data["inputs"]] == [[2, 1, 28, 28], [2, 3, 28, 28]]
+    assert [f["kind"] for f in data["fusions"]] == ["cat"]
+
+
+def run_main(argv: list[str], capsys) -> Result:
+    status = main(argv)
+    captured = capsys.readouterr()
+    return Result(status, captured.out, captured.err)
+
+
+def test_dtype_suffix(capsys):
+    r = run_main(SUCCESS["tokens_int64"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "i64" in r.stdout and "matmul" in r.stdout
+
+
+def test_draw_and_depth(capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in SUCCESS["draw_depth"]]
+    r = run_main(argv, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "(4 nodes)  gray_net" in r.stdout  # folded at depth 1
+    assert ET.parse(tmp_path / "m.svg").getroot().tag.endswith("svg")
+    assert r.stderr == f"regbn: wrote {tmp_path / 'm.svg'}\n"
+
+
+def check_one_line_error(returncode: int, stdout: str, stderr: str, expected: str) -> None:
+    assert returncode == 2
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("regbn: error: ")
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("case", IN_SUBPROCESS)
+def test_user_errors_in_a_subprocess(results, case):
+    r = results[case]
+    check_one_line_error(r.returncode, r.stdout, r.stderr, ERRORS[case][1])
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_every_user_error_is_one_line_and_status_2(case, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(HERE))
+    argv, expected = ERRORS[case]
+    r = run_main(argv, capsys)
+    check_one_line_error(r.returncode, r.stdout, r.stderr, expected)
+
+
+def test_shape_failure_still_prints_the_partial_table(results):
+    r = results["shape_failure"]
+    assert "!!  a_2" in r.stdout and "a_1" in r.stdout
+
+
+# In-process checks of the pieces (fast).
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2x1x28x28", (2, 1, 28, 28)),
+        ("16", (16,)),
+        ("2x16:int64", ((2, 16), torch.int64)),
+        ("2X3:float64", ((2, 3), torch.float64)),
+    ],
+)
+def test_parse_shape(text, expected):
+    assert parse_shape(text) == expected
+
+
+def test_main_returns_the_exit_status(capsys):
+    assert main(["inspect", f"{MODELS}:two_branch", "-i", "2x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regbn: error: bad shape") and err.count("\n") == 1
+    assert main(["--help"]) == 0
+    assert main([]) == 2
