@@ -17,12 +17,17 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
 from torch import fx, nn
+
+if TYPE_CHECKING:
+    from .modality import Fusion
+    from .shapes import ShapeFailure
 
 __all__ = ["Report", "Row", "inspect"]
 
@@ -97,7 +102,7 @@ class InputInfo:
 
 
 @dataclass(frozen=True)
-class _Line:
+class Line:
     """One displayed line: a single node, or a folded module call (several nodes)."""
 
     name: str
@@ -122,8 +127,8 @@ class Report:
     """What ``regbn.inspect`` found: per-node rows, fusions, a summary and several views."""
 
     rows: list[Row]
-    fusions: list[Any]
-    failure: Any = None  # a ShapeFailure when shape propagation stopped early
+    fusions: list[Fusion]
+    failure: ShapeFailure | None = None  # where shape propagation stopped, if it did
     inputs: list[InputInfo] = field(default_factory=list)
     params_by_modality: dict[frozenset[str], int] = field(default_factory=dict)
     unused_params: int = 0
@@ -149,7 +154,7 @@ class Report:
     def total_params(self) -> int:
         return sum(self.params_by_modality.values()) + self.unused_params
 
-    @property
+    @cached_property
     def modality_names(self) -> list[str]:
         """Modalities in input order (the order their first node appears)."""
         seen: dict[str, None] = {info.name: None for info in self.inputs}
@@ -157,8 +162,12 @@ class Report:
             seen.update(dict.fromkeys(sorted(row.modalities)))
         return list(seen)
 
+    @cached_property
+    def _modality_order(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.modality_names)}
+
     def modality_label(self, modalities: Iterable[str]) -> str:
-        order = {name: i for i, name in enumerate(self.modality_names)}
+        order = self._modality_order
         names = sorted(modalities, key=lambda m: (order.get(m, len(order)), m))
         return "+".join(names) if names else "-"
 
@@ -218,7 +227,7 @@ class Report:
             items.append(("(unused by forward)", self.unused_params))
         return items
 
-    def _fusion_line(self, fusion: Any) -> str:
+    def _fusion_line(self, fusion: Fusion) -> str:
         operands = ", ".join(
             f"{op} {self.modality_label(m)} {_fmt_shape(s)}"
             for op, m, s in zip(fusion.operands, fusion.modalities, fusion.shapes, strict=False)
@@ -230,7 +239,7 @@ class Report:
 
     def lines(
         self, depth: int | None = None, all_nodes: bool = False, max_rows: int = AUTO_MAX_ROWS
-    ) -> list[_Line]:
+    ) -> list[Line]:
         """Displayed lines: every node (``all_nodes``), module calls folded below ``depth``,
         or (``depth=None``) the deepest folding that fits in ``max_rows`` lines."""
         if all_nodes:
@@ -251,7 +260,7 @@ class Report:
                 return depth
         return 1
 
-    def _fold(self, depth: int | None) -> list[_Line]:
+    def _fold(self, depth: int | None) -> list[Line]:
         if depth is None:
             return [self._line_of([row]) for row in self.rows]
 
@@ -276,10 +285,10 @@ class Report:
                 lines.append(self._line_of(members, path))
         return lines
 
-    def _line_of(self, members: list[Row], path: str | None = None) -> _Line:
+    def _line_of(self, members: list[Row], path: str | None = None) -> Line:
         last = members[-1]
         if path is None:
-            return _Line(
+            return Line(
                 last.name,
                 last.module,
                 last.layer,
@@ -296,7 +305,7 @@ class Report:
         out = shaped[-1]
         modalities = frozenset().union(*(r.modalities for r in members))
         kind = self.module_types.get(path, "module")
-        return _Line(
+        return Line(
             path,
             path,
             kind,
@@ -556,7 +565,7 @@ class Report:
             '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=9];',
         ]
         for name, data in g.nodes(data=True):
-            line: _Line = data["line"]
+            line: Line = data["line"]
             label = "\\n".join(_escape_dot_label(s) for s in self._node_label(line))
             fill = _REGBN_COLOUR if line.is_regbn else self._fill(line.modalities, colours)
             extra = f', color="{_FUSION_COLOUR}", penwidth=3' if line.is_fusion else ""
@@ -566,7 +575,7 @@ class Report:
         out.append("}")
         return "\n".join(out) + "\n"
 
-    def _node_label(self, line: _Line) -> list[str]:
+    def _node_label(self, line: Line) -> list[str]:
         layer = f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer
         label = [line.name, layer, _fmt_shape(line.shape)]
         if line.is_fusion:
@@ -611,7 +620,7 @@ class Report:
 
         texts = {}
         for name, data in g.nodes(data=True):
-            line: _Line = data["line"]
+            line: Line = data["line"]
             fill = _REGBN_COLOUR if line.is_regbn else self._fill(line.modalities, colours)
             edge, lw = (_FUSION_COLOUR, 2.5) if line.is_fusion else ("#333333", 0.6)
             x, y = pos[name]
@@ -710,7 +719,7 @@ def inspect(
     return report_from_graph(gm, fusions, failure, model=model)
 
 
-def _insert_ready(gm: fx.GraphModule, fusion: Any) -> Any:
+def _insert_ready(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
     """The fusion with its pair spelled as ``regbn.insert`` resolves it (as find_fusions does)."""
     from . import modality
 
@@ -721,7 +730,10 @@ def _insert_ready(gm: fx.GraphModule, fusion: Any) -> Any:
 
 
 def report_from_graph(
-    gm: fx.GraphModule, fusions: list[Any], failure: Any = None, model: nn.Module | None = None
+    gm: fx.GraphModule,
+    fusions: list[Fusion],
+    failure: ShapeFailure | None = None,
+    model: nn.Module | None = None,
 ) -> Report:
     """Build a :class:`Report` from a graph whose nodes carry the ``regbn_*`` meta keys."""
     model = gm if model is None else model
@@ -1054,7 +1066,7 @@ def _rgb_to_hex(rgb: Sequence[float]) -> str:
     return "#" + "".join(f"{round(min(max(c, 0.0), 1.0) * 255):02x}" for c in rgb)
 
 
-def _fusion_to_dict(fusion: Any) -> dict[str, Any]:
+def _fusion_to_dict(fusion: Fusion) -> dict[str, Any]:
     return {
         "name": fusion.name,
         "kind": fusion.kind,
