@@ -166,10 +166,13 @@ class Report:
     def _modality_order(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.modality_names)}
 
-    def modality_label(self, modalities: Iterable[str]) -> str:
+    def ordered(self, modalities: Iterable[str]) -> list[str]:
+        """The given modalities in input order."""
         order = self._modality_order
-        names = sorted(modalities, key=lambda m: (order.get(m, len(order)), m))
-        return "+".join(names) if names else "-"
+        return sorted(modalities, key=lambda m: (order.get(m, len(order)), m))
+
+    def modality_label(self, modalities: Iterable[str]) -> str:
+        return "+".join(self.ordered(modalities)) or "-"
 
     def summary(self) -> str:
         """Inputs, parameters per modality branch, fusions and the suggested pairs."""
@@ -371,7 +374,7 @@ class Report:
         state = "partial" if self.failure is not None else "complete"
         return (
             f"<regbn Report of {self.model_name}: {len(self.rows)} nodes, "
-            f"{len(self.fusions)} fusions, {state}>"
+            f"{_plural(len(self.fusions), 'fusion')}, {state}>"
         )
 
     def to_markdown(self, depth: int | None = None, all_nodes: bool = False) -> str:
@@ -462,7 +465,7 @@ class Report:
         )
 
         def tags(modalities: frozenset[str]) -> str:
-            names = self.modality_label(modalities).split("+") if modalities else []
+            names = self.ordered(modalities)
             return "".join(
                 f'<span class="tag" style="background:{colours.get(m, "#777")}">{esc(m)}</span>'
                 for m in names
@@ -499,7 +502,7 @@ class Report:
 
         summary = [
             f"<b>{esc(self.model_name)}</b>: {len(self.rows)} nodes, "
-            f"{self.total_params:,} parameters, {len(self.fusions)} fusions"
+            f"{self.total_params:,} parameters, {_plural(len(self.fusions), 'fusion')}"
         ]
         if self.failure is not None:
             summary.append(f'<b style="color:#b00">{esc(self.failure_text())}</b>')
