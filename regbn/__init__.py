@@ -1,5 +1,18 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
+from .distributed import convert_sync_regbn
+from .fx.insertion import insert, remove
+from .fx.modality import Fusion, find_fusions
+from .fx.report import Report, inspect
 from .layer import RegBN
 
-__all__ = ["RegBN"]
+__all__ = [
+    "Fusion",
+    "RegBN",
+    "Report",
+    "convert_sync_regbn",
+    "find_fusions",
+    "insert",
+    "inspect",
+    "remove",
+]

@@ -284,7 +284,7 @@ class RegBN(nn.Module):
                 f"normalize_input={self.normalize_input}, normalize_output={self.normalize_output}")
 
     # ------------------------------------------------------------------ validation
-    def _check(self, f: Tensor, g: Tensor, training: bool) -> None:
+    def _check(self, f: Tensor, g: Tensor) -> None:
         for name, x in (("f", f), ("g", g)):
             if not isinstance(x, Tensor):
                 raise TypeError(f"RegBN: {name} must be a torch.Tensor; got {type(x).__name__}")
@@ -317,20 +317,27 @@ class RegBN(nn.Module):
                 f"RegBN: f ({f.device}) and g ({g.device}) must be on the layer's device "
                 f"({self.adam_m.device}); move the layer with layer.to(device)"
             )
-        if training and not symbolic:
-            if f.shape[0] < 2:
+
+    @staticmethod
+    def _check_training_batch(f: Tensor, g: Tensor) -> None:
+        """A training batch (the global one, when synchronised) must allow a solve."""
+        if f.shape[0] < 2:
+            raise ValueError(
+                "RegBN: a training batch needs at least 2 samples to estimate the projection; "
+                f"got a batch of {f.shape[0]}. Use a larger batch, or call layer.eval() for "
+                "single-sample inference"
+            )
+        for name, x in (("f", f), ("g", g)):
+            if not bool(torch.isfinite(x).all()):
                 raise ValueError(
-                    "RegBN: a training batch needs at least 2 samples to estimate the projection; "
-                    f"got a batch of {f.shape[0]}. Use a larger batch, or call layer.eval() for "
-                    "single-sample inference"
+                    f"RegBN: training input {name} holds non-finite values (NaN or Inf); the "
+                    f"batch was rejected and no buffer changed. Check the upstream layers or "
+                    f"the data"
                 )
-            for name, x in (("f", f), ("g", g)):
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError(
-                        f"RegBN: training input {name} holds non-finite values (NaN or Inf); the "
-                        f"batch was rejected and no buffer changed. Check the upstream layers or "
-                        f"the data"
-                    )
+
+    def _gather(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor, slice | None]:
+        """The batch a training step solves over: this process's own (see SyncRegBN)."""
+        return f, g, None
 
     # ------------------------------------------------------------------ forward
     def forward(self, f: Tensor, g: Tensor, is_training: bool | None = None,
@@ -346,10 +353,10 @@ class RegBN(nn.Module):
             steps_per_epoch: accepted for compatibility with the official module; not needed.
         """
         training = self.training if is_training is None else bool(is_training)
-        self._check(f, g, training)
+        self._check(f, g)
         if self.f_shape is None:
             self._materialize(f, g)
-            self._check(f, g, training)
+            self._check(f, g)
 
         if _is_symbolic(f) or _is_symbolic(g):
             # Shape-only execution (meta or fake tensors): outputs have the inputs' shapes.
@@ -385,6 +392,8 @@ class RegBN(nn.Module):
         return [(b, b.clone()) for m in (self.norm_f, self.norm_g) for b in m.buffers()]
 
     def _train_step(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        f, g, rows = self._gather(f, g)
+        self._check_training_batch(f, g)
         saved = self._norm_state()
         try:
             f_n, g_n = self._normalise_inputs(f, g, True)
@@ -400,7 +409,10 @@ class RegBN(nn.Module):
             norm2 = float(sol.W.square().sum())
             print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
         self._update_running(sol.W, sol.lam)
-        return sol.f_r.reshape(f.shape), g_n
+        f_r = sol.f_r.reshape(f.shape)
+        if rows is not None:
+            f_r, g_n = f_r[rows], g_n[rows]
+        return f_r, g_n
 
     @torch.no_grad()
     def _update_running(self, W_batch: Tensor, lam: float) -> None:

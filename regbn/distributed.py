@@ -1,0 +1,103 @@
+"""RegBN over the global batch of all ranks, the analogue of ``nn.SyncBatchNorm``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .layer import RegBN
+
+__all__ = ["SyncRegBN", "convert_sync_regbn"]
+
+
+def _active(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows (uneven counts allowed) into the global batch.
+
+    Every rank then computes the same global function, so the gradient of a rank's rows is the
+    sum over ranks of the gradients their losses send to those rows: an all-reduce of the
+    global gradient, then this rank's slice (what SyncBatchNorm does for its statistics).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], rank: int, group) -> Tensor:
+        ctx.rows, ctx.group = slice(sum(sizes[:rank]), sum(sizes[: rank + 1])), group
+        pad = max(sizes) - x.shape[0]
+        padded = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x.contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rows], None, None, None
+
+
+class SyncRegBN(RegBN):
+    """A RegBN whose training step solves over the global batch of all ranks.
+
+    Its input normalisation, λ⁺, W_batch, the residual and the running update equal those of
+    one process holding the concatenated batch, and so do the input gradients when each rank's
+    loss is summed. Eval mode needs no communication. Build it with :func:`convert_sync_regbn`.
+    """
+
+    process_group = None
+
+    def _gather(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor, slice | None]:
+        group = self.process_group
+        if not _active(group):
+            return f, g, None
+        # One small collective that every rank joins first, so that a bad batch on one rank
+        # raises the same error everywhere instead of leaving the others waiting.
+        meta = torch.tensor([f.shape[0], f[0].numel() if f.shape[0] else -1,
+                             g[0].numel() if g.shape[0] else -1], device=f.device)
+        metas = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(metas, meta, group=group)
+        sizes = [int(m[0]) for m in metas]
+        if min(sizes) == 0:
+            empty = [r for r, n in enumerate(sizes) if n == 0]
+            raise ValueError(
+                f"SyncRegBN: rank(s) {empty} passed an empty training batch (batch sizes by rank: "
+                f"{sizes}); every rank must hold at least one sample. Drop empty batches, e.g. "
+                f"DistributedSampler(drop_last=True) or a DataLoader with drop_last=True"
+            )
+        B = f.shape[0]
+        rank = dist.get_rank(group)
+        joint = torch.cat([f.reshape(B, -1), g.reshape(B, -1)], dim=1)
+        full = _GatherRows.apply(joint, sizes, rank, group)
+        Df = f[0].numel()
+        F_all = full[:, :Df].reshape(-1, *f.shape[1:])
+        G_all = full[:, Df:].reshape(-1, *g.shape[1:])
+        start = sum(sizes[:rank])
+        return F_all, G_all, slice(start, start + B)
+
+
+def convert_sync_regbn(module: nn.Module, process_group=None) -> nn.Module:
+    """Return ``module`` with every :class:`RegBN` replaced by a :class:`SyncRegBN`.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old ones'
+    parameters and buffers, and ``process_group`` (default: the world) is the set of ranks whose
+    batches form the global batch. Works on plain models and on models patched by
+    :func:`regbn.insert`. With no process group initialised the layers behave as before.
+    """
+    if isinstance(module, RegBN) and not isinstance(module, SyncRegBN):
+        out = SyncRegBN.__new__(SyncRegBN)
+        out.__dict__.update(module.__dict__)
+        out._parameters = dict(module._parameters)
+        out._buffers = dict(module._buffers)
+        out._modules = dict(module._modules)
+        out.process_group = process_group
+        return out
+    if isinstance(module, SyncRegBN):
+        module.process_group = process_group
+    for name, child in list(module.named_children()):
+        new = convert_sync_regbn(child, process_group)
+        if new is not child:
+            setattr(module, name, new)
+    return module
