@@ -103,7 +103,10 @@ class InputInfo:
 
 @dataclass(frozen=True)
 class Line:
-    """One displayed line: a single node, or a folded module call (several nodes)."""
+    """One displayed line: a single node, or a folded module call (several nodes).
+
+    ``is_fusion`` leaves out inserted RegBN layers: the fusion there is already normalised.
+    """
 
     name: str
     module: str | None
@@ -298,7 +301,7 @@ class Report:
                 last.shape_or_nested,
                 last.dtype,
                 last.modalities,
-                last.is_fusion,
+                last.is_fusion and not last.is_regbn,
                 last.is_regbn,
                 last.params,
                 (last.name,),
@@ -315,7 +318,7 @@ class Report:
             out.shape_or_nested,
             out.dtype,
             modalities,
-            any(r.is_fusion for r in members),
+            any(r.is_fusion and not r.is_regbn for r in members),
             any(r.is_regbn for r in members),
             sum(r.params for r in members),
             tuple(r.name for r in members),
