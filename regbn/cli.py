@@ -59,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         dest="inputs",
         action="append",
         default=[],
-        metavar="[NAME=]SHAPE[:DTYPE]",
-        help="one per forward argument, in order (or NAME=... by argument name), "
-        "e.g. 2x1x28x28 or 2x16:int64",
+        metavar="[NAME[.KEY]=]SHAPE[:DTYPE]",
+        help="one per forward argument, in order, or all by argument name (NAME=SHAPE; "
+        "NAME.KEY=SHAPE for an entry of a dict argument), e.g. 2x1x28x28 or 2x16:int64",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--draw", metavar="FILE", help="write the graph picture (.svg or .png)")
@@ -115,11 +115,23 @@ def _input_shapes(specs: Sequence[str]) -> list[Any] | dict[str, Any]:
             "e.g. --input 2x1x28x28 --input 2x3x28x28"
         )
     named = [spec.partition("=") for spec in specs]
-    if all(sep for _, sep, _ in named):
-        return {name.strip(): parse_shape(shape.strip()) for name, _, shape in named}
-    if any(sep for _, sep, _ in named):
+    if not any(sep for _, sep, _ in named):
+        return [parse_shape(spec.strip()) for spec in specs]
+    if not all(sep for _, sep, _ in named):
         raise UserError("--input: give all inputs by position or all as NAME=SHAPE, not both")
-    return [parse_shape(spec.strip()) for spec in specs]
+    shapes: dict[str, Any] = {}
+    for name, _, shape in named:
+        # NAME.KEY=SHAPE is one entry of a dict argument: batch.audio=2x20 -> batch['audio'].
+        arg, _, key = name.strip().partition(".")
+        if not arg or (key and not isinstance(shapes.setdefault(arg, {}), dict)):
+            raise UserError(f"--input: bad name {name.strip()!r} in {name}={shape}")
+        if key:
+            shapes[arg][key] = parse_shape(shape.strip())
+        elif arg in shapes:
+            raise UserError(f"--input: {arg!r} given twice")
+        else:
+            shapes[arg] = parse_shape(shape.strip())
+    return shapes
 
 
 def _import_module(name: str) -> ModuleType:

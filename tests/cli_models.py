@@ -85,3 +85,15 @@ def not_a_model() -> int:
 
 
 NOT_CALLABLE = 3
+
+
+class DictBatch(nn.Module):
+    """One argument holding a dict of modalities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio = nn.Linear(20, 8)
+        self.video = nn.Linear(30, 8)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.audio(batch["audio"]) + self.video(batch["video"])

@@ -151,6 +151,31 @@ def test_dtype_suffix(capsys):
     assert "i64" in r.stdout and "matmul" in r.stdout
 
 
+def test_inputs_by_name_and_dict_entries(capsys):
+    r = run_main(
+        [
+            "inspect",
+            f"{MODELS}:TwoBranch",
+            "-i",
+            "colored=2x3x28x28",
+            "-i",
+            "gray=2x1x28x28",
+            "--json",
+        ],
+        capsys,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [i["name"] for i in json.loads(r.stdout)["inputs"]] == ["gray", "colored"]
+    r = run_main(
+        ["inspect", f"{MODELS}:DictBatch", "-i", "batch.audio=2x20", "-i", "batch.video=2x30"],
+        capsys,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "batch['audio']" in r.stdout and "*F  add" in r.stdout
+    r = run_main(["inspect", f"{MODELS}:TwoBranch", "-i", "gray=2", "-i", "2"], capsys)
+    check_one_line_error(r.returncode, r.stdout, r.stderr, "not both")
+
+
 def test_draw_and_depth(capsys, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in SUCCESS["draw_depth"]]
     r = run_main(argv, capsys)

@@ -463,3 +463,17 @@ def test_draw_marks_inserted_regbn_layers(tmp_path):
     assert "RegBN" in report.to_dot()
     report.draw(tmp_path / "patched.svg")
     assert "RegBN" in (tmp_path / "patched.svg").read_text()
+
+
+def test_tracing_options_and_keyword_inputs():
+    model = ConvMaps()
+    report = inspect(
+        model,
+        {"gray": torch.randn(2, 1, 28, 28), "colored": torch.randn(2, 3, 28, 28)},
+        leaf_modules=["gray_net"],
+    )
+    rows = {r.name: r for r in report.rows}
+    assert rows["gray_net"].op == "call_module" and rows["gray_net"].shape == (2, 16)
+    assert rows["gray_net"].layer == "ConvBranch"
+    assert rows["gray_net"].params == sum(p.numel() for p in model.gray_net.parameters())
+    assert "colored_net_conv" in rows  # the other branch is still traced through
