@@ -793,29 +793,19 @@ def _regbn_paths(gm: nn.Module) -> set[str]:
 
 
 def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
-    """Model inputs; a dict/tuple input lists one entry per modality it holds."""
+    """One entry per modality, in argument order: a dict/tuple argument gives one per entry."""
+    from .modality import modality_sources
+
+    sources = modality_sources(gm)  # node name -> modality, as the modality analysis names them
     by_name = {row.name: row for row in rows}
-    infos = []
-    for row in rows:
-        if row.op != "placeholder":
-            continue
-        if row.shape is not None or not row.modalities - {row.name}:
-            infos.append(InputInfo(row.name, row.shape, row.dtype))
-            continue
-        # A container input: its entries are the first nodes that carry exactly one of its
-        # modalities (the getitem that unpacks it).
-        for modality in sorted(row.modalities):
-            entry = next(
-                (
-                    r
-                    for r in rows
-                    if r.op != "placeholder" and r.modalities == {modality} and row.name in r.inputs
-                ),
-                None,
-            )
-            entry = entry or by_name[row.name]
-            infos.append(InputInfo(modality, entry.shape, entry.dtype))
-    return infos
+    owner = {}  # the argument a source node belongs to, for argument order
+    for i, row in enumerate(r for r in rows if r.op == "placeholder"):
+        owner[row.name] = i
+        for user in (r for r in rows if row.name in r.inputs and r.name in sources):
+            owner.setdefault(user.name, i)
+    order = {row.name: i for i, row in enumerate(rows)}
+    ordered = sorted(sources, key=lambda n: (owner.get(n, len(owner)), order[n]))
+    return [InputInfo(sources[n], by_name[n].shape, by_name[n].dtype) for n in ordered]
 
 
 def _params_by_modality(model: nn.Module, rows: list[Row]) -> tuple[dict[frozenset[str], int], int]:

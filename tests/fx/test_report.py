@@ -239,9 +239,10 @@ def test_residual_adds_are_not_fusions():
 def test_dict_inputs_give_one_modality_per_entry():
     report = inspect(DictInputs(), input_shapes=[{"audio": (2, 20), "video": (2, 3, 6, 6)}])
     audio, video = "batch['audio']", "batch['video']"
+    # In the order the forward reads them.
     assert [(i.name, i.shape) for i in report.inputs] == [
-        (audio, (2, 20)),
         (video, (2, 3, 6, 6)),
+        (audio, (2, 20)),
     ]
     (fusion,) = report.fusions
     assert fusion.kind == "add" and set(fusion.modalities) == {
