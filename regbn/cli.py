@@ -146,7 +146,8 @@ def _import_module(name: str) -> ModuleType:
         if spec is None or spec.loader is None:
             raise UserError(f"cannot load {name!r} as a Python module")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
+        # Registered (dataclasses and pickling look modules up) without shadowing one loaded.
+        sys.modules.setdefault(spec.name, module)
         _run_user_code(lambda: spec.loader.exec_module(module), f"importing {name!r}")
         return module
     # Like `python -m`, look in the current folder too (a console script does not).
