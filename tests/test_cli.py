@@ -177,6 +177,7 @@ def test_inputs_by_name_and_dict_entries(capsys):
 
 
 def test_draw_and_depth(capsys, tmp_path):
+    pytest.importorskip("matplotlib")  # an optional dependency (the examples extra)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in SUCCESS["draw_depth"]]
     r = run_main(argv, capsys)
     assert r.returncode == 0, r.stderr

@@ -435,6 +435,7 @@ def test_markdown_and_dot():
 
 
 def test_draw_svg_and_png_for_a_300_node_model(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional dependency (the examples extra)
     report = inspect(Deep(n=37), input_shapes=[(2, 12), (2, 20)])
     assert len(report.rows) >= 300
     svg = report.draw(tmp_path / "deep.svg", all_nodes=True)
@@ -449,6 +450,7 @@ def test_draw_svg_and_png_for_a_300_node_model(tmp_path):
 
 
 def test_draw_marks_inserted_regbn_layers(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional dependency (the examples extra)
     import regbn.fx.insertion as insertion
 
     model = Vectors()
