@@ -327,17 +327,18 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot(epochs, mean, label=arm, color=colour)
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=colour)
     for col, mod in enumerate(MODALITIES):
+        axes[0, col].axhline(0.1, color="k", lw=0.8, ls=":", label="chance")
         axes[0, col].set_title(f"test accuracy: {mod}")
         axes[1, col].set_title(f"training loss: {mod}")
         axes[1, col].set_xlabel("epoch")
         axes[0, col].grid(alpha=0.3)
         axes[1, col].grid(alpha=0.3)
-    axes[0, 0].legend()
+    axes[0, 0].legend(fontsize=8)
     cfg = results["config"]
     fig.suptitle(
         f"Gray + colored digits ({cfg['dataset']}, {cfg['n_train']} train / {cfg['n_test']} "
         f"test; colour = label in train, random in test): mean ± std over "
-        f"{len(cfg['seeds'])} seeds"
+        f"{len(cfg['seeds'])} seed(s)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -383,7 +384,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="paper",
         help="RegBN's rule for lambda (default: paper; 'official' reproduces the published code)",
     )
-    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     p.add_argument("--batch-size", type=int, default=50, help="batch size (default 50, the seed's)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
