@@ -62,6 +62,17 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
+def _mean_abs_diff(a: Tensor, b: Tensor, block: int = 1 << 18) -> Tensor:
+    """mean |a − b| through a small reused buffer: a Dg×Df temporary costs page faults."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    buf = torch.empty(min(block, a.numel()), dtype=a.dtype, device=a.device)
+    total = a.new_zeros((), dtype=torch.float64)
+    for i in range(0, a.numel(), block):
+        n = min(block, a.numel() - i)
+        total += torch.sub(a[i:i + n], b[i:i + n], out=buf[:n]).abs_().sum()
+    return total / max(a.numel(), 1)
+
+
 def _shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(s) for s in shape))
 
@@ -328,7 +339,8 @@ class RegBN(nn.Module):
                 "single-sample inference"
             )
         for name, x in (("f", f), ("g", g)):
-            if not bool(torch.isfinite(x).all()):
+            # A NaN or Inf anywhere reaches the sum; only then pay for the element-wise test.
+            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
                 raise ValueError(
                     f"RegBN: training input {name} holds non-finite values (NaN or Inf); the "
                     f"batch was rejected and no buffer changed. Check the upstream layers or "
@@ -418,17 +430,14 @@ class RegBN(nn.Module):
     def _update_running(self, W_batch: Tensor, lam: float) -> None:
         """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1."""
         t = int(self.num_batches_tracked) + 1
-        # W_batch is ours to overwrite: reuse it for W_batch − W instead of a Dg×Df temporary.
-        diff = W_batch.to(self.W.dtype).sub_(self.W)
-        # In slices: a second Dg×Df temporary costs more in page faults than the sum itself.
-        flat = diff.view(-1)
-        d = sum(c.abs().sum().double() for c in flat.split(1 << 18)) / flat.numel()
+        W, W_batch = self.W, W_batch.to(self.W.dtype)
+        d = _mean_abs_diff(W_batch, W).to(torch.float64)
         self.adam_m.mul_(self.beta1).add_((1 - self.beta1) * d)
         self.adam_v.mul_(self.beta2).add_((1 - self.beta2) * d * d)
         m_hat = self.adam_m / (1 - self.beta1**t)
         v_hat = self.adam_v / (1 - self.beta2**t)
-        eta = float(self.momentum * m_hat / (v_hat.sqrt() + 1e-8))
-        self.W.add_(diff, alpha=eta)
+        eta = self.momentum * m_hat / (v_hat.sqrt() + 1e-8)
+        W.lerp_(W_batch, eta.to(W.dtype))
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
         self.lambda_history[-1] = lam
