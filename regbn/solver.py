@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 LAMBDA_RULES = ("paper", "official")
+# A float32 Gram is trusted when λ⁺ exceeds this many times its round-off level.
+_SAFE = 100.0
 
 
 def solve_dtype(device: torch.device) -> torch.dtype:
@@ -63,14 +65,19 @@ class Spectrum:
     evals: Tensor  # every eigenvalue of the factorised Gram, clamped at 0
     vecs: Tensor  # every eigenvector of the factorised Gram
     full_coeffs: Tensor | None  # vecsᵀ F in the Gram case (B×Df), else None
+    tol: float  # eigenvalues at or below this are round-off in the Gram's dtype: zero
 
 
-def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float):
-    """Split the eigenvalues of a Gram matrix into kept directions with true and thresholded s."""
+def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float,
+               eps: float | None = None):
+    """Split the eigenvalues of a Gram matrix into kept directions with true and thresholded s.
+
+    ``eps`` is the machine epsilon of the dtype the Gram was formed in.
+    """
     evals = evals.clamp_min(0)
     top = evals.max() if evals.numel() else evals.new_zeros(())
     # Eigenvalues at the round-off level of the Gram are zero singular values.
-    tol = top * n * torch.finfo(evals.dtype).eps
+    tol = top * n * (torch.finfo(evals.dtype).eps if eps is None else eps)
     nonzero = evals > tol
     s = evals[nonzero].sqrt()
     smax = top.sqrt()
@@ -79,7 +86,7 @@ def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float):
     # An s̃ of 0 contributes nothing; keep those out of every later sum.
     live = s_eff > 0
     plain = bool(kept.all())
-    return nonzero, s, s_eff, live, plain
+    return nonzero, s, s_eff, live, plain, float(tol)
 
 
 class _Gram(torch.autograd.Function):
@@ -112,23 +119,28 @@ def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: floa
         G: (B, Dg) features whose linear effect is removed.
         sigma_THR: singular values at or below ``sigma_THR * max(s)`` are replaced by ``sigma_MIN``.
         sigma_MIN: the replacement value (0 drops the direction).
-        K: the Gram matrix in the solve dtype, when the caller has already formed it.
+        K: the Gram matrix, when the caller has already formed it (in any float dtype; the
+            zero threshold follows the precision it was formed in).
     """
     dt = solve_dtype(F.device)
     F64, G64 = F.detach().to(dt), G.detach().to(dt)
     B, Dg = G64.shape
     primal = B > Dg
     K = gram(G64, primal) if K is None else K.detach()
-    evals, vecs = torch.linalg.eigh(K)
-    nonzero, s, s_eff, live, plain = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN)
+    eps = torch.finfo(K.dtype).eps
+    evals, vecs = torch.linalg.eigh(K.to(dt))
+    nonzero, s, s_eff, live, plain, tol = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN,
+                                                     eps)
     kept = vecs[:, nonzero][:, live]
     s, s_eff = s[live], s_eff[live]
     if primal:
         # U_r = G V_r S_r⁻¹, defined for every kept (non-zero) direction.
         U = (G64 @ kept) / s
-        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, None)
+        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, None,
+                        tol)
     Q = vecs.T @ F64
-    return Spectrum(kept, s, s_eff, Q[nonzero][live], primal, plain, evals.clamp_min(0), vecs, Q)
+    return Spectrum(kept, s, s_eff, Q[nonzero][live], primal, plain, evals.clamp_min(0), vecs, Q,
+                    tol)
 
 
 def secular_weights(spec: Spectrum, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +328,7 @@ def _spectral(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rul
         evals, V = torch.linalg.eigh(K)
     else:
         evals, U = torch.linalg.eigh(K)
-    nonzero, _, _, _, _ = _threshold(evals.detach(), max(B, Dg), sigma_THR, sigma_MIN)
+    nonzero = _threshold(evals.detach(), max(B, Dg), sigma_THR, sigma_MIN)[0]
     evals = evals[nonzero]
     s = evals.clamp_min(0).sqrt()
     smax = evals.detach().max().clamp_min(0).sqrt()
@@ -362,17 +374,27 @@ def solve_batch(F: Tensor, G: Tensor, rule: str = "paper", sigma_THR: float = 0.
     if need_grad is None:
         need_grad = torch.is_grad_enabled() and (F.requires_grad or G.requires_grad)
     dt = solve_dtype(F.device)
-    Fd, Gd = F.to(dt), G.to(dt)
     if not need_grad:
-        Fd, Gd = Fd.detach(), Gd.detach()
-    K = gram(Gd, G.shape[0] > G.shape[1])
-    spec = batch_spectrum(Fd, Gd, sigma_THR, sigma_MIN, K=K)
+        F, G = F.detach(), G.detach()
+    primal = G.shape[0] > G.shape[1]
+    # The Gram in the input's precision first: when λ⁺ stands well above its round-off, the
+    # solution cannot tell, and float32 GEMMs are twice as fast as float64 ones.
+    K = gram(G, primal)
+    spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
     d, a = secular_weights(spec, rule)
     lam = secular_root(d, a)
+    if K.dtype != dt and not (spec.plain and not primal and lam > _SAFE * spec.tol):
+        # λ⁺ near the round-off of a float32 Gram (or a path that uses its eigenvectors'
+        # derivatives): form it again in the solve dtype.
+        K = gram(G.to(dt), primal)
+        spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
+        d, a = secular_weights(spec, rule)
+        lam = secular_root(d, a)
     live = (a > 0) & (d > 0)
     dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
     if spec.plain and lam > 0 and not spec.primal:
         return _dual_plain(F, G, K, spec, lam, rule, dphi, need_grad)
+    Fd, Gd = F.to(dt), G.to(dt)
     W = projection_from_spectrum(G, spec, lam)
     if not need_grad:
         return BatchSolution(residual(F, spec, lam), W, lam)

@@ -248,3 +248,31 @@ def test_no_grad_and_grad_paths_give_the_same_values():
     a = solve_batch(F, G).f_r
     b = solve_batch(F.clone().requires_grad_(), G.clone().requires_grad_()).f_r
     torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_float32_rank_deficient_lambda_zero_is_solved_in_float64():
+    """A float32 Gram cannot resolve a λ⁺ near 0; the solver re-forms it in float64.
+
+    Rounding to float32 leaves singular values ~1e-8 of the largest where G had zeros; the
+    solver's numerical rank (as in pinv) treats them as zero, the reference (rtol 1e-9) keeps
+    them, so λ⁺ is 0 against a λ⁺ of ~1e-6 and f_r agrees to float32 precision.
+    """
+    gen = torch.Generator().manual_seed(14)
+    G64 = 30 * torch.randn(6, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, 40, generator=gen, dtype=torch.float64)
+    F64 = 0.05 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    sol = solve_batch(F64.float(), G64.float())
+    ref = reference(F64.float(), G64.float())
+    assert sol.lam == 0.0 and ref.lam < 1e-5
+    torch.testing.assert_close(sol.f_r.double(), ref.f_r, rtol=1e-4, atol=1e-5)
+    P = G64 @ torch.linalg.pinv(G64)
+    torch.testing.assert_close(sol.f_r.double(), F64 - P @ F64, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_fast_path_matches_float64():
+    F, G = _data(50, (64,), (16, 4, 4), seed=15, g_scale=0.5)
+    a = solve_batch(F.float(), G.float())
+    b = solve_batch(F, G)
+    assert a.lam == pytest.approx(b.lam, rel=1e-5)
+    torch.testing.assert_close(a.f_r.double(), b.f_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.W.double(), b.W, rtol=1e-4, atol=1e-6)
