@@ -6,7 +6,8 @@ one entry of an argument that holds several tensors (``"batch['audio']"``, ``"x[
 modalities its value depends on, plus ``node.meta["regbn_fusion"]``: its `Fusion` or ``None``.
 
 A *fusion* is a node whose tensor operands depend on pairwise disjoint, non-empty sets of
-modalities: where separate branches meet. Constants and parameters are not operands, so
+modalities: where separate branches meet. Operands with identical sets (the key and value of one
+modality in attention) are one branch. Constants and parameters are not operands, so
 ``mul(1, x)`` and ``x * self.scale`` are not fusions, and neither is a residual add inside one
 modality.
 """
@@ -38,10 +39,10 @@ class Fusion:
     """A node where branches of different modalities meet.
 
     ``pair`` is the ``(f, g)`` that ``regbn.insert(..., pairs="auto")`` uses: the first tensor
-    operand is normalised with respect to the second (in argument order). A fusion with more than
-    two operands therefore gets one RegBN layer, on its first two operands; pass explicit pairs to
-    normalise the others. Each name is an fx node name, prefixed with ``node:`` only where the bare
-    name would be ambiguous for ``insert``.
+    operand is normalised with respect to the next operand from another branch (in argument
+    order; for two operands simply the second). A fusion with more than two operands therefore
+    gets one RegBN layer; pass explicit pairs to normalise the others. Each name is an fx node
+    name, prefixed with ``node:`` only where the bare name would be ambiguous for ``insert``.
     """
 
     name: str
@@ -161,17 +162,22 @@ def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
     if len(ops) < 2:
         return None
     mods = [op.meta["regbn_modalities"] for op in ops]
-    for i in range(len(mods)):
-        for j in range(i + 1, len(mods)):
-            if mods[i] & mods[j]:
+    # Operands from the same branch (key and value of one modality) count once.
+    groups = list(dict.fromkeys(mods))
+    if len(groups) < 2:
+        return None
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            if groups[i] & groups[j]:
                 return None
+    second = next(op for op, m in zip(ops, mods, strict=True) if m != mods[0])
     return Fusion(
         name=node.name,
         kind=fusion_kind(gm, node),
         operands=tuple(op.name for op in ops),
         modalities=tuple(mods),
         shapes=tuple(op.meta.get("regbn_shape") for op in ops),
-        pair=(ops[0].name, ops[1].name),
+        pair=(ops[0].name, second.name),
         module=node.meta.get("regbn_module"),
         output_shape=node.meta.get("regbn_shape"),
     )

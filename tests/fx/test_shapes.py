@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from regbn.fx import ShapeFailure, propagate_shapes, trace
+
+from .conftest import PMR, Case, DictInput
+
+
+def _shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:
+    return {n.name: n.meta.get("regbn_shape") for n in gm.graph.nodes}
+
+
+def _as_shapes(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return tuple(inputs.shape)
+    if isinstance(inputs, dict):
+        return {k: _as_shapes(v) for k, v in inputs.items()}
+    return [_as_shapes(v) for v in inputs]
+
+
+def test_real_and_fake_agree(case: Case):
+    inputs = case.inputs()
+    real = trace(case.make())
+    assert propagate_shapes(real, inputs) is None
+    fake = trace(case.make())
+    assert propagate_shapes(fake, input_shapes=_as_shapes(inputs)) is None
+    assert _shapes(real) == _shapes(fake)
+    for node in real.graph.nodes:
+        if node.op == "call_module":
+            assert node.meta["regbn_shape"] is not None or node.meta["regbn_nested"] is not None
+
+
+def test_pmr_shapes_and_dtypes():
+    gm = trace(PMR())
+    propagate_shapes(gm, (torch.randn(2, 1, 28, 28), torch.randn(2, 3, 28, 28)))
+    shapes = _shapes(gm)
+    assert shapes["gray"] == (2, 1, 28, 28)
+    assert shapes["gray_net_fc"] == (2, 16)
+    assert shapes["cat"] == (2, 32)
+    assert all(n.meta["regbn_dtype"] == torch.float32 for n in gm.graph.nodes if n.op != "output")
+
+
+def test_real_run_changes_nothing():
+    model = PMR()
+    model.gray_net.bn.eval()  # a mixed training state must survive too
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: m.training for n, m in model.named_modules()}
+    running_mean = model.gray_net.bn.running_mean
+    gm = trace(model)
+    propagate_shapes(gm, (torch.randn(4, 1, 28, 28), torch.randn(4, 3, 28, 28)))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert int(model.colored_net.bn.num_batches_tracked) == 0
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert model.gray_net.bn.running_mean is running_mean  # the same tensor object, too
+
+
+def test_fake_run_changes_nothing_and_keeps_parameters():
+    model = PMR()
+    weight = model.gray_net.conv.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = trace(model)
+    propagate_shapes(gm, input_shapes=[(2, 1, 28, 28), (2, 3, 28, 28)])
+    assert model.gray_net.conv.weight is weight and type(weight) is nn.Parameter
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_meta_model_with_input_shapes():
+    with torch.device("meta"):
+        model = PMR()
+    gm = trace(model)
+    assert propagate_shapes(gm, input_shapes=[(64, 1, 28, 28), (64, 3, 28, 28)]) is None
+    node = next(n for n in gm.graph.nodes if n.name == "head")
+    assert node.meta["regbn_shape"] == (64, 10)
+    assert node.meta["regbn_device"].type == "meta"
+
+
+def test_dict_inputs_kwargs_and_nested_meta():
+    gm = trace(DictInput())
+    batch = {"audio": torch.randn(3, 20), "image": torch.randn(3, 3, 5, 5)}
+    assert propagate_shapes(gm, {"batch": batch}) is None
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert ph.meta["regbn_shape"] is None
+    assert ph.meta["regbn_nested"] == {
+        "audio": ((3, 20), torch.float32),
+        "image": ((3, 3, 5, 5), torch.float32),
+    }
+    gm2 = trace(DictInput())
+    assert propagate_shapes(gm2, (batch,)) is None  # the same dict, positionally
+    assert _shapes(gm) == _shapes(gm2)
+    gm3 = trace(DictInput())
+    spec = {"batch": {"audio": (3, 20), "image": (3, 3, 5, 5)}}
+    assert propagate_shapes(gm3, input_shapes=spec) is None
+    assert _shapes(gm3) == _shapes(gm)
+
+
+def test_input_dtypes_and_integer_inputs():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, ids, x):
+            return self.emb(ids).mean(1) + x
+
+    gm = trace(Embed())
+    assert (
+        propagate_shapes(gm, input_shapes=[(2, 5), (2, 4)], input_dtypes=[torch.int64, None])
+        is None
+    )
+    assert next(iter(gm.graph.nodes)).meta["regbn_dtype"] == torch.int64
+    gm = trace(Embed())
+    assert propagate_shapes(gm, input_shapes=[((2, 5), "int64"), (2, 4)]) is None
+
+
+def test_failure_is_reported_with_partial_meta():
+    gm = trace(PMR())
+    failure = propagate_shapes(gm, input_shapes=[(2, 1, 32, 32), (2, 3, 28, 28)])
+    assert isinstance(failure, ShapeFailure)
+    assert failure.node_name == "gray_net_fc"
+    assert failure.input_shapes == ((2, 256),)
+    assert "gray_net_fc" in str(failure) and "(2, 256)" in str(failure)
+    shapes = _shapes(gm)
+    assert shapes["flatten"] == (2, 256)  # before the failure
+    assert "regbn_shape" not in next(n for n in gm.graph.nodes if n.name == "cat").meta
+    # a real run fails the same way and leaves the model intact
+    model = PMR()
+    gm = trace(model)
+    failure = propagate_shapes(gm, (torch.randn(2, 1, 32, 32), torch.randn(2, 3, 28, 28)))
+    assert failure is not None and failure.node_name == "gray_net_fc"
+    assert int(model.gray_net.bn.num_batches_tracked) == 0
+
+
+def test_bad_arguments():
+    gm = trace(PMR())
+    with pytest.raises(ValueError, match="exactly one of example_inputs"):
+        propagate_shapes(gm)
+    with pytest.raises(ValueError, match="got 3 positional inputs"):
+        propagate_shapes(gm, input_shapes=[(1, 1, 28, 28)] * 3)
+    with pytest.raises(ValueError, match="no value for argument 'colored'"):
+        propagate_shapes(gm, (torch.randn(1, 1, 28, 28),))
+    with pytest.raises(ValueError, match="unknown argument name"):
+        propagate_shapes(gm, {"grey": torch.randn(1, 1, 28, 28)})
+    with pytest.raises(TypeError, match="expected a shape"):
+        propagate_shapes(gm, input_shapes=["2x1x28x28", (1, 3, 28, 28)])
