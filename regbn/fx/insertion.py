@@ -26,7 +26,7 @@ from torch import nn
 
 from .modality import annotate_modalities, build_graph, detect_fusions
 from .shapes import propagate_shapes
-from .tracing import carry_missing_state, trace
+from .tracing import carry_missing_state, input_name, trace
 
 __all__ = ["insert", "remove", "resolve_name", "is_ambiguous"]
 
@@ -48,7 +48,7 @@ class _Candidate:
 def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
     out = []
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.target.lstrip("*") == name:
+        if node.op == "placeholder" and input_name(node) == name:
             out.append(_Candidate("input", f"input:{name}", node))
     wanted = name.replace('"', "'")
     for node in gm.graph.nodes:
@@ -56,7 +56,7 @@ def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
             continue
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "placeholder" and len(node.args) == 2:
-            label = f"{src.target.lstrip('*')}[{node.args[1]!r}]"
+            label = f"{input_name(src)}[{node.args[1]!r}]"
             if isinstance(node.args[1], (int, str)) and label == wanted:
                 out.append(_Candidate("input", f"input:{label}", node))
     return out
@@ -113,7 +113,7 @@ def _all_names(gm: fx.GraphModule) -> list[str]:
     names: list[str] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            names.append(node.target.lstrip("*"))
+            names.append(input_name(node))
         if node.op != "output":
             names.append(node.name)
         names.extend(path for path, _ in node.meta.get("regbn_output_of", ()))

@@ -24,6 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import input_name
+
 __all__ = [
     "Fusion",
     "annotate_modalities",
@@ -97,9 +99,9 @@ def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
         entries = [u for u in ph.users if _is_constant_getitem(u)]
         if entries and _is_tensor_node(ph) is not True:
             for u in entries:
-                sources[u.name] = f"{ph.target.lstrip('*')}[{_key_repr(u.args[1])}]"
+                sources[u.name] = f"{input_name(ph)}[{_key_repr(u.args[1])}]"
             continue
-        sources[ph.name] = ph.target.lstrip("*")
+        sources[ph.name] = input_name(ph)
     return sources
 
 
@@ -158,6 +160,8 @@ def _operands(node: fx.Node) -> list[fx.Node]:
 def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
     if node.op not in ("call_function", "call_method", "call_module"):
         return None
+    if node.op == "call_module" and _is_regbn(gm, node):
+        return None  # the normaliser itself, not a place where branches merge
     ops = _operands(node)
     if len(ops) < 2:
         return None
@@ -181,6 +185,15 @@ def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
         module=node.meta.get("regbn_module"),
         output_shape=node.meta.get("regbn_shape"),
     )
+
+
+def _is_regbn(gm: fx.GraphModule, node: fx.Node) -> bool:
+    from ..layer import RegBN
+
+    try:
+        return isinstance(gm.get_submodule(str(node.target)), RegBN)
+    except AttributeError:
+        return False
 
 
 _FUNCTION_KINDS: dict[Any, str] = {

@@ -250,7 +250,7 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 def _arrange_inputs(gm: fx.GraphModule, positional: Sequence[Any], named: Mapping[str, Any]):
     """Line up user inputs with the graph's placeholders (fills in defaults of concrete_args)."""
     phs = _placeholders(gm)
-    names = [p.target.lstrip("*") for p in phs]
+    names = [p.meta.get("regbn_arg") or p.target.lstrip("*") for p in phs]
     unknown = [k for k in named if k not in names]
     if unknown:
         raise ValueError(

@@ -18,6 +18,7 @@ name resolution in `regbn.insert`, `regbn.inspect`) reads these annotations:
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import traceback
 from collections import defaultdict
@@ -28,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["TraceError", "RegBNTracer", "trace"]
+__all__ = ["TraceError", "RegBNTracer", "input_name", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,9 +281,39 @@ def trace(
         if isinstance(e, TraceError):
             raise
         raise _trace_error(e, model, tracer) from e
+    _name_placeholders(graph, model, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     carry_missing_state(model, gm)
     return gm
+
+
+def input_name(node: fx.Node) -> str:
+    """The forward argument a placeholder stands for (fx may have renamed the node)."""
+    return node.meta.get("regbn_arg") or str(node.target).lstrip("*")
+
+
+def _name_placeholders(graph: fx.Graph, model: nn.Module, concrete_args: dict | None) -> None:
+    """Record each placeholder's argument name (``node.meta["regbn_arg"]``).
+
+    fx renames a specialised argument (``double`` becomes placeholder ``double_1``) and keeps its
+    original default while asserting the concrete value, so calling the traced model without
+    that argument would fail. The default becomes the concrete value where it is a literal.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(params):
+        return
+    for node, param in zip(placeholders, params, strict=True):
+        node.meta["regbn_arg"] = param.name
+        if concrete_args and param.name in concrete_args:
+            value = concrete_args[param.name]
+            if value is None or isinstance(value, (bool, int, float, str)):
+                node.args = (value,)
 
 
 def carry_missing_state(source: nn.Module, gm: fx.GraphModule, skip: Iterable[str] = ()) -> None:
