@@ -231,7 +231,9 @@ def _check_tensor(node: fx.Node, name: str, where: str) -> tuple[int, ...]:
     if shape is None:
         nested = node.meta.get("regbn_nested")
         entries = [
-            u.name for u in node.users if u.op == "call_function" and u.target is operator.getitem
+            f"{input_name(node)}[{u.args[1]!r}]" if node.op == "placeholder" else u.name
+            for u in node.users
+            if u.op == "call_function" and u.target is operator.getitem
         ]
         hint = f"; name one of its entries instead: {entries}" if entries else ""
         what = f"a {type(nested).__name__}" if nested is not None else "not a tensor"

@@ -163,6 +163,16 @@ def test_remove_restores_the_model(case: Case):
     with torch.no_grad():
         assert torch.equal(case.call(restored, batch), case.call(model, batch))
     assert restored.state_dict().keys() == model.state_dict().keys()
+    # provenance meta does not survive pickling; remove still finds the layers
+    again = remove(pickle.loads(pickle.dumps(patched)))
+    assert not [m for m in again._modules if m.startswith("regbn_")]
+    with torch.no_grad():
+        assert torch.equal(case.call(again, batch), case.call(model, batch))
+
+
+def test_public_exports():
+    assert regbn.insert is insert and regbn.remove is remove
+    assert regbn.find_fusions is regbn.fx.find_fusions
 
 
 # --------------------------------------------------------------------------- behaviour
@@ -537,3 +547,11 @@ def test_concrete_args_and_renamed_inputs():
         concrete_args={"double": False},
     )
     assert patched.regbn_0.f_shape == (3,)
+
+
+def test_container_input_suggests_its_entries():
+    from .conftest import DictInput
+
+    inputs = {"batch": {"audio": torch.randn(B, 20), "image": torch.randn(B, 3, 5, 5)}}
+    with pytest.raises(ValueError, match=r"'batch' \(node batch\) is a dict.*\"batch\['audio'\]\""):
+        insert(DictInput(), [("batch", "audio_enc")], inputs)
