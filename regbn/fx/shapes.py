@@ -143,7 +143,7 @@ def _same_shape_output(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tenso
         return x
     if cls in _LAYER_SHAPES:
         shape = _LAYER_SHAPES[cls](mod, x)
-        return None if shape is None else x.new_empty(shape)
+        return None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
     if cls.__module__.startswith("torch.nn") and isinstance(mod, _NORMS):
         if isinstance(mod, nn.LayerNorm):
             ok = tuple(x.shape[-len(mod.normalized_shape) :]) == tuple(mod.normalized_shape)
