@@ -342,21 +342,32 @@ def _model_device(gm: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _model_float_dtype(gm: nn.Module) -> torch.dtype:
+    # A float64 model gets float64 inputs unless told otherwise, as real inputs would be.
+    for t in gm.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
 def _parse_spec(spec: Any, dtype: torch.dtype | None, device: torch.device, where: str) -> Any:
-    """Turn one entry of input_shapes into a tensor (under fake mode) or a structure of them."""
+    """Turn one entry of input_shapes into a tensor (under fake mode) or a structure of them.
+
+    ``dtype`` applies to shapes without their own; ``_fake_inputs`` sets it to the model's.
+    """
     if isinstance(spec, torch.Size) or (
         isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec)
     ):
         if any(d < 0 for d in spec):
             raise ValueError(f"input_shapes{where}: negative size in {tuple(spec)}")
-        return torch.empty(tuple(spec), dtype=dtype or torch.float32, device=device)
+        return torch.empty(tuple(spec), dtype=dtype, device=device)
     if (
         isinstance(spec, (tuple, list))
         and len(spec) == 2
         and isinstance(spec[1], (torch.dtype, str))
         and isinstance(spec[0], (tuple, list, torch.Size))
     ):
-        return _parse_spec(spec[0], _dtype(spec[1], where), device, where)
+        return _parse_spec(spec[0], _dtype(spec[1], where), device, where)  # own dtype wins
     if isinstance(spec, Mapping):
         return {k: _parse_spec(v, dtype, device, f"{where}[{k!r}]") for k, v in spec.items()}
     if isinstance(spec, (tuple, list)):
@@ -379,6 +390,12 @@ def _dtype(value: Any, where: str) -> torch.dtype:
 
 
 def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any], Mapping]:
+    if isinstance(input_shapes, torch.Size) or (
+        isinstance(input_shapes, (tuple, list))
+        and input_shapes
+        and all(isinstance(d, int) for d in input_shapes)
+    ):
+        input_shapes = [tuple(input_shapes)]  # one shape for a one-input model
     positional, named = _split(input_shapes)
     if input_dtypes is not None:
         dts = list(input_dtypes.values() if isinstance(input_dtypes, Mapping) else input_dtypes)
@@ -392,8 +409,9 @@ def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any],
                 (s, _dtype(dts[i], f"[{i}]")) if i < len(dts) and dts[i] is not None else s
                 for i, s in enumerate(positional)
             ]
-    pos = [_parse_spec(s, None, device, f"[{i}]") for i, s in enumerate(positional)]
-    kw = {k: _parse_spec(s, None, device, f"[{k!r}]") for k, s in named.items()}
+    default = _model_float_dtype(gm)
+    pos = [_parse_spec(s, default, device, f"[{i}]") for i, s in enumerate(positional)]
+    kw = {k: _parse_spec(s, default, device, f"[{k!r}]") for k, s in named.items()}
     return pos, kw
 
 
@@ -409,7 +427,8 @@ def propagate_shapes(
     arguments, or a single tensor; entries may themselves be dicts/tuples of tensors.
     ``input_shapes``: shapes instead, e.g. ``[(2, 1, 28, 28), ((2, 5), torch.int64)]``, or a dict
     by argument name; an entry may be a dict/tuple of shapes for an argument that holds several
-    tensors. ``input_dtypes`` gives dtypes per entry (default float32).
+    tensors. ``input_dtypes`` gives dtypes per entry (default: the dtype of the model's
+    floating-point parameters, else torch's default dtype).
 
     Returns ``None`` on success, or a `ShapeFailure` naming the node where propagation stopped;
     nodes before it keep their shapes, nodes after it have none. The model is left unchanged.

@@ -147,3 +147,60 @@ def test_bad_arguments():
         propagate_shapes(gm, {"grey": torch.randn(1, 1, 28, 28)})
     with pytest.raises(TypeError, match="expected a shape"):
         propagate_shapes(gm, input_shapes=["2x1x28x28", (1, 3, 28, 28)])
+
+
+class Layers(nn.Module):
+    """Closed-form shape paths next to the ops they skip; real and fake runs must agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 4, stride=3, padding=2, dilation=2)
+        self.c2 = nn.Conv2d(2, 4, (3, 5), stride=(2, 1), padding=(1, 0), padding_mode="reflect")
+        self.c2same = nn.Conv2d(4, 4, 3, padding="same")
+        self.c2valid = nn.Conv2d(4, 2, 3, padding="valid", groups=2)
+        self.c3 = nn.Conv3d(1, 2, 2, stride=2)
+        self.lin = nn.Linear(5, 7)
+        self.ln = nn.LayerNorm([7])
+        self.gn = nn.GroupNorm(2, 2)
+        self.bn = nn.BatchNorm1d(3)
+        self.act = nn.GELU()
+
+    def forward(self, seq, img, vol, tok):
+        a = self.bn(self.c1(seq))
+        b = self.gn(self.c2valid(self.c2same(self.c2(img))))
+        return a, b, self.c3(vol), self.act(self.ln(self.lin(tok)))
+
+
+def test_closed_form_shapes_match_real_ops():
+    inputs = (
+        torch.randn(2, 2, 17),
+        torch.randn(2, 2, 9, 12),
+        torch.randn(2, 1, 5, 6, 7),
+        torch.randn(2, 3, 5),
+    )
+    real, fake = trace(Layers()), trace(Layers())
+    assert propagate_shapes(real, inputs) is None
+    assert propagate_shapes(fake, input_shapes=[tuple(x.shape) for x in inputs]) is None
+    assert _shapes(real) == _shapes(fake)
+
+
+@pytest.mark.parametrize(
+    "bad, node",
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5)), "1"),
+        (nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(5)), "1"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3)), "0"),
+        (nn.Sequential(nn.Linear(6, 4)), "0"),
+        (nn.Sequential(nn.Conv2d(3, 4, 9)), "0"),
+    ],
+)
+def test_closed_form_paths_still_catch_mismatches(bad, node):
+    shape = (2, 4) if isinstance(bad[0], nn.Linear) else (2, 3, 6, 6)
+    failure = propagate_shapes(trace(bad), input_shapes=[shape])
+    assert failure is not None and failure.target == node
+
+
+def test_default_dtype_follows_the_model_and_bare_shape():
+    gm = trace(nn.Sequential(nn.Linear(4, 3)).double())
+    assert propagate_shapes(gm, input_shapes=(2, 4)) is None  # one bare shape, one input
+    assert all(n.meta["regbn_dtype"] == torch.float64 for n in gm.graph.nodes if n.op != "output")
