@@ -124,10 +124,23 @@ def _all_names(gm: fx.GraphModule) -> list[str]:
 
 def _unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -> ValueError:
     bare = name.partition(":")[2] if name.partition(":")[0] in PREFIXES else name
-    close = difflib.get_close_matches(bare, _all_names(gm), n=3, cutoff=0.6)
+    close = _distinct(gm, difflib.get_close_matches(bare, _all_names(gm), n=6, cutoff=0.6))[:3]
     did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     note = _why_not_a_tensor(model, bare)
     return ValueError(f"{where}: {name!r} is not a tensor of this model{note}{did} {_INSPECT_HINT}")
+
+
+def _distinct(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    # 'gray_net.fc' and its node 'gray_net_fc' are one tensor: suggest it once, best spelling first.
+    seen: set[fx.Node] = set()
+    out = []
+    for name in names:
+        nodes = {c.node for c in _candidates(gm, name)}
+        if nodes and nodes <= seen:
+            continue
+        seen |= nodes
+        out.append(name)
+    return out
 
 
 def _why_not_a_tensor(model: nn.Module, name: str) -> str:
