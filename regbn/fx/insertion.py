@@ -126,7 +126,7 @@ def _unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -
     bare = name.partition(":")[2] if name.partition(":")[0] in PREFIXES else name
     close = _distinct(gm, difflib.get_close_matches(bare, _all_names(gm), n=6, cutoff=0.6))[:3]
     did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    note = _why_not_a_tensor(model, bare)
+    note = _why_not_a_tensor(gm, model, bare)
     return ValueError(f"{where}: {name!r} is not a tensor of this model{note}{did} {_INSPECT_HINT}")
 
 
@@ -143,22 +143,19 @@ def _distinct(gm: fx.GraphModule, names: list[str]) -> list[str]:
     return out
 
 
-def _why_not_a_tensor(model: nn.Module, name: str) -> str:
-    modules = dict(model.named_modules())
-    if name not in modules:
+def _why_not_a_tensor(gm: fx.GraphModule, model: nn.Module, name: str) -> str:
+    if name not in dict(model.named_modules()):
         return ""
+    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     parent = name
     while "." in parent:
         parent = parent.rsplit(".", 1)[0]
-        if parent in modules and not _traced_through(model, parent):
-            return f" (it lies inside {parent!r}, which is traced as one call)"
+        if parent in leaves:
+            return (
+                f" (it lies inside {parent!r}, which is traced as one call; name {parent!r}, or "
+                "trace without it in leaf_modules)"
+            )
     return " (it is a submodule, but forward never calls it)"
-
-
-def _traced_through(model: nn.Module, path: str) -> bool:
-    # Standard torch.nn modules are leaves for fx; anything else may have been traced through.
-    mod = model.get_submodule(path)
-    return not type(mod).__module__.startswith("torch.nn") or isinstance(mod, nn.Sequential)
 
 
 def resolve_name(

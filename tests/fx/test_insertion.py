@@ -555,3 +555,14 @@ def test_container_input_suggests_its_entries():
     inputs = {"batch": {"audio": torch.randn(B, 20), "image": torch.randn(B, 3, 5, 5)}}
     with pytest.raises(ValueError, match=r"'batch' \(node batch\) is a dict.*\"batch\['audio'\]\""):
         insert(DictInput(), [("batch", "audio_enc")], inputs)
+
+
+def test_name_inside_a_leaf_module():
+    from .conftest import ConvBranch
+
+    model = PMR()
+    inputs = (torch.randn(B, 1, 28, 28), torch.randn(B, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"'gray_net.fc' .*inside 'gray_net', which is traced as"):
+        insert(model, [("gray_net.fc", "colored_net")], inputs, leaf_modules=[ConvBranch])
+    patched = insert(model, [("gray_net", "colored_net")], inputs, leaf_modules=[ConvBranch])
+    assert patched.regbn_0.f_shape == (16,)
