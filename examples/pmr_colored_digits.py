@@ -406,7 +406,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-train", type=int, help="cap on training samples (random subset)")
     p.add_argument("--max-test", type=int, help="cap on test samples (random subset)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 with --quick, else torch's choice)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     args = p.parse_args(argv)
     if args.quick:
@@ -421,6 +425,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is None and args.quick:
+        # Tiny batches gain little from a second thread, and on a busy 2-core machine two
+        # OpenMP threads per process can run ten times slower than one.
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
