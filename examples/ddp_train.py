@@ -30,8 +30,9 @@ import regbn  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=50, help="global batch, split over ranks")
     p.add_argument("--placement", choices=["input", "late"], default="late")
@@ -53,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     data = standardise(build_colored_digits())
     n_train = 400 if args.quick else len(data["train_labels"])
     epochs = 1 if args.quick else args.epochs
-    train = TensorDataset(data["train_gray"][:n_train], data["train_colored"][:n_train],
-                          data["train_labels"][:n_train])
+    train = TensorDataset(
+        data["train_gray"][:n_train],
+        data["train_colored"][:n_train],
+        data["train_labels"][:n_train],
+    )
     per_rank = max(2, args.batch_size // world)
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0,
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        train, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True
+    )
     loader = DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True)
 
     example = (data["train_gray"][:per_rank], data["train_colored"][:per_rank])
@@ -82,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_reduce(total)
         lam = [m.last_lambda for m in model.modules() if isinstance(m, regbn.RegBN)]
         if rank == 0:
-            print(f"epoch {epoch + 1}/{epochs}: train loss {float(total[0] / total[1]):.4f} "
-                  f"over {int(total[1])} samples on {world} ranks ({count} steps each); "
-                  f"last lambda+ {lam[0]:.4g}", flush=True)
+            print(
+                f"epoch {epoch + 1}/{epochs}: train loss {float(total[0] / total[1]):.4f} "
+                f"over {int(total[1])} samples on {world} ranks ({count} steps each); "
+                f"last lambda+ {lam[0]:.4g}",
+                flush=True,
+            )
 
     ddp.eval()
     with torch.no_grad():
@@ -100,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather(Ws, W)
     same = all(torch.equal(Ws[0], w) for w in Ws)
     if rank == 0:
-        print(f"test accuracy {float(stats[0] / stats[1]):.3f}; running W identical on all "
-              f"ranks: {same}", flush=True)
+        print(
+            f"test accuracy {float(stats[0] / stats[1]):.3f}; running W identical on all "
+            f"ranks: {same}",
+            flush=True,
+        )
     dist.destroy_process_group()
     return 0 if same else 1
 

@@ -4,12 +4,14 @@ from .distributed import convert_sync_regbn
 from .fx.insertion import insert, remove
 from .fx.modality import Fusion, find_fusions
 from .fx.report import Report, inspect
+from .fx.tracing import TraceError
 from .layer import RegBN
 
 __all__ = [
     "Fusion",
     "RegBN",
     "Report",
+    "TraceError",
     "convert_sync_regbn",
     "find_fusions",
     "insert",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from .insertion import insert, remove
 from .modality import Fusion, annotate_modalities, build_graph, detect_fusions, find_fusions
+from .report import Report, Row, inspect
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import TraceError, trace
 
 __all__ = [
     "Fusion",
+    "Report",
+    "Row",
     "ShapeFailure",
     "TraceError",
     "annotate_modalities",
@@ -16,6 +19,7 @@ __all__ = [
     "detect_fusions",
     "find_fusions",
     "insert",
+    "inspect",
     "propagate_shapes",
     "remove",
     "trace",
