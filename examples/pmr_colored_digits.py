@@ -235,8 +235,8 @@ def train_run(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     order = torch.Generator().manual_seed(10_000 + seed)
     n = len(y)
-    # Drop the last partial batch: RegBN refuses a training batch of 1, and a reshuffle every
-    # epoch means every sample is still seen.
+    # Drop the last partial batch: RegBN refuses a training batch of 1 (and a tiny batch gives
+    # a poor lambda). The reshuffle drops different samples each epoch.
     n_batches = n // batch_size
     has_regbn = bool(_regbn_layers(model))
     curves: dict[str, list[float]] = {"lambda": []} if has_regbn else {}
@@ -437,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         print(f"pmr_colored_digits: error: {exc}", file=sys.stderr)
+        return 2
+    if len(raw["train_labels"]) < args.batch_size:
+        print(
+            f"pmr_colored_digits: error: {len(raw['train_labels'])} training samples are fewer "
+            f"than one batch of {args.batch_size}",
+            file=sys.stderr,
+        )
         return 2
     data = standardise(raw)
     placements = ("input", "late") if args.placement == "both" else (args.placement,)

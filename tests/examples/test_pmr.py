@@ -102,7 +102,9 @@ def test_quick_end_to_end(tmp_path):
     assert format_table(table) in proc.stdout
 
 
-def test_bad_arguments_exit_2():
-    proc = run_script(str(EXAMPLES / "pmr_colored_digits.py"), "--epochs", "0", timeout=60)
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--max-train", "20"]])
+def test_bad_arguments_exit_2(args):
+    proc = run_script(str(EXAMPLES / "pmr_colored_digits.py"), *args, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+    assert "error" in proc.stderr.strip().splitlines()[-1]
