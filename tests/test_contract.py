@@ -231,11 +231,11 @@ def test_is_training_overrides_mode():
 
 
 # ----------------------------------------------------------------------------- normalisations
-@pytest.mark.parametrize("spatial, kind", [((4, 5), nn.BatchNorm2d), ((2, 3, 2), nn.BatchNorm3d),
-                                           ((6,), nn.LayerNorm), ((), nn.LayerNorm)])
-def test_input_norm_kind(spatial, kind):
-    layer = regbn.RegBN(3, 2, list(spatial), [], normalize_input=True)
-    assert any(type(m) is kind for m in layer.modules())
+def test_input_norm_kind():
+    for spatial, kind in [((4, 5), nn.BatchNorm2d), ((2, 3, 2), nn.BatchNorm3d),
+                          ((6,), nn.LayerNorm), ((), nn.LayerNorm)]:
+        layer = regbn.RegBN(3, 2, list(spatial), [], normalize_input=True)
+        assert any(type(m) is kind for m in layer.modules()), spatial
 
 
 def test_input_and_output_normalisation_maths():
@@ -300,8 +300,12 @@ def test_state_dict_buffers_and_bit_exact_reload():
         assert fresh.last_lambda == layer.last_lambda
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dtypes(dtype):
+def test_dtypes():
+    for dtype in (torch.float32, torch.float64):
+        _check_dtype(dtype)
+
+
+def _check_dtype(dtype):
     layer = regbn.RegBN(4, 3, [], []).to(dtype)
     f_r, g_out = layer(torch.randn(6, 4, dtype=dtype), torch.randn(6, 3, dtype=dtype))
     assert f_r.dtype == dtype and g_out.dtype == dtype
@@ -323,6 +327,10 @@ def test_autocast_solves_in_float32():
     torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
     assert b.last_lambda == pytest.approx(a.last_lambda, rel=1e-4)
     assert b.W.dtype == torch.float32
+    c = regbn.RegBN()  # bf16 activations, as autocast produces them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = c(f.bfloat16(), g.bfloat16())
+    assert torch.isfinite(out).all() and c.W.dtype == torch.float32
 
 
 def test_gradcheck_exact_gradients():
@@ -364,8 +372,12 @@ def test_bad_input_value_error_changes_nothing(case):
     same_buffers(before, buffers(layer))
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_training_input_raises_no_buffer_change(bad):
+def test_nonfinite_training_input_raises_no_buffer_change():
+    for bad in (math.nan, math.inf, -math.inf):
+        _check_nonfinite(bad)
+
+
+def _check_nonfinite(bad):
     torch.manual_seed(12)
     layer = regbn.RegBN(4, 3, [2, 2], [], normalize_input=True)
     layer(torch.randn(5, 4, 2, 2), torch.randn(5, 3))
@@ -381,6 +393,42 @@ def test_nonfinite_training_input_raises_no_buffer_change(bad):
     same_buffers(before, buffers(layer))
     f_r, _ = layer(torch.randn(5, 4, 2, 2), torch.randn(5, 3))  # still healthy
     assert torch.isfinite(f_r).all()
+
+
+def _ddp_worker(rank, world, tmp):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    f, g, wf, wg = torch.load(f"{tmp}/data.pt")
+    rows = [slice(0, 2), slice(2, 5)][rank]  # uneven local batches
+    layer = regbn.convert_sync_regbn(regbn.RegBN(4, 3, [], [2], normalize_input=True)).double()
+    fl, gl = f[rows].clone().requires_grad_(), g[rows].clone().requires_grad_()
+    f_r, g_out = layer(fl, gl)
+    ((f_r * wf[rows]).sum() + (g_out * wg[rows]).sum()).backward()
+    torch.save((f_r.detach(), g_out.detach(), fl.grad, gl.grad, layer.W.clone(),
+                layer.last_lambda), f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_convert_sync_regbn_gloo_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    torch.manual_seed(23)
+    f, g = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64)
+    wf, wg = torch.randn_like(f), torch.randn_like(g)
+    torch.save((f, g, wf, wg), tmp_path / "data.pt")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    layer = regbn.RegBN(4, 3, [], [2], normalize_input=True).double()
+    F, G = f.clone().requires_grad_(), g.clone().requires_grad_()
+    f_r, g_out = layer(F, G)
+    ((f_r * wf).sum() + (g_out * wg).sum()).backward()
+    for rank, rows in enumerate([slice(0, 2), slice(2, 5)]):
+        rf, rg, gf, gg, W, lam = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(rf, f_r[rows].detach())
+        torch.testing.assert_close(rg, g_out[rows].detach())
+        torch.testing.assert_close(gf, F.grad[rows])
+        torch.testing.assert_close(gg, G.grad[rows])
+        torch.testing.assert_close(W, layer.W)
+        assert lam == pytest.approx(layer.last_lambda, rel=1e-10)
 
 
 def test_convert_sync_regbn_single_process():
@@ -539,15 +587,17 @@ def test_insert_rewires_later_uses_and_passes_kwargs():
     torch.testing.assert_close(layer.W, hand.W)
 
 
-@pytest.mark.parametrize("pair", [("gray", "colored"), ("input:gray", "input:colored"),
-                                  ("gray_net", "colored_net"),
-                                  ("module:gray_net.conv", "module:colored_net.conv")])
-def test_insert_pair_name_forms(pair):
+def test_insert_pair_name_forms():
     model = TwoBranch()
     x = two_inputs()
-    patched = regbn.insert(model, pairs=[pair], example_inputs=x)
-    assert patched(*x).shape == (4, 4)
-    assert list(regbn_layers(patched)) == ["regbn_0"]
+    for pair, dims in [(("gray", "colored"), (108, 36)),
+                       (("input:gray", "input:colored"), (108, 36)),
+                       (("gray_net", "colored_net"), (5, 5)),
+                       (("module:gray_net.conv", "module:colored_net.conv"), (32, 32))]:
+        patched = regbn.insert(model, pairs=[pair], example_inputs=x)
+        assert patched(*x).shape == (4, 4)
+        assert list(regbn_layers(patched)) == ["regbn_0"]
+        assert tuple(patched.regbn_0.W.shape) == dims, pair
 
 
 def test_insert_by_fx_node_name():
@@ -845,8 +895,12 @@ def test_lazy_failed_first_call_changes_nothing():
     assert tuple(layer.W.shape) == (2, 6)
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e6])
-def test_lambda_accuracy_over_scales(scale):
+def test_lambda_accuracy_over_scales():
+    for scale in (1e-3, 1.0, 1e3, 1e6):
+        _check_scale(scale)
+
+
+def _check_scale(scale):
     torch.manual_seed(17)
     F, G = scale * torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
     layer = plain(4, 9)
@@ -882,15 +936,21 @@ def test_sigma_thr_drops_small_singular_values():
     torch.testing.assert_close(f_r, F - Gt @ ref_W(F, Gt, lam), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("rule, scale", [("paper", 0.01), ("official", 1.0)])
-def test_gradcheck_other_branches(rule, scale):
+def test_gradcheck_other_branches():
     torch.manual_seed(19)
-    layer = plain(2, 3, lambda_rule=rule)
-    F = (scale * torch.randn(6, 2, dtype=torch.float64)).requires_grad_()
-    G = torch.randn(6, 3, dtype=torch.float64).requires_grad_()
-    layer(F, G)
-    assert (layer.last_lambda == 0.0) == (rule == "paper")
-    assert torch.autograd.gradcheck(lambda a, b: layer(a, b, is_training=True)[0], (F, G),
+    for rule, scale in [("paper", 0.01), ("official", 1.0)]:
+        layer = plain(2, 3, lambda_rule=rule)
+        F = (scale * torch.randn(6, 2, dtype=torch.float64)).requires_grad_()
+        G = torch.randn(6, 3, dtype=torch.float64).requires_grad_()
+        layer(F, G)
+        assert (layer.last_lambda == 0.0) == (rule == "paper")
+        assert torch.autograd.gradcheck(lambda a, b: layer(a, b, is_training=True)[0], (F, G),
+                                        eps=1e-6, atol=1e-5)
+    # with both normalisations (BatchNorm2d in, LayerNorm out)
+    layer = regbn.RegBN(2, 3, [2, 2], [], normalize_input=True).double()
+    F = torch.randn(5, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: layer(a, b, is_training=True), (F, G),
                                     eps=1e-6, atol=1e-5)
 
 
@@ -977,6 +1037,8 @@ def test_meta_model_larger_than_machine():
         huge.enc = nn.Linear(100_000, 100_000)  # 40 GB of float32 weights
     fus = regbn.find_fusions(huge, input_shapes=[(2, 100_000), (2, 100_000)])
     assert len(fus) == 1 and [tuple(s) for s in fus[0].shapes] == [(2, 100_000)] * 2
+    report = regbn.inspect(Shared(), input_shapes=[(10**10, 3), (10**10, 3)])  # 120 GB inputs
+    assert [r.shape for r in report.rows if r.is_fusion] == [(10**10, 6)]
 
 
 def test_nested_untraceable_names_submodule():
