@@ -105,7 +105,7 @@ def test_official_kwargs_gpu_warns_and_forward_keywords():
     f, g = torch.randn(8, 128), torch.randn(8, 16)
     f_r, g_out = layer(f, g, is_training=True, n_epoch=1)
     assert f_r.shape == f.shape and g_out.shape == g.shape
-    f_r, g_out = layer(f, g, is_training=True, n_epoch=3, steps_per_epoch=100)
+    f_r, g_out = layer(f, g, True, 3, 100)  # the official forward's positional order
     assert torch.isfinite(f_r).all() and torch.isfinite(g_out).all()
     assert layer.last_lambda is not None
 
@@ -187,6 +187,7 @@ def test_running_update_eq6_t_from_one():
     torch.manual_seed(5)
     layer = plain(5, 3, momentum=0.3)
     W = torch.zeros(3, 5, dtype=torch.float64)
+    assert torch.equal(layer.W, W)  # initially zeros
     m = v = torch.zeros((), dtype=torch.float64)
     for t in range(1, 4):
         F, G = 4 * torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
@@ -681,9 +682,19 @@ def test_graphmodule_accepted():
     model = TwoBranch()
     x = two_inputs()
     gm = torch.fx.symbolic_trace(model)
+    code = gm.code
     patched = regbn.insert(gm, pairs=[("gray_net.fc", "colored_net.fc")], example_inputs=x)
     assert isinstance(patched, torch.fx.GraphModule) and regbn_layers(patched)
-    assert not regbn_layers(gm)
+    assert not regbn_layers(gm) and gm.code == code
+    torch.testing.assert_close(gm(*x), model(*x))
+    # a GraphModule from a custom tracer (Branch kept whole) is used as it is
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Branch) or super().is_leaf_module(m, qualname)
+    custom = torch.fx.GraphModule(model, LeafTracer().trace(model))
+    p2 = regbn.insert(custom, pairs=[("gray_net", "colored_net")], example_inputs=x)
+    assert any(n.op == "call_module" and n.target == "gray_net" for n in p2.graph.nodes)
+    assert not any(str(n.target).startswith("gray_net.") for n in p2.graph.nodes)
 
 
 def test_tracing_options():
@@ -719,6 +730,8 @@ def test_inspect_rows_and_outputs(tmp_path):
     x = two_inputs(2)
     report = regbn.inspect(model, example_inputs=x)
     rows = {r.name: r for r in report.rows}
+    assert [r.name for r in report.rows] == [n.name for n in
+                                             torch.fx.symbolic_trace(model).graph.nodes]
     for r in report.rows:
         for attr in ("name", "module", "op", "target", "shape", "dtype", "modalities",
                      "is_fusion"):
@@ -865,6 +878,9 @@ def test_cli_inspect_prints_table_and_fusions(tmp_path):
                                   ["inspect", "cmods:bad", "--input", "2x4"],
                                   ["inspect", "no_such_module:f", "--input", "2x4"],
                                   ["inspect", "cmods:boom", "--input", "2x4"],
+                                  ["inspect"], ["bogus"],
+                                  ["inspect", "cmods:two_branch", "--input", "2x1x28x28",
+                                   "--input", "2x3x28x28", "--input", "2x3"],
                                   ["inspect", "cmods:two_branch", "--input", "2x1x28x28"],
                                   ["inspect", "cmods:two_branch", "--input", "2x1x28x28",
                                    "--input", "2x3x27x27"]])
@@ -962,9 +978,12 @@ def test_n_epoch_irrelevant_and_eval_batch_of_one_with_batchnorm():
         a(*x, is_training=True, n_epoch=1)
         b(*x, is_training=True, n_epoch=7, steps_per_epoch=3)
     assert torch.equal(a.W, b.W)
+    before = buffers(a)
+    a(torch.randn(4, 2, 3, 3), torch.randn(4, 3), is_training=False)  # train-mode layer
     a.eval()
     f_r, g_out = a(torch.randn(1, 2, 3, 3), torch.randn(1, 3))
     assert f_r.shape == (1, 2, 3, 3) and torch.isfinite(f_r).all()
+    same_buffers(before, buffers(a))  # BatchNorm running statistics included
 
 
 class Shared(nn.Module):
