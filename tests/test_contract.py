@@ -960,8 +960,8 @@ def test_gradcheck_other_branches():
         G = torch.randn(6, 3, dtype=torch.float64).requires_grad_()
         layer(F, G)
         assert (layer.last_lambda == 0.0) == (rule == "paper")
-        assert torch.autograd.gradcheck(lambda a, b: layer(a, b, is_training=True)[0], (F, G),
-                                        eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradcheck(lambda a, b, m=layer: m(a, b, is_training=True)[0],
+                                        (F, G), eps=1e-6, atol=1e-5)
     # with both normalisations (BatchNorm2d in, LayerNorm out)
     layer = regbn.RegBN(2, 3, [2, 2], [], normalize_input=True).double()
     F = torch.randn(5, 2, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -973,7 +973,7 @@ def test_gradcheck_other_branches():
 def test_n_epoch_irrelevant_and_eval_batch_of_one_with_batchnorm():
     a = regbn.RegBN(2, 3, [3, 3], [], normalize_input=True)
     b = regbn.RegBN(2, 3, [3, 3], [], normalize_input=True)
-    for i in range(3):
+    for _ in range(3):
         x = (torch.randn(5, 2, 3, 3), torch.randn(5, 3))
         a(*x, is_training=True, n_epoch=1)
         b(*x, is_training=True, n_epoch=7, steps_per_epoch=3)
