@@ -246,6 +246,13 @@ class RegBN(nn.Module):
         self._build(f_shape, g_shape, device=self.adam_m.device, dtype=dtype)
         self._declared = None
 
+    def _unmaterialize(self, declared: tuple) -> None:
+        for name in ("norm_f", "norm_g", "norm_f_out", "norm_g_out"):
+            delattr(self, name)
+        self.register_buffer("W", nn.parameter.UninitializedBuffer())
+        self.f_shape = self.g_shape = None
+        self._declared = declared
+
     def has_uninitialized_params(self) -> bool:
         """True for a lazy layer that has seen neither a batch nor a checkpoint."""
         return self.f_shape is None
@@ -366,10 +373,19 @@ class RegBN(nn.Module):
         """
         training = self.training if is_training is None else bool(is_training)
         self._check(f, g)
-        if self.f_shape is None:
-            self._materialize(f, g)
+        if self.f_shape is not None:
+            return self._forward(f, g, training)
+        declared = self._declared
+        self._materialize(f, g)
+        try:
             self._check(f, g)
+            return self._forward(f, g, training)
+        except BaseException:
+            # A rejected first batch must not fix a lazy layer's shapes.
+            self._unmaterialize(declared)
+            raise
 
+    def _forward(self, f: Tensor, g: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         if _is_symbolic(f) or _is_symbolic(g):
             # Shape-only execution (meta or fake tensors): outputs have the inputs' shapes.
             return torch.empty_like(f), torch.empty_like(g)

@@ -5,8 +5,9 @@ tensors exist, and every use of f and of g (other than the layer itself) reads `
 instead, exactly as if the call had been written by hand. Nodes are then re-ordered topologically
 (networkx), moving as little as possible.
 
-Pairs whose f is computed from g, or g from f, are refused: routing every use of the upstream
-tensor through a layer that needs the downstream one would form a cycle.
+When g feeds f (f is computed from g), the uses of g on the way to f come before the layer and
+keep the raw g; the later ones read ``g_out``. A pair whose f feeds g is refused: every use of f
+is rewired, so the layer would need its own output (a cycle).
 """
 
 from __future__ import annotations
@@ -270,10 +271,10 @@ def _refuse_path(graph: nx.DiGraph, a: str, b: str, names: tuple[str, str], wher
         path = " -> ".join(nx.shortest_path(graph, a, b))
         raise ValueError(
             f"{where}: {names[1]!r} is computed from {names[0]!r} ({path}). RegBN removes from f "
-            "what g explains, and every later use of both is rewired to the layer's outputs; when "
-            "one feeds the other the rewiring would feed the layer's output back into its own "
-            "input (a cycle). Pair tensors from separate branches, e.g. the two inputs of the "
-            "fusion (regbn.find_fusions lists them)"
+            "what g explains, and every use of f is rewired to the layer's output f_r; when f "
+            "feeds g that would feed the layer's output back into its own input (a cycle). Pair "
+            "tensors from separate branches, e.g. the two inputs of the fusion "
+            "(regbn.find_fusions lists them), or swap f and g"
         )
 
 
@@ -324,7 +325,6 @@ def _plan(gm: fx.GraphModule, pairs, model: nn.Module, kwargs: dict) -> list[_Pl
             )
         fc, gc = current.get(f.name, f.name), current.get(g.name, g.name)
         _refuse_path(graph, fc, gc, (f_name, g_name), where)
-        _refuse_path(graph, gc, fc, (g_name, f_name), where)
         _simulate(graph, fc, gc, i, current, f.name, g.name)
         plans.append(_Plan(f, g, f_name, g_name, _build_layer(fs, gs, f, kwargs)))
     return plans
@@ -332,8 +332,11 @@ def _plan(gm: fx.GraphModule, pairs, model: nn.Module, kwargs: dict) -> list[_Pl
 
 def _simulate(graph: nx.DiGraph, f: str, g: str, i: int, current: dict, f0: str, g0: str) -> None:
     layer, f_r, g_out = f"<regbn_{i}>", f"<regbn_{i}.f_r>", f"<regbn_{i}.g_out>"
+    upstream = nx.ancestors(graph, f) | {f}  # uses of g that f needs stay raw
     for src, out in ((f, f_r), (g, g_out)):
         for user in list(graph.successors(src)):
+            if src == g and user in upstream:
+                continue
             graph.remove_edge(src, user)
             graph.add_edge(out, user)
         graph.add_edge(src, layer)
@@ -368,8 +371,11 @@ def _splice(gm: fx.GraphModule, plans: list[_Plan], start: int) -> list[str]:
         with graph.inserting_after(f_r):
             g_out = graph.call_function(operator.getitem, (call, 1))
         _annotate_new(call, f_r, g_out, f, g, plan)
+        upstream = nx.ancestors(build_graph(gm), f.name) | {f.name}
         f.replace_all_uses_with(f_r, delete_user_cb=lambda u, c=call: u is not c)
-        g.replace_all_uses_with(g_out, delete_user_cb=lambda u, c=call: u is not c)
+        g.replace_all_uses_with(
+            g_out, delete_user_cb=lambda u, c=call, up=upstream: u is not c and u.name not in up
+        )
         current[plan.f], current[plan.g] = f_r, g_out
     return names
 

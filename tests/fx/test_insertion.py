@@ -364,10 +364,6 @@ BAD_PAIRS = [
         [("gray", "gray_net.fc")],
         r"pair 0: 'gray_net\.fc' is computed from 'gray' \(gray -> .* -> gray_net_fc\).*cycle",
     ),
-    (
-        [("colored_net.fc", "colored")],
-        r"pair 0: 'colored_net\.fc' is computed from 'colored'",
-    ),
     ([("gray", "input:gray")], r"pair 0: f and g are the same tensor"),
     ([("gray_net.fc", "head")], r"pair 0: 'head' is computed from 'gray_net.fc'"),
     ([("module:gray", "colored")], r"pair 0: 'module:gray' is not a tensor of this model"),
