@@ -123,9 +123,10 @@ def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: floa
             zero threshold follows the precision it was formed in).
     """
     dt = solve_dtype(F.device)
-    F64, G64 = F.detach().to(dt), G.detach().to(dt)
-    B, Dg = G64.shape
+    F64 = F.detach().to(dt)
+    B, Dg = G.shape
     primal = B > Dg
+    G64 = G.detach().to(dt) if (primal or K is None) else None
     K = gram(G64, primal) if K is None else K.detach()
     eps = torch.finfo(K.dtype).eps
     evals, vecs = torch.linalg.eigh(K.to(dt))
