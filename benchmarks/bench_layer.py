@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "bench_layer.json")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--max-reps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: torch's); 1 gives stable figures on a busy box")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cases: list[tuple[str, int, tuple, tuple, bool]] = [
         ("seed: f 512, g 64x7x7", 50, (512,), (64, 7, 7), True),
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "command": "python benchmarks/bench_layer.py" + (" --quick" if args.quick else "")
-        + (f" --device {args.device}" if args.device != "cpu" else ""),
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+        + (f" --threads {args.threads}" if args.threads else ""),
         "constraint_error": accuracy(device),
         "cases": rows,
     }
