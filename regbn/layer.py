@@ -42,15 +42,18 @@ def _output_norm(enabled: bool, channels: int, spatial: list[int], affine: bool)
 def _mode(module: nn.Module, training: bool):
     """Run ``module`` in the given mode, whatever the layer's own flag says (``is_training``)."""
     before = module.training
-    module.train(training)
+    if before != training:
+        module.train(training)
     try:
         yield module
     finally:
-        module.train(before)
+        if before != training:
+            module.train(before)
 
 
 def _is_symbolic(x: Tensor) -> bool:
-    return x.device.type == "meta" or is_fake(x)
+    # A plain tensor is never fake; skip the subclass inspection on the hot path.
+    return x.device.type == "meta" or (type(x) is not Tensor and is_fake(x))
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -329,8 +332,9 @@ class RegBN(nn.Module):
                     f"{_shape_str(x.shape)}. Pass the declared shape or build the layer for this "
                     f"one"
                 )
-        symbolic = _is_symbolic(f) or _is_symbolic(g)
-        if not symbolic and (f.device != self.adam_m.device or g.device != self.adam_m.device):
+        device = self.adam_m.device
+        if (f.device != device or g.device != device) and not (
+                _is_symbolic(f) or _is_symbolic(g)):
             raise ValueError(
                 f"RegBN: f ({f.device}) and g ({g.device}) must be on the layer's device "
                 f"({self.adam_m.device}); move the layer with layer.to(device)"
@@ -391,7 +395,9 @@ class RegBN(nn.Module):
             return torch.empty_like(f), torch.empty_like(g)
         out_dtype = f.dtype
         autocast = _autocast_enabled(f.device.type)
-        with torch.autocast(device_type=f.device.type, enabled=False):
+        guard = (torch.autocast(device_type=f.device.type, enabled=False) if autocast
+                 else contextlib.nullcontext())
+        with guard:
             if f.dtype not in (torch.float32, torch.float64):
                 f = f.float()
             if g.dtype != f.dtype:
@@ -407,6 +413,8 @@ class RegBN(nn.Module):
         return f_r, g_n
 
     def _normalise_inputs(self, f: Tensor, g: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        if not self.normalize_input:
+            return f, g
         with _mode(self.norm_f, training), _mode(self.norm_g, training):
             return self.norm_f(f), self.norm_g(g)
 
