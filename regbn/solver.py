@@ -378,9 +378,10 @@ def solve_batch(F: Tensor, G: Tensor, rule: str = "paper", sigma_THR: float = 0.
     if not need_grad:
         F, G = F.detach(), G.detach()
     primal = G.shape[0] > G.shape[1]
-    # The Gram in the input's precision first: when λ⁺ stands well above its round-off, the
-    # solution cannot tell, and float32 GEMMs are twice as fast as float64 ones.
-    K = gram(G, primal)
+    # The B×B Gram in the input's precision first: when λ⁺ stands well above its round-off, the
+    # solution cannot tell, and float32 GEMMs are twice as fast as float64 ones. The primal
+    # path (Dg < B, a small Gram) always works in the solve dtype.
+    K = gram(G.to(dt) if primal else G, primal)
     spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
     d, a = secular_weights(spec, rule)
     lam = secular_root(d, a)
