@@ -227,7 +227,7 @@ class RegBN(nn.Module):
     def _build(self, f_shape: tuple[int, ...], g_shape: tuple[int, ...],
                device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         dtype = dtype or torch.get_default_dtype()
-        self._check_bytes(f_shape, g_shape, torch.empty((), dtype=dtype).element_size())
+        self._check_bytes(f_shape, g_shape, dtype.itemsize)
         self.f_shape, self.g_shape = f_shape, g_shape
         fc, *fs = f_shape
         gc, *gs = g_shape
@@ -264,7 +264,6 @@ class RegBN(nn.Module):
                               unexpected_keys, error_msgs):
         shapes = state_dict.get(prefix + "_extra_state")
         if self.f_shape is None and isinstance(shapes, dict) and "f_shape" in shapes:
-            self._declared = (None, None, None, None)
             w = state_dict.get(prefix + "W")
             dtype = w.dtype if isinstance(w, Tensor) else None
             self._build(tuple(shapes["f_shape"]), tuple(shapes["g_shape"]),
