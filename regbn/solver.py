@@ -248,7 +248,8 @@ class _DualRidge(torch.autograd.Function):
         lam, dphi = ctx.lam, ctx.dphi
         inv = 1.0 / (e + lam)
         Z = U @ (inv[:, None] * (U.T @ gY))  # (K + λI)⁻¹ gY
-        c = (gY * S).sum() / dphi  # gradient reaching λ, times −dλ/dφ... folded below
+        # ⟨gY, ∂f_r/∂λ⟩ = ⟨gY, S⟩; dλ⁺ = −dφ/φ', so the λ-term adds −c·∂φ below.
+        c = (gY * S).sum() / dphi
         if ctx.rule == "paper":
             gF = lam * Z - 2 * c * S
             gK = torch.cat([c * S - lam * Z, -c * X], 1) @ torch.cat([X, X - S], 1).T
@@ -287,38 +288,22 @@ class BatchSolution:
     lam: float  # λ⁺
 
 
-def _closed_form(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str):
-    """(f_r, h) with autograd in the closed form; h = secular function − 1 at fixed λ.
+def _primal_closed_form(Fd: Tensor, Gd: Tensor, K: Tensor, lam: float, rule: str):
+    """(f_r, h, sens) with autograd for B > Dg: f_r = F − G (GᵀG + λI)⁻¹ GᵀF.
 
-    Used when λ > 0 and the thresholds did not alter the spectrum, so that
-    f_r = λ (K + λI)⁻¹ F (Gram case) or F − G (GᵀG + λI)⁻¹ GᵀF (primal case) exactly.
+    Used when λ > 0 and the thresholds did not alter the spectrum; h is the secular function
+    − 1 at fixed λ and sens = ∂f_r/∂λ. None when the Cholesky factorisation fails.
     """
-    dt = K.dtype
-    if spec.primal:
-        M = K
-        A = M + lam * torch.eye(M.shape[0], dtype=dt, device=M.device)
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) != 0:
-            return None
-        P = Gd.T @ Fd
-        Wd = torch.cholesky_solve(P, L)
-        h = Wd.square().sum() if rule == "paper" else torch.cholesky_solve(M, L).square().sum()
-        # dW/dλ = −A⁻¹W, so the λ-sensitivity of f_r = F − G W is + G A⁻¹ W.
-        sens = Gd.detach() @ torch.cholesky_solve(Wd.detach(), L.detach())
-        return Fd - Gd @ Wd, h - 1.0, sens
-    A = K + lam * torch.eye(K.shape[0], dtype=dt, device=K.device)
+    A = K + lam * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         return None
-    X = torch.cholesky_solve(Fd, L)
-    if rule == "paper":
-        h = (X * (K @ X)).sum()  # ||GᵀX||² = tr(Xᵀ K X)
-    else:
-        h = torch.cholesky_solve(K, L).square().sum()  # ||A⁻¹K||² = Σ (s²/(s²+λ))²
-    # f_r = λ X(λ) and dX/dλ = −A⁻¹X: the λ-sensitivity is X − λ A⁻¹X.
-    Xd = X.detach()
-    sens = Xd - lam * torch.cholesky_solve(Xd, L.detach())
-    return lam * X, h - 1.0, sens
+    Wd = torch.cholesky_solve(Gd.T @ Fd, L)
+    # paper: ‖W‖²;  official: ‖A⁻¹K‖² = Σ (s²/(s²+λ))²
+    h = Wd.square().sum() if rule == "paper" else torch.cholesky_solve(K, L).square().sum()
+    # dW/dλ = −A⁻¹W, so the λ-sensitivity of f_r = F − G W is + G A⁻¹ W.
+    sens = Gd.detach() @ torch.cholesky_solve(Wd.detach(), L.detach())
+    return Fd - Gd @ Wd, h - 1.0, sens
 
 
 def _spectral(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str,
@@ -401,7 +386,8 @@ def solve_batch(F: Tensor, G: Tensor, rule: str = "paper", sigma_THR: float = 0.
     if not need_grad:
         return BatchSolution(residual(F, spec, lam), W, lam)
 
-    out = _closed_form(Fd, Gd, K, spec, lam, rule) if (spec.plain and lam > 0) else None
+    # Here B > Dg (primal), or λ⁺ = 0, or the thresholds changed the spectrum.
+    out = _primal_closed_form(Fd, Gd, K, lam, rule) if (spec.plain and lam > 0) else None
     if out is None:
         out = _spectral(Fd, Gd, K, spec, lam, rule, sigma_THR, sigma_MIN)
     f_r, h, sens = out
