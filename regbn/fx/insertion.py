@@ -298,9 +298,11 @@ def _build_layer(f: tuple[int, ...], g: tuple[int, ...], f_node: fx.Node, kwargs
     return layer
 
 
-def _plan(gm: fx.GraphModule, pairs, model: nn.Module, kwargs: dict) -> list[_Plan]:
-    """Resolve and check every pair on a networkx model of the graph; the fx graph is untouched."""
-    graph = build_graph(gm)
+def _plan(
+    gm: fx.GraphModule, pairs, model: nn.Module, kwargs: dict, graph: nx.DiGraph
+) -> list[_Plan]:
+    """Resolve and check every pair, simulating the edits on ``graph`` (`build_graph` of ``gm``,
+    which this mutates); the fx graph is untouched."""
     resolved: list[tuple[fx.Node, fx.Node, str, str]] = []
     for i, (f_name, g_name) in enumerate(pairs):
         where = f"pair {i}"
@@ -498,10 +500,10 @@ def insert(
             "against the model's forward, or run regbn.inspect(model, ...) to see the shapes "
             "up to that node"
         )
-    annotate_modalities(gm)
+    graph = annotate_modalities(gm)  # reused by the planning: the fx graph is unchanged until then
     if wanted == "auto":
         wanted = _auto_pairs(gm)
-    plans = _plan(gm, wanted, model, regbn_kwargs)
+    plans = _plan(gm, wanted, model, regbn_kwargs, graph)
     for plan in plans:
         plan.layer.train(model.training)
     _splice(gm, plans, _next_layer_index(gm))
