@@ -201,7 +201,6 @@ def load_model(spec: str) -> nn.Module:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .fx.report import inspect
-    from .fx.tracing import TraceError
 
     if args.draw is not None and Path(args.draw).suffix.lower() not in (".svg", ".png"):
         raise UserError(f"--draw writes .svg or .png, got {args.draw!r}")
@@ -209,9 +208,8 @@ def _inspect(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     try:
         report = inspect(model, input_shapes=shapes)
-    except TraceError as e:
-        raise UserError(_one_line(e)) from None
-    except (ValueError, TypeError) as e:  # inputs that do not fit the forward's arguments
+    # TraceError is a ValueError; the others are inputs that do not fit the forward's arguments.
+    except (ValueError, TypeError) as e:
         raise UserError(_one_line(e)) from None
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
