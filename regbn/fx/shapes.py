@@ -28,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .tracing import input_name
+
 __all__ = ["ShapeFailure", "propagate_shapes", "clear_shapes"]
 
 META_KEYS = ("regbn_shape", "regbn_dtype", "regbn_device", "regbn_nested")
@@ -250,7 +252,7 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 def _arrange_inputs(gm: fx.GraphModule, positional: Sequence[Any], named: Mapping[str, Any]):
     """Line up user inputs with the graph's placeholders (fills in defaults of concrete_args)."""
     phs = _placeholders(gm)
-    names = [p.meta.get("regbn_arg") or p.target.lstrip("*") for p in phs]
+    names = [input_name(p) for p in phs]
     unknown = [k for k in named if k not in names]
     if unknown:
         raise ValueError(
