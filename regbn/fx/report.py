@@ -563,7 +563,7 @@ class Report:
         colours = self._colours()
 
         def q(text: str) -> str:
-            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return f'"{_escape_dot_label(text)}"'
 
         out = [
             f"digraph {q(self.model_name)} {{",
