@@ -220,7 +220,7 @@ class Report:
         )
 
     def _param_items(self) -> list[tuple[str, int]]:
-        order = {name: i for i, name in enumerate(self.modality_names)}
+        order = self._modality_order
         keys = sorted(
             self.params_by_modality,
             key=lambda k: (len(k), sorted(order.get(m, len(order)) for m in k)),
