@@ -704,7 +704,7 @@ def inspect(
     A shape-propagation failure gives a partial report (``report.failure``); a trace failure
     raises ``TraceError``.
     """
-    from .modality import annotate_modalities, detect_fusions
+    from .modality import _with_pair_names, annotate_modalities, detect_fusions
     from .shapes import propagate_shapes
     from .tracing import trace
 
@@ -721,18 +721,9 @@ def inspect(
         )
     # Modalities are structural: they hold for every node, even past a shape failure.
     annotate_modalities(gm)
-    fusions = [_insert_ready(gm, f) for f in detect_fusions(gm)]
+    # Pairs spelled as regbn.insert resolves them, as find_fusions gives them.
+    fusions = [_with_pair_names(gm, f) for f in detect_fusions(gm)]
     return report_from_graph(gm, fusions, failure, model=model)
-
-
-def _insert_ready(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
-    """The fusion with its pair spelled as ``regbn.insert`` resolves it (as find_fusions does)."""
-    from . import modality
-
-    try:
-        return modality._with_pair_names(gm, fusion)
-    except ImportError:  # insertion not there yet: bare node names are valid names too
-        return fusion
 
 
 def report_from_graph(
