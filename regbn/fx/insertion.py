@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .modality import annotate_modalities, build_graph, detect_fusions
+from .modality import _entry_name, annotate_modalities, build_graph, detect_fusions
 from .shapes import propagate_shapes
 from .tracing import carry_missing_state, input_name, trace
 
@@ -57,7 +57,7 @@ def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
             continue
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "placeholder" and len(node.args) == 2:
-            label = f"{input_name(src)}[{node.args[1]!r}]"
+            label = _entry_name(src, node.args[1])
             if isinstance(node.args[1], (int, str)) and label == wanted:
                 out.append(_Candidate("input", f"input:{label}", node))
     return out
@@ -242,7 +242,7 @@ def _check_tensor(node: fx.Node, name: str, where: str) -> tuple[int, ...]:
     if shape is None:
         nested = node.meta.get("regbn_nested")
         entries = [
-            f"{input_name(node)}[{u.args[1]!r}]" if node.op == "placeholder" else u.name
+            _entry_name(node, u.args[1]) if node.op == "placeholder" else u.name
             for u in node.users
             if u.op == "call_function" and u.target is operator.getitem
         ]

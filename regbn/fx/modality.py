@@ -81,8 +81,9 @@ def _is_tensor_node(node: fx.Node) -> bool | None:
     return node.meta["regbn_shape"] is not None
 
 
-def _key_repr(key: Any) -> str:
-    return repr(key)
+def _entry_name(placeholder: fx.Node, key: Any) -> str:
+    """The modality name of one entry of a container input: ``batch['audio']``, ``x[0]``."""
+    return f"{input_name(placeholder)}[{key!r}]"
 
 
 def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
@@ -99,7 +100,7 @@ def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
         entries = [u for u in ph.users if _is_constant_getitem(u)]
         if entries and _is_tensor_node(ph) is not True:
             for u in entries:
-                sources[u.name] = f"{input_name(ph)}[{_key_repr(u.args[1])}]"
+                sources[u.name] = _entry_name(ph, u.args[1])
             continue
         sources[ph.name] = input_name(ph)
     return sources
