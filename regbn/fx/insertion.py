@@ -25,7 +25,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .modality import _entry_name, annotate_modalities, build_graph, detect_fusions
+from .modality import (
+    _entry_name,
+    _is_constant_getitem,
+    annotate_modalities,
+    build_graph,
+    detect_fusions,
+)
 from .shapes import propagate_shapes
 from .tracing import carry_missing_state, input_name, trace
 
@@ -53,12 +59,12 @@ def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
             out.append(_Candidate("input", f"input:{name}", node))
     wanted = name.replace('"', "'")
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not operator.getitem:
+        if not _is_constant_getitem(node):
             continue
         src = node.args[0]
-        if isinstance(src, fx.Node) and src.op == "placeholder" and len(node.args) == 2:
+        if isinstance(src, fx.Node) and src.op == "placeholder":
             label = _entry_name(src, node.args[1])
-            if isinstance(node.args[1], (int, str)) and label == wanted:
+            if label == wanted:
                 out.append(_Candidate("input", f"input:{label}", node))
     return out
 
