@@ -249,7 +249,7 @@ class Report:
         """Displayed lines: every node (``all_nodes``), module calls folded below ``depth``,
         or (``depth=None``) the deepest folding that fits in ``max_rows`` lines."""
         if all_nodes:
-            return [self._line_of([row]) for row in self.rows]
+            return self._fold(None)
         if depth is not None:
             if depth < 1:
                 raise ValueError(f"depth must be >= 1 (or None for automatic), got {depth}")
@@ -272,7 +272,7 @@ class Report:
 
         def key(indexed: tuple[int, Row]) -> tuple:
             i, row = indexed
-            calls = row.calls or ((((row.module or ""), 0),) if row.module else ())
+            calls = row.calls or (((row.module, 0),) if row.module else ())
             if not calls or row.op in ("placeholder", "output"):
                 return ("node", i)  # never folded
             # The innermost call at most `depth` deep; the outermost one if all are deeper.
