@@ -118,8 +118,7 @@ class RegBNTracer(fx.Tracer):
         return node
 
     def _last_node(self) -> fx.Node | None:
-        nodes = self.graph.nodes
-        return next(iter(reversed(nodes)), None) if len(nodes) else None
+        return next(iter(reversed(self.graph.nodes)), None)
 
     def _mark_output(self, call: tuple[str, int], result: Any, last_before: fx.Node | None) -> None:
         if isinstance(result, fx.Proxy):
