@@ -148,14 +148,12 @@ def detect_fusions(gm: fx.GraphModule) -> list[Fusion]:
 
 
 def _operands(node: fx.Node) -> list[fx.Node]:
-    seen: list[fx.Node] = []
-    for src in node.all_input_nodes:
-        if src in seen or _is_tensor_node(src) is False:
-            continue
-        if not src.meta.get("regbn_modalities"):
-            continue  # parameters, constants and buffers carry no modality
-        seen.append(src)
-    return seen
+    # all_input_nodes lists each node once. Parameters, constants and buffers carry no modality.
+    return [
+        src
+        for src in node.all_input_nodes
+        if _is_tensor_node(src) is not False and src.meta.get("regbn_modalities")
+    ]
 
 
 def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
