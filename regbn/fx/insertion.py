@@ -379,13 +379,25 @@ def _splice(gm: fx.GraphModule, plans: list[_Plan], start: int) -> list[str]:
         with graph.inserting_after(f_r):
             g_out = graph.call_function(operator.getitem, (call, 1))
         _annotate_new(call, f_r, g_out, f, g, plan)
-        upstream = nx.ancestors(build_graph(gm), f.name) | {f.name}
+        upstream = _upstream(f)
         f.replace_all_uses_with(f_r, delete_user_cb=lambda u, c=call: u is not c)
         g.replace_all_uses_with(
-            g_out, delete_user_cb=lambda u, c=call, up=upstream: u is not c and u.name not in up
+            g_out, delete_user_cb=lambda u, c=call, up=upstream: u is not c and u not in up
         )
         current[plan.f], current[plan.g] = f_r, g_out
     return names
+
+
+def _upstream(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it is computed from (what ``nx.ancestors`` gives on the graph)."""
+    seen = {node}
+    stack = [node]
+    while stack:
+        for src in stack.pop().all_input_nodes:
+            if src not in seen:
+                seen.add(src)
+                stack.append(src)
+    return seen
 
 
 def _annotate_new(call, f_r, g_out, f, g, plan: _Plan) -> None:
