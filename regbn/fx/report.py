@@ -776,10 +776,8 @@ def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str], regbn_paths:
 
 
 def _regbn_paths(gm: nn.Module) -> set[str]:
-    try:
-        from ..layer import RegBN
-    except ImportError:  # the layer is optional for inspection
-        return {n for n, m in gm.named_modules() if type(m).__name__ == "RegBN"}
+    from ..layer import RegBN
+
     return {name for name, m in gm.named_modules() if isinstance(m, RegBN)}
 
 
