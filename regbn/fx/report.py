@@ -147,11 +147,7 @@ class Report:
         A fusion at an inserted RegBN layer (a patched model) is already normalised: no pair.
         """
         regbn = {row.name for row in self.rows if row.is_regbn}
-        return [
-            tuple(f.pair)
-            for f in self.fusions
-            if getattr(f, "pair", None) is not None and f.name not in regbn
-        ]
+        return [tuple(f.pair) for f in self.fusions if f.name not in regbn]
 
     @property
     def total_params(self) -> int:
@@ -190,8 +186,8 @@ class Report:
         lines += [f"Fusions ({len(self.fusions)})"]
         regbn = {row.name for row in self.rows if row.is_regbn}
         for fusion in self.fusions:
-            where = f" in {fusion.module}" if getattr(fusion, "module", None) else ""
-            out = getattr(fusion, "output_shape", None)
+            where = f" in {fusion.module}" if fusion.module else ""
+            out = fusion.output_shape
             done = "  (a RegBN layer: already normalised)" if fusion.name in regbn else ""
             lines.append(f"  {fusion.name} [{fusion.kind}]{where} -> {_fmt_shape(out)}{done}")
             operands = [
@@ -238,8 +234,7 @@ class Report:
             f"{op} {self.modality_label(m)} {_fmt_shape(s)}"
             for op, m, s in zip(fusion.operands, fusion.modalities, fusion.shapes, strict=False)
         )
-        pair = f" -> pair {tuple(fusion.pair)!r}" if getattr(fusion, "pair", None) else ""
-        return f"{fusion.name} [{fusion.kind}] of {operands}{pair}"
+        return f"{fusion.name} [{fusion.kind}] of {operands} -> pair {tuple(fusion.pair)!r}"
 
     # -- folding -------------------------------------------------------------------------
 
@@ -1058,7 +1053,7 @@ def _fusion_to_dict(fusion: Fusion) -> dict[str, Any]:
         "operands": list(fusion.operands),
         "modalities": [sorted(m) for m in fusion.modalities],
         "shapes": [_shape_to_json(s) for s in fusion.shapes],
-        "pair": list(fusion.pair) if getattr(fusion, "pair", None) is not None else None,
-        "module": getattr(fusion, "module", None),
-        "output_shape": _shape_to_json(getattr(fusion, "output_shape", None)),
+        "pair": list(fusion.pair),
+        "module": fusion.module,
+        "output_shape": _shape_to_json(fusion.output_shape),
     }
