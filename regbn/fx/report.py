@@ -782,13 +782,16 @@ def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
 
     sources = modality_sources(gm)  # node name -> modality, as the modality analysis names them
     by_name = {row.name: row for row in rows}
-    owner = {}  # the argument a source node belongs to, for argument order
-    for i, row in enumerate(r for r in rows if r.op == "placeholder"):
-        owner[row.name] = i
-        for user in (r for r in rows if row.name in r.inputs and r.name in sources):
-            owner.setdefault(user.name, i)
+    argument = {r.name: i for i, r in enumerate(r for r in rows if r.op == "placeholder")}
     order = {row.name: i for i, row in enumerate(rows)}
-    ordered = sorted(sources, key=lambda n: (owner.get(n, len(owner)), order[n]))
+
+    def key(name: str) -> tuple[int, int]:
+        # A source is a placeholder, or a constant getitem whose one input is the placeholder.
+        row = by_name[name]
+        owner = name if row.op == "placeholder" else row.inputs[0]
+        return argument[owner], order[name]
+
+    ordered = sorted(sources, key=key)
     return [InputInfo(sources[n], by_name[n].shape, by_name[n].dtype) for n in ordered]
 
 
