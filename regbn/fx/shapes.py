@@ -400,13 +400,13 @@ def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any],
         input_shapes = [tuple(input_shapes)]  # one shape for a one-input model
     positional, named = _split(input_shapes)
     if input_dtypes is not None:
-        dts = list(input_dtypes.values() if isinstance(input_dtypes, Mapping) else input_dtypes)
         if isinstance(input_dtypes, Mapping):
             named = {
                 k: (v, _dtype(input_dtypes[k], f"[{k!r}]")) if k in input_dtypes else v
                 for k, v in named.items()
             }
         else:
+            dts = list(input_dtypes)
             positional = [
                 (s, _dtype(dts[i], f"[{i}]")) if i < len(dts) and dts[i] is not None else s
                 for i, s in enumerate(positional)
