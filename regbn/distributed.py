@@ -55,8 +55,10 @@ class SyncRegBN(RegBN):
             return f, g, None
         # One small collective that every rank joins first, so that a bad batch on one rank
         # raises the same error everywhere instead of leaving the others waiting.
-        meta = torch.tensor([f.shape[0], f[0].numel() if f.shape[0] else -1,
-                             g[0].numel() if g.shape[0] else -1], device=f.device)
+        meta = torch.tensor(
+            [f.shape[0], f[0].numel() if f.shape[0] else -1, g[0].numel() if g.shape[0] else -1],
+            device=f.device,
+        )
         metas = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
         dist.all_gather(metas, meta, group=group)
         sizes = [int(m[0]) for m in metas]

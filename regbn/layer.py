@@ -72,7 +72,7 @@ def _mean_abs_diff(a: Tensor, b: Tensor, block: int = 1 << 18) -> Tensor:
     total = a.new_zeros((), dtype=torch.float64)
     for i in range(0, a.numel(), block):
         n = min(block, a.numel() - i)
-        total += torch.sub(a[i:i + n], b[i:i + n], out=buf[:n]).abs_().sum()
+        total += torch.sub(a[i : i + n], b[i : i + n], out=buf[:n]).abs_().sum()
     return total / max(a.numel(), 1)
 
 
@@ -166,8 +166,11 @@ class RegBN(nn.Module):
         for name, value in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"RegBN: {name} must be in [0, 1); got {value!r}")
-        for name, value in (("momentum", momentum), ("sigma_THR", sigma_THR),
-                            ("sigma_MIN", sigma_MIN)):
+        for name, value in (
+            ("momentum", momentum),
+            ("sigma_THR", sigma_THR),
+            ("sigma_MIN", sigma_MIN),
+        ):
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"RegBN: {name} must be a finite number >= 0; got {value!r}")
         if lambda_rule not in LAMBDA_RULES:
@@ -185,8 +188,9 @@ class RegBN(nn.Module):
         self.register_buffer("adam_m", torch.zeros((), dtype=torch.float64))
         self.register_buffer("adam_v", torch.zeros((), dtype=torch.float64))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-        self.register_buffer("lambda_history", torch.full((_HISTORY,), math.nan,
-                                                          dtype=torch.float64))
+        self.register_buffer(
+            "lambda_history", torch.full((_HISTORY,), math.nan, dtype=torch.float64)
+        )
 
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
@@ -196,8 +200,10 @@ class RegBN(nn.Module):
             self.register_buffer("W", nn.parameter.UninitializedBuffer())
         else:
             self._declared = None
-            self._build(self._as_shape("f", f_num_channels, f_layer_dim),
-                        self._as_shape("g", g_num_channels, g_layer_dim))
+            self._build(
+                self._as_shape("f", f_num_channels, f_layer_dim),
+                self._as_shape("g", g_num_channels, g_layer_dim),
+            )
 
     # ------------------------------------------------------------------ shapes and building
     @staticmethod
@@ -211,8 +217,9 @@ class RegBN(nn.Module):
             )
         return tuple(shape)
 
-    def _check_bytes(self, f_shape: tuple[int, ...], g_shape: tuple[int, ...],
-                     itemsize: int) -> None:
+    def _check_bytes(
+        self, f_shape: tuple[int, ...], g_shape: tuple[int, ...], itemsize: int
+    ) -> None:
         df, dg = math.prod(f_shape), math.prod(g_shape)
         nbytes = df * dg * itemsize
         if nbytes > self.max_projection_bytes:
@@ -224,8 +231,13 @@ class RegBN(nn.Module):
                 f"raise max_projection_bytes"
             )
 
-    def _build(self, f_shape: tuple[int, ...], g_shape: tuple[int, ...],
-               device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def _build(
+        self,
+        f_shape: tuple[int, ...],
+        g_shape: tuple[int, ...],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         dtype = dtype or torch.get_default_dtype()
         self._check_bytes(f_shape, g_shape, dtype.itemsize)
         self.f_shape, self.g_shape = f_shape, g_shape
@@ -260,17 +272,23 @@ class RegBN(nn.Module):
         """True for a lazy layer that has seen neither a batch nor a checkpoint."""
         return self.f_shape is None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         shapes = state_dict.get(prefix + "_extra_state")
         if self.f_shape is None and isinstance(shapes, dict) and "f_shape" in shapes:
             w = state_dict.get(prefix + "W")
             dtype = w.dtype if isinstance(w, Tensor) else None
-            self._build(tuple(shapes["f_shape"]), tuple(shapes["g_shape"]),
-                        device=self.adam_m.device, dtype=dtype)
+            self._build(
+                tuple(shapes["f_shape"]),
+                tuple(shapes["g_shape"]),
+                device=self.adam_m.device,
+                dtype=dtype,
+            )
             self._declared = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def get_extra_state(self) -> dict:
         return {"f_shape": self.f_shape, "g_shape": self.g_shape}
@@ -297,11 +315,15 @@ class RegBN(nn.Module):
         if self.f_shape is None:
             shapes = "f=lazy, g=lazy"
         else:
-            shapes = (f"f=(B, {', '.join(map(str, self.f_shape))}), "
-                      f"g=(B, {', '.join(map(str, self.g_shape))}), "
-                      f"W={math.prod(self.g_shape)}×{math.prod(self.f_shape)}")
-        return (f"{shapes}, lambda_rule={self.lambda_rule!r}, momentum={self.momentum}, "
-                f"normalize_input={self.normalize_input}, normalize_output={self.normalize_output}")
+            shapes = (
+                f"f=(B, {', '.join(map(str, self.f_shape))}), "
+                f"g=(B, {', '.join(map(str, self.g_shape))}), "
+                f"W={math.prod(self.g_shape)}×{math.prod(self.f_shape)}"
+            )
+        return (
+            f"{shapes}, lambda_rule={self.lambda_rule!r}, momentum={self.momentum}, "
+            f"normalize_input={self.normalize_input}, normalize_output={self.normalize_output}"
+        )
 
     # ------------------------------------------------------------------ validation
     def _check(self, f: Tensor, g: Tensor) -> None:
@@ -332,8 +354,7 @@ class RegBN(nn.Module):
                     f"one"
                 )
         device = self.adam_m.device
-        if (f.device != device or g.device != device) and not (
-                _is_symbolic(f) or _is_symbolic(g)):
+        if (f.device != device or g.device != device) and not (_is_symbolic(f) or _is_symbolic(g)):
             raise ValueError(
                 f"RegBN: f ({f.device}) and g ({g.device}) must be on the layer's device "
                 f"({self.adam_m.device}); move the layer with layer.to(device)"
@@ -362,9 +383,14 @@ class RegBN(nn.Module):
         return f, g, None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, f: Tensor, g: Tensor, is_training: bool | None = None,
-                n_epoch: int | None = None, steps_per_epoch: int | None = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        f: Tensor,
+        g: Tensor,
+        is_training: bool | None = None,
+        n_epoch: int | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Return ``(f_r, g_out)``.
 
         Args:
@@ -394,8 +420,11 @@ class RegBN(nn.Module):
             return torch.empty_like(f), torch.empty_like(g)
         out_dtype = f.dtype
         autocast = _autocast_enabled(f.device.type)
-        guard = (torch.autocast(device_type=f.device.type, enabled=False) if autocast
-                 else contextlib.nullcontext())
+        guard = (
+            torch.autocast(device_type=f.device.type, enabled=False)
+            if autocast
+            else contextlib.nullcontext()
+        )
         with guard:
             if f.dtype not in (torch.float32, torch.float64):
                 f = f.float()
@@ -433,8 +462,13 @@ class RegBN(nn.Module):
         try:
             f_n, g_n = self._normalise_inputs(f, g, True)
             B = f.shape[0]
-            sol = solve_batch(f_n.reshape(B, -1), g_n.reshape(B, -1), self.lambda_rule,
-                              self.sigma_THR, self.sigma_MIN)
+            sol = solve_batch(
+                f_n.reshape(B, -1),
+                g_n.reshape(B, -1),
+                self.lambda_rule,
+                self.sigma_THR,
+                self.sigma_MIN,
+            )
         except BaseException:
             # A failed batch leaves every buffer as it was, input-norm statistics included.
             for live, copy in saved:

@@ -68,8 +68,7 @@ class Spectrum:
     tol: float  # eigenvalues at or below this are round-off in the Gram's dtype: zero
 
 
-def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float,
-               eps: float | None = None):
+def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float, eps: float | None = None):
     """Split the eigenvalues of a Gram matrix into kept directions with true and thresholded s.
 
     ``eps`` is the machine epsilon of the dtype the Gram was formed in.
@@ -110,8 +109,9 @@ def gram(G: Tensor, primal: bool) -> Tensor:
     return _Gram.apply(G, primal)
 
 
-def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: float = 0.0,
-                   K: Tensor | None = None) -> Spectrum:
+def batch_spectrum(
+    F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: float = 0.0, K: Tensor | None = None
+) -> Spectrum:
     """Decompose one batch: the B×B Gram GGᵀ when B ≤ Dg, else the Dg×Dg matrix GᵀG.
 
     Args:
@@ -130,18 +130,17 @@ def batch_spectrum(F: Tensor, G: Tensor, sigma_THR: float = 0.0, sigma_MIN: floa
     K = gram(G64, primal) if K is None else K.detach()
     eps = torch.finfo(K.dtype).eps
     evals, vecs = torch.linalg.eigh(K.to(dt))
-    nonzero, s, s_eff, live, plain, tol = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN,
-                                                     eps)
+    nonzero, s, s_eff, live, plain, tol = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN, eps)
     kept = vecs[:, nonzero][:, live]
     s, s_eff = s[live], s_eff[live]
     if primal:
         # U_r = G V_r S_r⁻¹, defined for every kept (non-zero) direction.
         U = (G64 @ kept) / s
-        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, None,
-                        tol)
+        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, None, tol)
     Q = vecs.T @ F64
-    return Spectrum(kept, s, s_eff, Q[nonzero][live], primal, plain, evals.clamp_min(0), vecs, Q,
-                    tol)
+    return Spectrum(
+        kept, s, s_eff, Q[nonzero][live], primal, plain, evals.clamp_min(0), vecs, Q, tol
+    )
 
 
 def secular_weights(spec: Spectrum, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -259,8 +258,16 @@ class _DualRidge(torch.autograd.Function):
         return gF, gK.to(ctx.K_dtype), None, None, None, None, None, None, None
 
 
-def _dual_plain(F: Tensor, G: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str,
-                dphi: float, need_grad: bool) -> BatchSolution:
+def _dual_plain(
+    F: Tensor,
+    G: Tensor,
+    K: Tensor,
+    spec: Spectrum,
+    lam: float,
+    rule: str,
+    dphi: float,
+    need_grad: bool,
+) -> BatchSolution:
     """The common case (B ≤ Dg, λ⁺ > 0, no thresholding): X = U diag(1/(e+λ)) UᵀF, one pass."""
     wd = F.dtype
     U = spec.vecs.to(wd)
@@ -269,7 +276,7 @@ def _dual_plain(F: Tensor, G: Tensor, K: Tensor, spec: Spectrum, lam: float, rul
     Q = spec.full_coeffs.to(wd)
     if need_grad:
         XS = U @ torch.cat([inv[:, None] * Q, (e * inv * inv)[:, None] * Q], 1)
-        X, S = XS[:, : Q.shape[1]], XS[:, Q.shape[1]:]
+        X, S = XS[:, : Q.shape[1]], XS[:, Q.shape[1] :]
         f_r = _DualRidge.apply(F, K, X, S, U, e, lam, dphi, rule)
     else:
         X = U @ (inv[:, None] * Q)
@@ -306,8 +313,16 @@ def _primal_closed_form(Fd: Tensor, Gd: Tensor, K: Tensor, lam: float, rule: str
     return Fd - Gd @ Wd, h - 1.0, sens
 
 
-def _spectral(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rule: str,
-              sigma_THR: float, sigma_MIN: float):
+def _spectral(
+    Fd: Tensor,
+    Gd: Tensor,
+    K: Tensor,
+    spec: Spectrum,
+    lam: float,
+    rule: str,
+    sigma_THR: float,
+    sigma_MIN: float,
+):
     """(f_r, h, sens) with autograd through the eigendecomposition, for the general case."""
     B, Dg = Gd.shape
     if spec.primal:
@@ -339,8 +354,14 @@ def _spectral(Fd: Tensor, Gd: Tensor, K: Tensor, spec: Spectrum, lam: float, rul
     return f_r, h - 1.0, sens
 
 
-def solve_batch(F: Tensor, G: Tensor, rule: str = "paper", sigma_THR: float = 0.0,
-                sigma_MIN: float = 0.0, need_grad: bool | None = None) -> BatchSolution:
+def solve_batch(
+    F: Tensor,
+    G: Tensor,
+    rule: str = "paper",
+    sigma_THR: float = 0.0,
+    sigma_MIN: float = 0.0,
+    need_grad: bool | None = None,
+) -> BatchSolution:
     """Solve one training batch exactly: λ⁺, the residual f_r and the batch projection W.
 
     Gradients of ``f_r`` are exact, including the dependence of λ⁺ on F and G: λ⁺ is solved
