@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from .solver import LAMBDA_RULES, solve_batch
+from .solver import LAMBDA_RULES, BatchSolution, solve_batch
 
 __all__ = ["RegBN"]
 
@@ -65,15 +65,18 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
-def _mean_abs_diff(a: Tensor, b: Tensor, block: int = 1 << 18) -> Tensor:
-    """mean |a − b| through a small reused buffer: a Dg×Df temporary costs page faults."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    buf = torch.empty(min(block, a.numel()), dtype=a.dtype, device=a.device)
-    total = a.new_zeros((), dtype=torch.float64)
-    for i in range(0, a.numel(), block):
-        n = min(block, a.numel() - i)
-        total += torch.sub(a[i : i + n], b[i : i + n], out=buf[:n]).abs_().sum()
-    return total / max(a.numel(), 1)
+def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
+    """mean |x| in float64; on the CPU through a small reused buffer, as a Dg×Df temporary
+    costs page faults."""
+    x = x.reshape(-1)
+    if x.device.type != "cpu":
+        return x.abs().sum(dtype=torch.float64) / max(x.numel(), 1)
+    buf = torch.empty(min(block, x.numel()), dtype=x.dtype)
+    total = x.new_zeros((), dtype=torch.float64)
+    for i in range(0, x.numel(), block):
+        n = min(block, x.numel() - i)
+        total += torch.abs(x[i : i + n], out=buf[:n]).sum()
+    return total / max(x.numel(), 1)
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -194,6 +197,7 @@ class RegBN(nn.Module):
 
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
+        self._work: Tensor | None = None
         if f_num_channels is None or g_num_channels is None:
             # Lazy, like nn.LazyBatchNorm: shapes come from the first batch or a checkpoint.
             self._declared = (f_num_channels, g_num_channels, f_layer_dim, g_layer_dim)
@@ -267,6 +271,19 @@ class RegBN(nn.Module):
         self.register_buffer("W", nn.parameter.UninitializedBuffer())
         self.f_shape = self.g_shape = None
         self._declared = declared
+
+    def train(self, mode: bool = True) -> RegBN:
+        if not mode:
+            self._work = None  # the scratch W_batch only serves training steps
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        self._work = None
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_work": None}
 
     def has_uninitialized_params(self) -> bool:
         """True for a lazy layer that has seen neither a batch nor a checkpoint."""
@@ -369,9 +386,11 @@ class RegBN(nn.Module):
                 f"got a batch of {f.shape[0]}. Use a larger batch, or call layer.eval() for "
                 "single-sample inference"
             )
+        # A NaN or Inf anywhere reaches the sum; only then pay for the element-wise test.
+        if bool(torch.isfinite(f.sum() + g.sum())):
+            return
         for name, x in (("f", f), ("g", g)):
-            # A NaN or Inf anywhere reaches the sum; only then pay for the element-wise test.
-            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            if not bool(torch.isfinite(x).all()):
                 raise ValueError(
                     f"RegBN: training input {name} holds non-finite values (NaN or Inf); the "
                     f"batch was rejected and no buffer changed. Check the upstream layers or "
@@ -453,6 +472,8 @@ class RegBN(nn.Module):
         return f_r.reshape(f.shape), g_n
 
     def _norm_state(self) -> list[tuple[Tensor, Tensor]]:
+        if not self.normalize_input:
+            return []
         return [(b, b.clone()) for m in (self.norm_f, self.norm_g) for b in m.buffers()]
 
     def _train_step(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -477,24 +498,35 @@ class RegBN(nn.Module):
         if self.verbose:
             norm2 = float(sol.W.square().sum())
             print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
-        self._update_running(sol.W, sol.lam)
+        self._update_running(sol)
         f_r = sol.f_r.reshape(f.shape)
         if rows is not None:
             f_r, g_n = f_r[rows], g_n[rows]
         return f_r, g_n
 
+    def _workspace(self) -> Tensor:
+        """A Dg×Df scratch tensor like W, kept across training steps (never saved or moved)."""
+        W, work = self.W, self._work
+        if work is None or work.shape != W.shape or work.dtype != W.dtype or work.device != W.device:
+            work = self._work = torch.empty_like(W)
+        return work
+
     @torch.no_grad()
-    def _update_running(self, W_batch: Tensor, lam: float) -> None:
+    def _update_running(self, sol: BatchSolution) -> None:
         """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1."""
         t = int(self.num_batches_tracked) + 1
-        W, W_batch = self.W, W_batch.to(self.W.dtype)
-        d = _mean_abs_diff(W_batch, W).to(torch.float64)
-        self.adam_m.mul_(self.beta1).add_((1 - self.beta1) * d)
-        self.adam_v.mul_(self.beta2).add_((1 - self.beta2) * d * d)
+        W = self.W
+        # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than lerp.
+        D = sol.projection(out=self._workspace()).sub_(W)
+        d = _mean_abs(D).to(self.adam_m.dtype)  # float64 unless the caller cast the layer
+        # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps.
+        self.adam_m.lerp_(d, 1 - self.beta1)
+        self.adam_v.lerp_(d * d, 1 - self.beta2)
         m_hat = self.adam_m / (1 - self.beta1**t)
         v_hat = self.adam_v / (1 - self.beta2**t)
-        eta = self.momentum * m_hat / (v_hat.sqrt() + 1e-8)
-        W.lerp_(W_batch, eta.to(W.dtype))
+        eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
+        # η stays a tensor: no host sync on an accelerator.
+        W.addcmul_(D, eta.to(W.dtype))
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
-        self.lambda_history[-1] = lam
+        self.lambda_history[-1] = sol.lam

@@ -64,7 +64,6 @@ class Spectrum:
     plain: bool  # True when the thresholds changed no non-zero singular value
     evals: Tensor  # every eigenvalue of the factorised Gram, clamped at 0
     vecs: Tensor  # every eigenvector of the factorised Gram
-    full_coeffs: Tensor | None  # vecsᵀ F in the Gram case (B×Df), else None
     tol: float  # eigenvalues at or below this are round-off in the Gram's dtype: zero
 
 
@@ -136,11 +135,9 @@ def batch_spectrum(
     if primal:
         # U_r = G V_r S_r⁻¹, defined for every kept (non-zero) direction.
         U = (G64 @ kept) / s
-        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, None, tol)
-    Q = vecs.T @ F64
-    return Spectrum(
-        kept, s, s_eff, Q[nonzero][live], primal, plain, evals.clamp_min(0), vecs, Q, tol
-    )
+        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, tol)
+    C = kept.T @ F64
+    return Spectrum(kept, s, s_eff, C, primal, plain, evals.clamp_min(0), vecs, tol)
 
 
 def secular_weights(spec: Spectrum, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +171,9 @@ def secular_root(d: np.ndarray, a: np.ndarray, max_iter: int = 100) -> float:
     if d.size == 0 or float(np.sum(a / d**2)) <= 1.0:
         return 0.0
     lo, hi = 0.0, math.sqrt(float(a.sum()))  # φ(hi) ≤ Σ a / hi² = 1
-    lam = lo
+    # Each term alone gives φ(λ) ≥ a_i/(d_i + λ)², so the root lies right of √a_i − d_i: a start
+    # that spares the first Newton steps. Round-off may put it past the root; the bracket copes.
+    lam = min(max(0.0, float(np.max(np.sqrt(a) - d))), hi)
     for _ in range(max_iter):
         q = a / (d + lam) ** 2
         phi = float(q.sum())
@@ -236,63 +235,118 @@ class _DualRidge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, F, K, X, S, U, e, lam, dphi, rule):
-        ctx.save_for_backward(X, S, U, e)
+    def forward(ctx, F, K, X, S, U, Ui, e, lam, dphi, rule):
+        ctx.save_for_backward(X, S, U, Ui, e)
         ctx.lam, ctx.dphi, ctx.rule, ctx.K_dtype = lam, dphi, rule, K.dtype
         return lam * X
 
     @staticmethod
     def backward(ctx, gY):
-        X, S, U, e = ctx.saved_tensors
+        X, S, U, Ui, e = ctx.saved_tensors  # Ui = U diag(1/(e+λ))
         lam, dphi = ctx.lam, ctx.dphi
-        inv = 1.0 / (e + lam)
-        Z = U @ (inv[:, None] * (U.T @ gY))  # (K + λI)⁻¹ gY
+        Z = Ui @ (U.mT @ gY)  # (K + λI)⁻¹ gY
         # ⟨gY, ∂f_r/∂λ⟩ = ⟨gY, S⟩; dλ⁺ = −dφ/φ', so the λ-term adds −c·∂φ below.
         c = (gY * S).sum() / dphi
         if ctx.rule == "paper":
             gF = lam * Z - 2 * c * S
-            gK = torch.cat([c * S - lam * Z, -c * X], 1) @ torch.cat([X, X - S], 1).T
+            # ∂/∂K is (cS − λZ)Xᵀ − cX(X − S)ᵀ; K is symmetric and the Gram's backward only
+            # uses gK + gKᵀ, so the one product MXᵀ with the same symmetric part serves.
+            gK = (c * (2 * S - X) - lam * Z) @ X.mT
         else:
             gF = lam * Z
+            inv = (e + lam).reciprocal()
             gK = -lam * Z @ X.T - (2 * lam * c) * (U * (e * inv**3)) @ U.T
-        return gF, gK.to(ctx.K_dtype), None, None, None, None, None, None, None
+        return gF, gK.to(ctx.K_dtype), None, None, None, None, None, None, None, None
 
 
-def _dual_plain(
-    F: Tensor,
-    G: Tensor,
-    K: Tensor,
-    spec: Spectrum,
-    lam: float,
-    rule: str,
-    dphi: float,
-    need_grad: bool,
-) -> BatchSolution:
-    """The common case (B ≤ Dg, λ⁺ > 0, no thresholding): X = U diag(1/(e+λ)) UᵀF, one pass."""
-    wd = F.dtype
-    U = spec.vecs.to(wd)
-    e = spec.evals.to(wd)
-    inv = 1.0 / (e + lam)
-    Q = spec.full_coeffs.to(wd)
-    if need_grad:
-        XS = U @ torch.cat([inv[:, None] * Q, (e * inv * inv)[:, None] * Q], 1)
-        X, S = XS[:, : Q.shape[1]], XS[:, Q.shape[1] :]
-        f_r = _DualRidge.apply(F, K, X, S, U, e, lam, dphi, rule)
+def _dual_fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
+    """The common case in few operations: B ≤ Dg, λ⁺ > 0 and the thresholds change nothing.
+
+    X = U diag(1/(e+λ)) UᵀF from one eigendecomposition of K = GGᵀ; the thresholding and the
+    secular root run on the host over the B eigenvalues. Returns None when the batch is not this
+    case (a zero λ⁺, or a threshold that alters the spectrum): the general path takes it.
+    """
+    dt = solve_dtype(F.device)
+    B, Dg = G.shape
+    Fd = F.detach().to(dt)
+    # The Gram in the input's precision first: when λ⁺ stands well above its round-off the
+    # solution cannot tell, and float32 GEMMs are twice as fast as float64 ones.
+    for Gk in (G, G.to(dt)) if G.dtype != dt else (G,):
+        K = gram(Gk, False)
+        e, U = torch.linalg.eigh(K.detach().to(dt))
+        Q = U.mT @ Fd
+        eh = e.cpu().numpy().clip(min=0.0)
+        top = float(eh.max())
+        # Eigenvalues at the round-off level of the Gram are zero singular values.
+        tol = top * max(B, Dg) * torch.finfo(K.dtype).eps
+        nz = eh > tol
+        d = eh[nz]
+        if d.size == 0 or float(d.min()) <= sigma_THR**2 * top:
+            return None  # nothing to remove, or a threshold that alters the spectrum
+        a = d * Q.square().sum(1).cpu().numpy()[nz] if rule == "paper" else d * d
+        lam = secular_root(d, a)
+        if lam == 0.0:
+            return None
+        if K.dtype == dt or lam > _SAFE * tol:
+            break
+        # λ⁺ near the round-off of a float32 Gram: form it again in the solve dtype.
     else:
-        X = U @ (inv[:, None] * Q)
+        return None
+    live = a > 0
+    dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
+    wd = F.dtype
+    U = U.to(wd)
+    e = e.clamp(min=0).to(wd)
+    inv = (e + lam).reciprocal()
+    Ui = U * inv
+    Qw = Q.to(wd)
+    if need_grad:
+        # X = (K + λI)⁻¹F and S = K(K + λI)⁻²F, stacked into one product.
+        XS = torch.cat([Ui, Ui * (e * inv)]) @ Qw
+        X, S = XS[:B], XS[B:]
+        f_r = _DualRidge.apply(F, K, X, S, U, Ui, e, lam, dphi, rule)
+    else:
+        X = Ui @ Qw
         f_r = lam * X
-    # W(λ) = Gᵀ (K + λI)⁻¹ F: the one Dg×Df product.
-    W = G.detach().T @ X.to(G.dtype)
-    return BatchSolution(f_r, W, lam)
+    # W(λ) = Gᵀ (K + λI)⁻¹ F: the one Dg×Df product, left to the caller.
+    return BatchSolution(f_r, lam, factors=(G.detach().mT, X.detach().to(G.dtype)))
 
 
-@dataclass
 class BatchSolution:
-    """The training-mode result for one batch."""
+    """The training-mode result for one batch.
 
-    f_r: Tensor  # (B, Df), differentiable in F and G, in F's dtype
-    W: Tensor  # (Dg, Df), detached, in G's dtype
-    lam: float  # λ⁺
+    Attributes:
+        f_r: (B, Df) residual, differentiable in F and G, in F's dtype.
+        lam: λ⁺.
+        W: (Dg, Df) batch projection, detached, in G's dtype. In the Gram case it is held as
+            the factors Gᵀ and X = (K + λ⁺I)⁻¹F and formed on first access, so that a caller
+            with a buffer of its own can have the one Dg×Df product written into it
+            (:meth:`projection`).
+    """
+
+    __slots__ = ("f_r", "lam", "_W", "_factors")
+
+    def __init__(
+        self,
+        f_r: Tensor,
+        lam: float,
+        W: Tensor | None = None,
+        factors: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        self.f_r, self.lam, self._W, self._factors = f_r, lam, W, factors
+
+    def projection(self, out: Tensor | None = None) -> Tensor:
+        """W_batch, written into ``out`` (any float dtype, W's shape) when given."""
+        if self._W is None and out is not None and self._factors[0].dtype == out.dtype:
+            # A reused buffer spares the page faults of a fresh Dg×Df allocation.
+            return torch.mm(*self._factors, out=out)
+        if self._W is None:
+            self._W = torch.mm(*self._factors)
+        return self._W if out is None else out.copy_(self._W)
+
+    @property
+    def W(self) -> Tensor:
+        return self.projection()
 
 
 def _primal_closed_form(Fd: Tensor, Gd: Tensor, K: Tensor, lam: float, rule: str):
@@ -380,35 +434,29 @@ def solve_batch(
         raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}; got {rule!r}")
     if need_grad is None:
         need_grad = torch.is_grad_enabled() and (F.requires_grad or G.requires_grad)
-    dt = solve_dtype(F.device)
     if not need_grad:
         F, G = F.detach(), G.detach()
     primal = G.shape[0] > G.shape[1]
-    # The B×B Gram in the input's precision first: when λ⁺ stands well above its round-off, the
-    # solution cannot tell, and float32 GEMMs are twice as fast as float64 ones. The primal
-    # path (Dg < B, a small Gram) always works in the solve dtype.
-    K = gram(G.to(dt) if primal else G, primal)
+    if not primal:
+        sol = _dual_fast(F, G, rule, sigma_THR, need_grad)
+        if sol is not None:
+            return sol
+    # Here B > Dg (primal), or λ⁺ = 0, or the thresholds changed the spectrum: the Gram in the
+    # solve dtype, as these paths use its eigenvectors or sit at its round-off.
+    dt = solve_dtype(F.device)
+    K = gram(G.to(dt), primal)
     spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
     d, a = secular_weights(spec, rule)
     lam = secular_root(d, a)
-    if K.dtype != dt and not (spec.plain and not primal and lam > _SAFE * spec.tol):
-        # λ⁺ near the round-off of a float32 Gram (or a path that uses its eigenvectors'
-        # derivatives): form it again in the solve dtype.
-        K = gram(G.to(dt), primal)
-        spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
-        d, a = secular_weights(spec, rule)
-        lam = secular_root(d, a)
     live = (a > 0) & (d > 0)
     dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
-    if spec.plain and lam > 0 and not spec.primal:
-        return _dual_plain(F, G, K, spec, lam, rule, dphi, need_grad)
     Fd, Gd = F.to(dt), G.to(dt)
     W = projection_from_spectrum(G, spec, lam)
     if not need_grad:
-        return BatchSolution(residual(F, spec, lam), W, lam)
+        return BatchSolution(residual(F, spec, lam), lam, W)
 
-    # Here B > Dg (primal), or λ⁺ = 0, or the thresholds changed the spectrum.
-    out = _primal_closed_form(Fd, Gd, K, lam, rule) if (spec.plain and lam > 0) else None
+    closed = spec.primal and spec.plain and lam > 0
+    out = _primal_closed_form(Fd, Gd, K, lam, rule) if closed else None
     if out is None:
         out = _spectral(Fd, Gd, K, spec, lam, rule, sigma_THR, sigma_MIN)
     f_r, h, sens = out
@@ -416,4 +464,4 @@ def solve_batch(
         # δ has value 0 and carries dλ⁺ = −∂h / φ'(λ⁺).
         delta = -(h - h.detach()) / dphi
         f_r = f_r + delta * sens
-    return BatchSolution(f_r.to(F.dtype), W, lam)
+    return BatchSolution(f_r.to(F.dtype), lam, W)
