@@ -507,7 +507,8 @@ class RegBN(nn.Module):
     def _workspace(self) -> Tensor:
         """A Dg×Df scratch tensor like W, kept across training steps (never saved or moved)."""
         W, work = self.W, self._work
-        if work is None or work.shape != W.shape or work.dtype != W.dtype or work.device != W.device:
+        same = work is not None and work.shape == W.shape and work.dtype == W.dtype
+        if not (same and work.device == W.device):
             work = self._work = torch.empty_like(W)
         return work
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import pickle
 import warnings
 
 import pytest
@@ -120,6 +122,41 @@ def test_running_update_follows_paper_eq6():
         assert int(layer.num_batches_tracked) == t
     hist = layer.lambda_history[~layer.lambda_history.isnan()]
     assert hist.numel() == 4 and float(hist[-1]) == layer.last_lambda
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_update_in_the_kept_workspace_matches_eq6(dtype):
+    """W_batch is formed in a scratch tensor kept across steps; the update must not drift."""
+    fs, gs = (16,), (4, 3, 3)
+    layer = make(fs, gs).to(dtype)
+    W = torch.zeros(36, 16, dtype=torch.float64)
+    m = v = 0.0
+    for t in range(1, 6):
+        f, g = batch(10, fs, gs, seed=20 + t, dtype=dtype)
+        layer(f, g)
+        Wb = reference(f.double(), g.double()).W
+        d = float((W - Wb).abs().mean())
+        m, v = 0.9 * m + 0.1 * d, 0.99 * v + 0.01 * d * d
+        eta = 0.02 * (m / (1 - 0.9**t)) / (math.sqrt(v / (1 - 0.99**t)) + 1e-8)
+        W = (1 - eta) * W + eta * Wb
+        tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(layer.W.double(), W, **tol)
+
+
+def test_workspace_is_scratch_only():
+    fs, gs = (16,), (4, 3, 3)
+    layer = make(fs, gs)
+    layer(*batch(10, fs, gs, dtype=torch.float32))
+    assert layer._work is not None and layer._work.shape == layer.W.shape
+    assert set(layer.state_dict()) == set(make(fs, gs).state_dict())
+    assert all(b is not layer._work for b in layer.buffers())
+    assert copy.deepcopy(layer)._work is None and pickle.loads(pickle.dumps(layer))._work is None
+    layer.double()  # a cast drops it; the next step makes one in the new dtype
+    assert layer._work is None
+    layer(*batch(10, fs, gs, seed=1))
+    assert layer._work.dtype == torch.float64 == layer.W.dtype
+    layer.eval()  # eval never needs it
+    assert layer._work is None
 
 
 def test_eval_uses_and_never_changes_the_running_w():
