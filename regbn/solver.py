@@ -259,23 +259,75 @@ class _DualRidge(torch.autograd.Function):
         return gF, gK.to(ctx.K_dtype), None, None, None, None, None, None, None, None
 
 
-def _dual_fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
-    """The common case in few operations: B ≤ Dg, λ⁺ > 0 and the thresholds change nothing.
+class _PrimalRidge(torch.autograd.Function):
+    """f_r = F − G W with W = (K + λ⁺I)⁻¹GᵀF, K = GᵀG (B > Dg), with the exact backward.
 
-    X = U diag(1/(e+λ)) UᵀF from one eigendecomposition of K = GGᵀ; the thresholding and the
-    secular root run on the host over the B eigenvalues. Returns None when the batch is not this
+    With A = K + λI = V diag(e + λ) Vᵀ, Z = A⁻¹GᵀgY and R = A⁻¹W, the gradient at fixed λ is
+    gF = gY − GZ, gG = −(gF Wᵀ + f_r Zᵀ); ⟨gY, ∂f_r/∂λ⟩ = ⟨Z, W⟩ and dλ⁺ = −dφ / φ'(λ⁺) with
+
+        paper:    φ = ‖W‖²,             ∂φ/∂F = 2GR,  ∂φ/∂G = 2(f_r Rᵀ − G R Wᵀ)
+        official: φ = ‖A⁻¹K‖²_F,        ∂φ/∂F = 0,    ∂φ/∂G = 2G V diag(2λe/(e+λ)³) Vᵀ
+
+    For the paper rule both terms fold into Z' = Z + 2kR (k = ⟨Z, W⟩/φ'): gF = gY − GZ',
+    gG = −(gF Wᵀ + f_r Z'ᵀ).
+    """
+
+    @staticmethod
+    def forward(ctx, F, G, W, V, inv, e, lam, dphi, rule):
+        f_r = torch.addmm(F, G, W, alpha=-1)
+        ctx.save_for_backward(G, W, f_r, V, inv, e)
+        ctx.lam, ctx.dphi, ctx.rule = lam, dphi, rule
+        return f_r
+
+    @staticmethod
+    def backward(ctx, gY):
+        G, W, f_r, V, inv, e = ctx.saved_tensors
+        Vi = V * inv
+        Df = W.shape[1]
+        if ctx.rule == "paper":
+            ZR = Vi @ (V.mT @ torch.cat([G.mT @ gY, W], 1))
+            Z, R = ZR[:, :Df], ZR[:, Df:]
+            k = (Z * W).sum() / ctx.dphi
+            Z = Z + (2 * k) * R
+        else:
+            Z = Vi @ (V.mT @ (G.mT @ gY))
+            k = (Z * W).sum() / ctx.dphi
+        gF = torch.addmm(gY, G, Z, alpha=-1)
+        gG = -(gF @ W.mT + f_r @ Z.mT)
+        if ctx.rule == "official":
+            gG = gG - G @ (((4 * ctx.lam) * k) * (V * (e * inv**3)) @ V.mT)
+        return gF, gG, None, None, None, None, None, None, None
+
+
+def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
+    """The common case in few operations: λ⁺ > 0 and the thresholds change nothing.
+
+    One eigendecomposition of the smaller Gram: K = GGᵀ = U diag(e) Uᵀ when B ≤ Dg, giving
+    f_r = λ⁺ U diag(1/(e+λ⁺)) UᵀF; K = GᵀG = V diag(e) Vᵀ when B > Dg, giving
+    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The thresholding and the secular root run on the host over the
+    eigenvalues; each case has its backward written out. Returns None when the batch is not this
     case (a zero λ⁺, or a threshold that alters the spectrum): the general path takes it.
     """
     dt = solve_dtype(F.device)
+    wd = F.dtype
     B, Dg = G.shape
-    Fd = F.detach().to(dt)
-    # The Gram in the input's precision first: when λ⁺ stands well above its round-off the
-    # solution cannot tell, and float32 GEMMs are twice as fast as float64 ones.
-    for Gk in (G, G.to(dt)) if G.dtype != dt else (G,):
-        K = gram(Gk, False)
-        e, U = torch.linalg.eigh(K.detach().to(dt))
-        Q = U.mT @ Fd
-        eh = e.cpu().numpy().clip(min=0.0)
+    primal = B > Dg
+    Fd = F.detach()
+    # The Gram and its eigendecomposition in the input's precision first: when λ⁺ stands well
+    # above their round-off the solution cannot tell, and float32 is twice as fast.
+    for precise in (False, True) if G.dtype != dt else (True,):
+        Gk = G.to(dt) if precise else G
+        if primal:
+            Gd = Gk.detach()
+            K = Gd.mT @ Gd
+            P = (Gd.mT @ Fd.to(Gd.dtype)).to(wd)  # GᵀF, Dg×Df
+        else:
+            K = gram(Gk, False)
+            P = Fd
+        e, U = torch.linalg.eigh(K.detach())
+        U = U.to(wd)
+        Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
+        eh = e.cpu().double().numpy().clip(min=0.0)
         top = float(eh.max())
         # Eigenvalues at the round-off level of the Gram are zero singular values.
         tol = top * max(B, Dg) * torch.finfo(K.dtype).eps
@@ -283,7 +335,12 @@ def _dual_fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: boo
         d = eh[nz]
         if d.size == 0 or float(d.min()) <= sigma_THR**2 * top:
             return None  # nothing to remove, or a threshold that alters the spectrum
-        a = d * Q.square().sum(1).cpu().numpy()[nz] if rule == "paper" else d * d
+        if rule == "paper":
+            # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
+            qn = Q.square().sum(1, dtype=torch.float64).cpu().numpy()[nz]
+            a = qn * (1.0 if primal else d)
+        else:
+            a = d * d
         lam = secular_root(d, a)
         if lam == 0.0:
             return None
@@ -294,19 +351,23 @@ def _dual_fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: boo
         return None
     live = a > 0
     dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
-    wd = F.dtype
-    U = U.to(wd)
     e = e.clamp(min=0).to(wd)
     inv = (e + lam).reciprocal()
     Ui = U * inv
-    Qw = Q.to(wd)
+    if primal:
+        W = Ui @ Q
+        if need_grad:
+            f_r = _PrimalRidge.apply(F, G, W, U, inv, e, lam, dphi, rule)
+        else:
+            f_r = torch.addmm(F, G, W, alpha=-1)
+        return BatchSolution(f_r, lam, W=W.detach().to(G.dtype))
     if need_grad:
         # X = (K + λI)⁻¹F and S = K(K + λI)⁻²F, stacked into one product.
-        XS = torch.cat([Ui, Ui * (e * inv)]) @ Qw
+        XS = torch.cat([Ui, Ui * (e * inv)]) @ Q
         X, S = XS[:B], XS[B:]
         f_r = _DualRidge.apply(F, K, X, S, U, Ui, e, lam, dphi, rule)
     else:
-        X = Ui @ Qw
+        X = Ui @ Q
         f_r = lam * X
     # W(λ) = Gᵀ (K + λI)⁻¹ F: the one Dg×Df product, left to the caller.
     return BatchSolution(f_r, lam, factors=(G.detach().mT, X.detach().to(G.dtype)))
@@ -347,24 +408,6 @@ class BatchSolution:
     @property
     def W(self) -> Tensor:
         return self.projection()
-
-
-def _primal_closed_form(Fd: Tensor, Gd: Tensor, K: Tensor, lam: float, rule: str):
-    """(f_r, h, sens) with autograd for B > Dg: f_r = F − G (GᵀG + λI)⁻¹ GᵀF.
-
-    Used when λ > 0 and the thresholds did not alter the spectrum; h is the secular function
-    − 1 at fixed λ and sens = ∂f_r/∂λ. None when the Cholesky factorisation fails.
-    """
-    A = K + lam * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        return None
-    Wd = torch.cholesky_solve(Gd.T @ Fd, L)
-    # paper: ‖W‖²;  official: ‖A⁻¹K‖² = Σ (s²/(s²+λ))²
-    h = Wd.square().sum() if rule == "paper" else torch.cholesky_solve(K, L).square().sum()
-    # dW/dλ = −A⁻¹W, so the λ-sensitivity of f_r = F − G W is + G A⁻¹ W.
-    sens = Gd.detach() @ torch.cholesky_solve(Wd.detach(), L.detach())
-    return Fd - Gd @ Wd, h - 1.0, sens
 
 
 def _spectral(
@@ -418,10 +461,11 @@ def solve_batch(
 ) -> BatchSolution:
     """Solve one training batch exactly: λ⁺, the residual f_r and the batch projection W.
 
-    Gradients of ``f_r`` are exact, including the dependence of λ⁺ on F and G: λ⁺ is solved
-    without autograd, then re-entered as λ⁺ − (h − h̄)/h'(λ⁺), where h is the secular function
-    evaluated with autograd at the fixed λ⁺ and h̄ its detached value. The value is λ⁺ exactly
-    and, by the implicit function theorem, its gradient is dλ⁺ = −∂h / h'.
+    Gradients of ``f_r`` are exact, including the dependence of λ⁺ on F and G, dλ⁺ = −∂h / h'
+    by the implicit function theorem (h: the secular function at the fixed λ⁺). The common case
+    (λ⁺ > 0, thresholds inactive) has that backward written out (:class:`_DualRidge`,
+    :class:`_PrimalRidge`); otherwise λ⁺ is re-entered as λ⁺ − (h − h̄)/h'(λ⁺) with h evaluated
+    with autograd and h̄ its detached value, whose value is λ⁺ and whose gradient is dλ⁺.
 
     Args:
         F: (B, Df) features to normalise.
@@ -437,12 +481,11 @@ def solve_batch(
     if not need_grad:
         F, G = F.detach(), G.detach()
     primal = G.shape[0] > G.shape[1]
-    if not primal:
-        sol = _dual_fast(F, G, rule, sigma_THR, need_grad)
-        if sol is not None:
-            return sol
-    # Here B > Dg (primal), or λ⁺ = 0, or the thresholds changed the spectrum: the Gram in the
-    # solve dtype, as these paths use its eigenvectors or sit at its round-off.
+    sol = _fast(F, G, rule, sigma_THR, need_grad)
+    if sol is not None:
+        return sol
+    # Here λ⁺ = 0 or the thresholds changed the spectrum: the Gram in the solve dtype, as these
+    # paths use its eigenvectors or sit at its round-off.
     dt = solve_dtype(F.device)
     K = gram(G.to(dt), primal)
     spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
@@ -455,11 +498,7 @@ def solve_batch(
     if not need_grad:
         return BatchSolution(residual(F, spec, lam), lam, W)
 
-    closed = spec.primal and spec.plain and lam > 0
-    out = _primal_closed_form(Fd, Gd, K, lam, rule) if closed else None
-    if out is None:
-        out = _spectral(Fd, Gd, K, spec, lam, rule, sigma_THR, sigma_MIN)
-    f_r, h, sens = out
+    f_r, h, sens = _spectral(Fd, Gd, K, spec, lam, rule, sigma_THR, sigma_MIN)
     if lam > 0:
         # δ has value 0 and carries dλ⁺ = −∂h / φ'(λ⁺).
         delta = -(h - h.detach()) / dphi
