@@ -109,7 +109,7 @@ def lbfgs_step(
     for init in (10.0, 100.0, 1000.0):
         if abs(losses[-1]) <= 0.05:  # the published code moves on only while the last start missed
             break
-        lam = torch.full((1,), init, requires_grad=True)
+        lam = torch.full((1,), init, device=G.device, requires_grad=True)
         opt = torch.optim.LBFGS([lam])
 
         def closure(opt=opt, lam=lam) -> torch.Tensor:
@@ -124,7 +124,7 @@ def lbfgs_step(
         found.append(lam)
     tried = zip(losses[1:], found, strict=True)
     ok = [(loss, lam) for loss, lam in tried if 0 < float(lam.detach()) < 1e8]
-    lam = min(ok, key=lambda p: p[0])[1].detach() if ok else torch.zeros(1)
+    lam = min(ok, key=lambda p: p[0])[1].detach() if ok else G.new_zeros(1)
     scale = _nan_to(torch.linalg.inv(torch.diag(_nan_to(s.square() + lam)))) @ torch.diag(s)
     W_batch = ((U @ scale) @ Vh).T @ F
     with torch.no_grad():
