@@ -33,7 +33,7 @@ from .modality import (
     detect_fusions,
 )
 from .shapes import propagate_shapes
-from .tracing import carry_missing_state, input_name, trace
+from .tracing import carry_missing_state, input_name, is_regbn, trace
 
 __all__ = ["insert", "remove", "resolve_name", "is_ambiguous"]
 
@@ -541,13 +541,9 @@ def _auto_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
 
 
 def _inserted_layers(gm: fx.GraphModule) -> list[fx.Node]:
-    from ..layer import RegBN
-
     calls = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not _LAYER_NAME.match(str(node.target)):
-            continue
-        if not isinstance(gm.get_submodule(node.target), RegBN):
+        if not (is_regbn(gm, node) and _LAYER_NAME.match(str(node.target))):
             continue
         if all(u.op == "call_function" and u.target is operator.getitem for u in node.users):
             calls.append(node)

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .tracing import input_name
+from .tracing import input_name, is_regbn
 
 __all__ = [
     "Fusion",
@@ -159,7 +159,7 @@ def _operands(node: fx.Node) -> list[fx.Node]:
 def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
     if node.op not in ("call_function", "call_method", "call_module"):
         return None
-    if node.op == "call_module" and _is_regbn(gm, node):
+    if is_regbn(gm, node):
         return None  # the normaliser itself, not a place where branches merge
     ops = _operands(node)
     if len(ops) < 2:
@@ -184,15 +184,6 @@ def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
         module=node.meta.get("regbn_module"),
         output_shape=node.meta.get("regbn_shape"),
     )
-
-
-def _is_regbn(gm: fx.GraphModule, node: fx.Node) -> bool:
-    from ..layer import RegBN
-
-    try:
-        return isinstance(gm.get_submodule(str(node.target)), RegBN)
-    except AttributeError:
-        return False
 
 
 _FUNCTION_KINDS: dict[Any, str] = {

@@ -25,6 +25,8 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
+from .tracing import is_regbn
+
 if TYPE_CHECKING:
     from .modality import Fusion
     from .shapes import ShapeFailure
@@ -730,8 +732,7 @@ def report_from_graph(
     """Build a :class:`Report` from a graph whose nodes carry the ``regbn_*`` meta keys."""
     model = gm if model is None else model
     fusion_names = {f.name for f in fusions}
-    regbn_paths = _regbn_paths(gm)
-    rows = [_row(node, gm, fusion_names, regbn_paths) for node in gm.graph.nodes]
+    rows = [_row(node, gm, fusion_names) for node in gm.graph.nodes]
     by_modality, unused = _params_by_modality(model, rows)
     return Report(
         rows=rows,
@@ -747,7 +748,7 @@ def report_from_graph(
     )
 
 
-def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str], regbn_paths: set[str]) -> Row:
+def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str]) -> Row:
     module = node.meta.get("regbn_module")
     if module is None and node.op == "call_module":
         module = str(node.target)
@@ -765,15 +766,11 @@ def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str], regbn_paths:
         inputs=tuple(n.name for n in node.all_input_nodes),
         layer=_layer_label(node, gm),
         params=_node_params(node, gm),
-        is_regbn=node.op == "call_module" and str(node.target) in regbn_paths,
+        is_regbn=is_regbn(gm, node),
         calls=tuple(tuple(c) for c in node.meta.get("regbn_module_calls", ())),
     )
 
 
-def _regbn_paths(gm: nn.Module) -> set[str]:
-    from ..layer import RegBN
-
-    return {name for name, m in gm.named_modules() if isinstance(m, RegBN)}
 
 
 def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:

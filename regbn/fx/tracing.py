@@ -29,7 +29,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["TraceError", "RegBNTracer", "input_name", "trace"]
+from ..layer import RegBN
+
+__all__ = ["TraceError", "RegBNTracer", "input_name", "is_regbn", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,14 +59,14 @@ class TraceError(ValueError):
         self.reason = reason
 
 
-def _regbn_class() -> type[nn.Module] | None:
-    # Imported lazily: the layer module imports nothing from fx, but the package __init__ imports
-    # both, and tracing must not depend on import order.
+def is_regbn(gm: nn.Module, node: fx.Node) -> bool:
+    """True when ``node`` calls a `regbn.RegBN` layer of ``gm``."""
+    if node.op != "call_module":
+        return False
     try:
-        from ..layer import RegBN
-    except ImportError:  # pragma: no cover - only while the layer is not installed
-        return None
-    return RegBN
+        return isinstance(gm.get_submodule(str(node.target)), RegBN)
+    except AttributeError:
+        return False
 
 
 class RegBNTracer(fx.Tracer):
@@ -77,8 +79,7 @@ class RegBNTracer(fx.Tracer):
         autowrap_functions: Sequence[Callable[..., Any]] = (),
     ) -> None:
         super().__init__(autowrap_functions=tuple(autowrap_functions))
-        regbn = _regbn_class()
-        self.leaf_classes = leaf_classes + ((regbn,) if regbn is not None else ())
+        self.leaf_classes = (*leaf_classes, RegBN)
         self.leaf_paths = frozenset(leaf_paths)
         self._call_stack: list[tuple[str, int]] = []
         self._call_counts: dict[str, int] = defaultdict(int)
