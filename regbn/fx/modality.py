@@ -275,6 +275,34 @@ def find_fusions(
     With ``example_inputs`` or ``input_shapes`` the fusions carry shapes and only tensor operands
     count; without, every node operand with a modality counts. See `Fusion` for ``pair``.
     """
+    gm, fusions, failure = analyse(
+        model,
+        example_inputs,
+        input_shapes=input_shapes,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+    )
+    if failure is not None:
+        raise ValueError(f"find_fusions: {failure}")
+    return fusions
+
+
+def analyse(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    input_shapes: Any = None,
+    input_dtypes: Any = None,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Any = None,
+    autowrap_functions: Any = None,
+) -> tuple[fx.GraphModule, list[Fusion], Any]:
+    """The pipeline `find_fusions` and `regbn.inspect` share: trace, shapes, modalities, fusions.
+
+    Returns the annotated graph, its fusions with pairs spelled as `regbn.insert` resolves them,
+    and the shape-propagation failure (None when shapes were not asked for or all succeeded).
+    """
     from .shapes import propagate_shapes
     from .tracing import trace
 
@@ -284,13 +312,14 @@ def find_fusions(
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
     )
+    failure = None
     if example_inputs is not None or input_shapes is not None:
-        failure = propagate_shapes(gm, example_inputs=example_inputs, input_shapes=input_shapes)
-        if failure is not None:
-            raise ValueError(f"find_fusions: {failure}")
+        failure = propagate_shapes(
+            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes
+        )
+    # Modalities are structural: they hold for every node, even past a shape failure.
     annotate_modalities(gm)
-    fusions = detect_fusions(gm)
-    return [_with_pair_names(gm, f) for f in fusions]
+    return gm, [_with_pair_names(gm, f) for f in detect_fusions(gm)], failure
 
 
 def _with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:

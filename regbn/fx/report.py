@@ -701,25 +701,17 @@ def inspect(
     A shape-propagation failure gives a partial report (``report.failure``); a trace failure
     raises ``TraceError``.
     """
-    from .modality import _with_pair_names, annotate_modalities, detect_fusions
-    from .shapes import propagate_shapes
-    from .tracing import trace
+    from .modality import analyse
 
-    gm = trace(
+    gm, fusions, failure = analyse(
         model,
+        example_inputs,
+        input_shapes=input_shapes,
+        input_dtypes=input_dtypes,
         concrete_args=concrete_args,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
     )
-    failure = None
-    if example_inputs is not None or input_shapes is not None:
-        failure = propagate_shapes(
-            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes
-        )
-    # Modalities are structural: they hold for every node, even past a shape failure.
-    annotate_modalities(gm)
-    # Pairs spelled as regbn.insert resolves them, as find_fusions gives them.
-    fusions = [_with_pair_names(gm, f) for f in detect_fusions(gm)]
     return report_from_graph(gm, fusions, failure, model=model)
 
 
