@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from .solver import LAMBDA_RULES, BatchSolution, solve_batch
+from .solver import LAMBDA_RULES, BatchSolution, solve_batch, solve_dtype
 
 __all__ = ["RegBN"]
 
@@ -66,11 +66,11 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
-    """mean |x| in float64; on the CPU through a small reused buffer, as a Dg×Df temporary
-    costs page faults."""
+    """mean |x| in float64 (where the device has it); on the CPU through a small reused buffer,
+    as a Dg×Df temporary costs page faults."""
     x = x.reshape(-1)
     if x.device.type != "cpu":
-        return x.abs().sum(dtype=torch.float64) / max(x.numel(), 1)
+        return x.abs().sum(dtype=solve_dtype(x.device)) / max(x.numel(), 1)
     buf = torch.empty(min(block, x.numel()), dtype=x.dtype)
     total = x.new_zeros((), dtype=torch.float64)
     for i in range(0, x.numel(), block):
@@ -277,9 +277,15 @@ class RegBN(nn.Module):
             self._work = None  # the scratch W_batch only serves training steps
         return super().train(mode)
 
-    def _apply(self, *args, **kwargs):
+    def _apply(self, fn, *args, **kwargs):
         self._work = None
-        return super()._apply(*args, **kwargs)
+        # The λ⁺ history and the Adam moments are float64; on a device without float64 (MPS)
+        # they travel as float32.
+        target = fn(torch.zeros(()))
+        if solve_dtype(target.device) != torch.float64:
+            for name in ("adam_m", "adam_v", "lambda_history"):
+                setattr(self, name, getattr(self, name).float())
+        return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
@@ -519,7 +525,7 @@ class RegBN(nn.Module):
         W = self.W
         # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than lerp.
         D = sol.projection(out=self._workspace()).sub_(W)
-        d = _mean_abs(D).to(self.adam_m.dtype)  # float64 unless the caller cast the layer
+        d = _mean_abs(D).to(self.adam_m.dtype)
         # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps.
         self.adam_m.lerp_(d, 1 - self.beta1)
         self.adam_v.lerp_(d * d, 1 - self.beta2)

@@ -337,7 +337,7 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
             return None  # nothing to remove, or a threshold that alters the spectrum
         if rule == "paper":
             # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
-            qn = Q.square().sum(1, dtype=torch.float64).cpu().numpy()[nz]
+            qn = Q.square().sum(1, dtype=dt).cpu().double().numpy()[nz]
             a = qn * (1.0 if primal else d)
         else:
             a = d * d

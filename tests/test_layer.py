@@ -441,6 +441,22 @@ def test_cuda_gradcheck():
                                     rtol=1e-4)
 
 
+def test_a_device_without_float64_gets_float32_statistics(monkeypatch):
+    """MPS has no float64: moving there turns the λ⁺ history and Adam moments into float32."""
+    import regbn.layer as layer_module
+
+    fs, gs = (6,), (9,)
+    layer = make(fs, gs)
+    layer(*batch(8, fs, gs, dtype=torch.float32))
+    monkeypatch.setattr(layer_module, "solve_dtype", lambda device: torch.float32)
+    layer.to("cpu")  # stands in for .to("mps")
+    assert {layer.adam_m.dtype, layer.adam_v.dtype, layer.lambda_history.dtype} == {torch.float32}
+    assert layer.W.dtype == torch.float32
+    layer(*batch(8, fs, gs, seed=1, dtype=torch.float32))
+    assert int(layer.num_batches_tracked) == 2 and layer.last_lambda > 0
+    assert layer.adam_m.dtype == torch.float32
+
+
 def test_device_mismatch_is_explained():
     layer = make((4,), (3,)).to("meta")
     with pytest.raises(ValueError, match=r"f \(cpu\) and g \(cpu\) must be on the layer's "
