@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             f"ranks: {same}",
             flush=True,
         )
+    # Every rank past its last collective, and DDP's reducer gone, before the group is torn
+    # down: otherwise a rank can abort at exit ("terminate called without an active exception").
+    dist.barrier()
+    del ddp, opt
     dist.destroy_process_group()
     return 0 if same else 1
 
