@@ -66,8 +66,8 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
-    """mean |x| in float64 (where the device has it); on the CPU through a small reused buffer,
-    as a Dg×Df temporary costs page faults."""
+    """mean |x|, accumulated in float64 where the device has it (on the CPU each block is summed
+    in x's dtype, through a small reused buffer: a Dg×Df temporary costs page faults)."""
     x = x.reshape(-1)
     if x.device.type != "cpu":
         return x.abs().sum(dtype=solve_dtype(x.device)) / max(x.numel(), 1)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "LAMBDA_RULES",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 LAMBDA_RULES = ("paper", "official")
-# A float32 Gram is trusted when λ⁺ exceeds this many times its round-off level.
+# A float32 Gram is trusted when every eigenvalue exceeds this many times its round-off level.
 _SAFE = 100.0
 
 
@@ -62,9 +63,7 @@ class Spectrum:
     coeffs: Tensor  # C_r = U_rᵀ F, r×Df (solve dtype)
     primal: bool  # True when factorised through GᵀG (B > Dg), False for the Gram GGᵀ
     plain: bool  # True when the thresholds changed no non-zero singular value
-    evals: Tensor  # every eigenvalue of the factorised Gram, clamped at 0
-    vecs: Tensor  # every eigenvector of the factorised Gram
-    tol: float  # eigenvalues at or below this are round-off in the Gram's dtype: zero
+    right: Tensor  # V_r, Dg×r: right singular vectors of G (solve dtype)
 
 
 def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float, eps: float | None = None):
@@ -84,7 +83,7 @@ def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float, eps: f
     # An s̃ of 0 contributes nothing; keep those out of every later sum.
     live = s_eff > 0
     plain = bool(kept.all())
-    return nonzero, s, s_eff, live, plain, float(tol)
+    return nonzero, s, s_eff, live, plain
 
 
 class _Gram(torch.autograd.Function):
@@ -123,21 +122,28 @@ def batch_spectrum(
     """
     dt = solve_dtype(F.device)
     F64 = F.detach().to(dt)
+    G64 = G.detach().to(dt)
     B, Dg = G.shape
     primal = B > Dg
-    G64 = G.detach().to(dt) if (primal or K is None) else None
     K = gram(G64, primal) if K is None else K.detach()
     eps = torch.finfo(K.dtype).eps
     evals, vecs = torch.linalg.eigh(K.to(dt))
-    nonzero, s, s_eff, live, plain, tol = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN, eps)
-    kept = vecs[:, nonzero][:, live]
-    s, s_eff = s[live], s_eff[live]
+    nonzero = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN, eps)[0]
+    vecs = vecs[:, nonzero]
+    # A singular value read off the Gram (√e) loses relative accuracy below √ε·max(s); the norm
+    # of Gᵀu (or Gv) keeps it, and the thresholds and W need it there.
+    other = G64 @ vecs if primal else G64.mT @ vecs
+    s = other.norm(dim=0)
+    smax = evals.max().clamp_min(0).sqrt() if evals.numel() else s.new_zeros(())
+    kept = s > sigma_THR * smax
+    s_eff = torch.where(kept, s, torch.full_like(s, sigma_MIN))
+    live = s_eff > 0  # an s̃ of 0 contributes nothing; keep those out of every later sum
+    plain = bool(kept.all())
+    s, s_eff, vecs, other = s[live], s_eff[live], vecs[:, live], other[:, live]
     if primal:
-        # U_r = G V_r S_r⁻¹, defined for every kept (non-zero) direction.
-        U = (G64 @ kept) / s
-        return Spectrum(U, s, s_eff, U.T @ F64, primal, plain, evals.clamp_min(0), vecs, tol)
-    C = kept.T @ F64
-    return Spectrum(kept, s, s_eff, C, primal, plain, evals.clamp_min(0), vecs, tol)
+        U = other / s  # U_r = G V_r S_r⁻¹
+        return Spectrum(U, s, s_eff, U.mT @ F64, primal, plain, right=vecs)
+    return Spectrum(vecs, s, s_eff, vecs.mT @ F64, primal, plain, right=other / s)
 
 
 def secular_weights(spec: Spectrum, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -201,18 +207,10 @@ def solve_lambda(spec: Spectrum, rule: str = "paper") -> float:
 
 
 def projection_from_spectrum(G: Tensor, spec: Spectrum, lam: float) -> Tensor:
-    """W(λ) = V diag(s̃ / (s̃² + λ)) C, a (Dg, Df) matrix in G's dtype (no autograd).
-
-    In the Gram case V_r = Gᵀ U_r S_r⁻¹, so the only Dg×Df product is one Gᵀ Z.
-    """
-    s, se = spec.s, spec.s_eff
-    scale = se / (se.square() + lam)
-    if spec.primal:
-        G64 = G.detach().to(spec.basis.dtype)
-        V = (G64.T @ spec.basis) / s
-        return ((V * scale) @ spec.coeffs).to(G.dtype)
-    Z = spec.basis @ ((scale / s)[:, None] * spec.coeffs)
-    return G.detach().T @ Z.to(G.dtype)
+    """W(λ) = V diag(s̃ / (s̃² + λ)) C, a (Dg, Df) matrix in G's dtype (no autograd)."""
+    se = spec.s_eff
+    W = (spec.right * (se / (se.square() + lam))) @ spec.coeffs
+    return W.to(G.dtype)
 
 
 def residual(F: Tensor, spec: Spectrum, lam: float) -> Tensor:
@@ -241,6 +239,7 @@ class _DualRidge(torch.autograd.Function):
         return lam * X
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gY):
         X, S, U, Ui, e = ctx.saved_tensors  # Ui = U diag(1/(e+λ))
         lam, dphi = ctx.lam, ctx.dphi
@@ -269,19 +268,23 @@ class _PrimalRidge(torch.autograd.Function):
         official: φ = ‖A⁻¹K‖²_F,        ∂φ/∂F = 0,    ∂φ/∂G = 2G V diag(2λe/(e+λ)³) Vᵀ
 
     For the paper rule both terms fold into Z' = Z + 2kR (k = ⟨Z, W⟩/φ'): gF = gY − GZ',
-    gG = −(gF Wᵀ + f_r Z'ᵀ).
+    gG = −(gF Wᵀ + f_r Z'ᵀ). Everything runs in W's dtype (the solve dtype); the outputs and
+    gradients come back in the inputs' dtypes.
     """
 
     @staticmethod
     def forward(ctx, F, G, W, V, inv, e, lam, dphi, rule):
-        f_r = torch.addmm(F, G, W, alpha=-1)
-        ctx.save_for_backward(G, W, f_r, V, inv, e)
-        ctx.lam, ctx.dphi, ctx.rule = lam, dphi, rule
-        return f_r
+        Gd = G.to(W.dtype)
+        f_r = torch.addmm(F.to(W.dtype), Gd, W, alpha=-1)
+        ctx.save_for_backward(Gd, W, f_r, V, inv, e)
+        ctx.lam, ctx.dphi, ctx.rule, ctx.dtypes = lam, dphi, rule, (F.dtype, G.dtype)
+        return f_r.to(F.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gY):
         G, W, f_r, V, inv, e = ctx.saved_tensors
+        gY = gY.to(W.dtype)
         Vi = V * inv
         Df = W.shape[1]
         if ctx.rule == "paper":
@@ -296,7 +299,8 @@ class _PrimalRidge(torch.autograd.Function):
         gG = -(gF @ W.mT + f_r @ Z.mT)
         if ctx.rule == "official":
             gG = gG - G @ (((4 * ctx.lam) * k) * (V * (e * inv**3)) @ V.mT)
-        return gF, gG, None, None, None, None, None, None, None
+        F_dtype, G_dtype = ctx.dtypes
+        return gF.to(F_dtype), gG.to(G_dtype), None, None, None, None, None, None, None
 
 
 def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
@@ -304,63 +308,70 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
 
     One eigendecomposition of the smaller Gram: K = GGᵀ = U diag(e) Uᵀ when B ≤ Dg, giving
     f_r = λ⁺ U diag(1/(e+λ⁺)) UᵀF; K = GᵀG = V diag(e) Vᵀ when B > Dg, giving
-    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The thresholding and the secular root run on the host over the
-    eigenvalues; each case has its backward written out. Returns None when the batch is not this
-    case (a zero λ⁺, or a threshold that alters the spectrum): the general path takes it.
+    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition, the projections and the secular root
+    run in the solve dtype; each case has its backward written out. Returns None when the batch
+    is not this case (a zero λ⁺, or a threshold that alters the spectrum): the general path
+    takes it.
     """
     dt = solve_dtype(F.device)
-    wd = F.dtype
     B, Dg = G.shape
     primal = B > Dg
-    Fd = F.detach()
-    # The Gram and its eigendecomposition in the input's precision first: when λ⁺ stands well
-    # above their round-off the solution cannot tell, and float32 is twice as fast.
-    for precise in (False, True) if G.dtype != dt else (True,):
-        Gk = G.to(dt) if precise else G
+    Fd = F.detach().to(dt)
+    # The B×B Gram is formed in the input's precision first, as float32 GEMMs are twice as
+    # fast; it is kept only when every eigenvalue stands well above its round-off, where it
+    # cannot tell a small singular value from a zero one. The Dg×Dg (primal) Gram is small.
+    for precise in (True,) if primal or G.dtype == dt else (False, True):
         if primal:
-            Gd = Gk.detach()
+            Gd = G.detach().to(dt)
             K = Gd.mT @ Gd
-            P = (Gd.mT @ Fd.to(Gd.dtype)).to(wd)  # GᵀF, Dg×Df
+            P = Gd.mT @ Fd  # GᵀF, Dg×Df
         else:
-            K = gram(Gk, False)
+            K = gram(G.to(dt) if precise else G, False)
             P = Fd
-        e, U = torch.linalg.eigh(K.detach())
-        U = U.to(wd)
-        Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
+        try:
+            e, U = torch.linalg.eigh(K.detach().to(dt))
+        except torch.linalg.LinAlgError:
+            if precise:
+                raise
+            continue  # a float32 Gram that overflowed
         eh = e.cpu().double().numpy().clip(min=0.0)
         top = float(eh.max())
         # Eigenvalues at the round-off level of the Gram are zero singular values.
         tol = top * max(B, Dg) * torch.finfo(K.dtype).eps
+        if not precise and not (math.isfinite(top) and float(eh.min()) > _SAFE * tol):
+            continue  # a small singular value, or an overflow: the float32 Gram cannot tell
+        Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
         nz = eh > tol
         d = eh[nz]
         if d.size == 0 or float(d.min()) <= sigma_THR**2 * top:
             return None  # nothing to remove, or a threshold that alters the spectrum
         if rule == "paper":
             # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
-            qn = Q.square().sum(1, dtype=dt).cpu().double().numpy()[nz]
+            qn = Q.square().sum(1).cpu().double().numpy()[nz]
             a = qn * (1.0 if primal else d)
         else:
             a = d * d
         lam = secular_root(d, a)
         if lam == 0.0:
             return None
-        if K.dtype == dt or lam > _SAFE * tol:
+        if precise or lam > _SAFE * tol:
             break
-        # λ⁺ near the round-off of a float32 Gram: form it again in the solve dtype.
-    else:
-        return None
+        # λ⁺ near the round-off of the float32 Gram: its root would be ill-determined.
     live = a > 0
     dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
-    e = e.clamp(min=0).to(wd)
-    inv = (e + lam).reciprocal()
-    Ui = U * inv
+    e = e.clamp(min=0)
     if primal:
-        W = Ui @ Q
+        inv = (e + lam).reciprocal()
+        W = (U * inv) @ Q
         if need_grad:
             f_r = _PrimalRidge.apply(F, G, W, U, inv, e, lam, dphi, rule)
         else:
-            f_r = torch.addmm(F, G, W, alpha=-1)
-        return BatchSolution(f_r, lam, W=W.detach().to(G.dtype))
+            f_r = torch.addmm(Fd, Gd, W, alpha=-1).to(F.dtype)
+        return BatchSolution(f_r, lam, W=W.to(G.dtype))
+    wd = F.dtype
+    U, e, Q = U.to(wd), e.to(wd), Q.to(wd)
+    inv = (e + lam).reciprocal()
+    Ui = U * inv
     if need_grad:
         # X = (K + λI)⁻¹F and S = K(K + λI)⁻²F, stacked into one product.
         XS = torch.cat([Ui, Ui * (e * inv)]) @ Q
@@ -493,12 +504,11 @@ def solve_batch(
     lam = secular_root(d, a)
     live = (a > 0) & (d > 0)
     dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
-    Fd, Gd = F.to(dt), G.to(dt)
     W = projection_from_spectrum(G, spec, lam)
     if not need_grad:
         return BatchSolution(residual(F, spec, lam), lam, W)
 
-    f_r, h, sens = _spectral(Fd, Gd, K, spec, lam, rule, sigma_THR, sigma_MIN)
+    f_r, h, sens = _spectral(F.to(dt), G.to(dt), K, spec, lam, rule, sigma_THR, sigma_MIN)
     if lam > 0:
         # δ has value 0 and carries dλ⁺ = −∂h / φ'(λ⁺).
         delta = -(h - h.detach()) / dphi

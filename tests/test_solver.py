@@ -192,7 +192,8 @@ def test_properties(seed, B, Dg, Df, g_scale, f_scale, rule):
 def test_solve_lambda_matches_solve_batch():
     F, G = _data(10, (5,), (30,), seed=7)
     spec = batch_spectrum(F, G)
-    assert solve_lambda(spec, "paper") == solve_batch(F, G).lam
+    # The general spectrum reads s off ‖Gᵀu‖, the fast path off the eigenvalues: equal to rounding.
+    assert solve_lambda(spec, "paper") == pytest.approx(solve_batch(F, G).lam, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -276,3 +277,71 @@ def test_float32_fast_path_matches_float64():
     assert a.lam == pytest.approx(b.lam, rel=1e-5)
     torch.testing.assert_close(a.f_r.double(), b.f_r, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.W.double(), b.W, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- float32 edges
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("B,Dg", [(64, 16), (33, 32), (16, 64)])
+def test_float32_near_the_zero_lambda_boundary(B, Dg):
+    """λ⁺ ≪ the spectrum: the float32 Gram cannot place the root; the float64 one must."""
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(B, Dg, generator=gen, dtype=torch.float64)
+    F = G @ torch.randn(Dg, 8, generator=gen, dtype=torch.float64)
+    F = F + 0.01 * torch.randn(B, 8, generator=gen, dtype=torch.float64)
+    F = F / (torch.linalg.pinv(G.float().double()) @ F.float().double()).norm()  # ‖W(0)‖ ≈ 1
+    F, G = F.float(), G.float()
+    sol, ref = solve_batch(F, G), reference(F, G)
+    assert sol.lam == pytest.approx(ref.lam, rel=1e-6, abs=1e-12)
+    # f_r is a small residual here: float32 can hold it to ~ε·‖F‖, not to ε·‖f_r‖
+    assert float((sol.f_r.double() - ref.f_r).norm()) < 1e-6 * float(F.double().norm())
+
+
+@pytest.mark.parametrize("B,Dg", [(64, 16), (16, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_singular_value_under_thresholds(B, Dg, dtype):
+    """s = 1e-5·max: zero at float32 round-off, real in float64; sigma_MIN must replace it."""
+    gen = torch.Generator().manual_seed(0)
+    r = min(B, Dg)
+    U, _ = torch.linalg.qr(torch.randn(B, r, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(Dg, r, generator=gen, dtype=torch.float64))
+    s = torch.linspace(1, 3, r, dtype=torch.float64)
+    s[0] = 1e-5
+    G = ((U * s) @ V.T).to(dtype)
+    F = torch.randn(B, 8, generator=gen, dtype=torch.float64).to(dtype)
+    sol, ref = solve_batch(F, G, "paper", 0.1, 0.5), reference(F, G, "paper", 0.1, 0.5)
+    assert sol.lam == pytest.approx(ref.lam, rel=1e-6)
+    assert _rel(sol.W, ref.W) < (1e-5 if dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("B,Dg", [(12, 4), (4, 12)])
+def test_mixed_dtypes_and_gradients(B, Dg):
+    gen = torch.Generator().manual_seed(1)
+    F = torch.randn(B, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    G = torch.randn(B, Dg, generator=gen).requires_grad_()
+    sol = solve_batch(F, G)
+    assert sol.f_r.dtype == torch.float64 and sol.W.dtype == torch.float32
+    sol.f_r.sum().backward()
+    assert F.grad.dtype == torch.float64 and G.grad.dtype == torch.float32
+    ref = reference(F.detach(), G.detach().double())
+    torch.testing.assert_close(sol.f_r.detach(), ref.f_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,Dg", [(32, 8), (8, 32)])
+def test_float32_gram_overflow_falls_back_to_float64(B, Dg):
+    gen = torch.Generator().manual_seed(2)
+    F, G = torch.randn(B, 3, generator=gen), 1e20 * torch.randn(B, Dg, generator=gen)
+    sol = solve_batch(F, G)
+    assert bool(torch.isfinite(sol.f_r).all()) and bool(torch.isfinite(sol.W).all())
+    torch.testing.assert_close(sol.f_r.double(), reference(F, G).f_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,Dg", [(6, 9), (9, 4)])
+def test_double_backward_raises_rather_than_lies(B, Dg):
+    F, G = _data(B, (3,), (Dg,), seed=4, g_scale=0.5)
+    F.requires_grad_()
+    (gF,) = torch.autograd.grad(solve_batch(F, G).f_r.square().sum(), F, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
+        gF.sum().backward()
