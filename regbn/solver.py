@@ -308,28 +308,29 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
 
     One eigendecomposition of the smaller Gram: K = GGᵀ = U diag(e) Uᵀ when B ≤ Dg, giving
     f_r = λ⁺ U diag(1/(e+λ⁺)) UᵀF; K = GᵀG = V diag(e) Vᵀ when B > Dg, giving
-    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition, the projections and the secular root
-    run in the solve dtype; each case has its backward written out. Returns None when the batch
-    is not this case (a zero λ⁺, or a threshold that alters the spectrum): the general path
-    takes it.
+    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition and the projections run in the Gram's
+    precision, the secular root in float64 on the host; each case has its backward written
+    out. Returns None when the batch is not this case (a zero λ⁺, or a threshold that alters
+    the spectrum): the general path takes it.
     """
     dt = solve_dtype(F.device)
     B, Dg = G.shape
     primal = B > Dg
-    Fd = F.detach().to(dt)
     # The B×B Gram is formed in the input's precision first, as float32 GEMMs are twice as
     # fast; it is kept only when every eigenvalue stands well above its round-off, where it
     # cannot tell a small singular value from a zero one. The Dg×Dg (primal) Gram is small.
     for precise in (True,) if primal or G.dtype == dt else (False, True):
+        Fk = F.detach().to(dt if precise else G.dtype)
         if primal:
             Gd = G.detach().to(dt)
             K = Gd.mT @ Gd
-            P = Gd.mT @ Fd  # GᵀF, Dg×Df
+            P = Gd.mT @ Fk  # GᵀF, Dg×Df
         else:
             K = gram(G.to(dt) if precise else G, False)
-            P = Fd
+            P = Fk
         try:
-            e, U = torch.linalg.eigh(K.detach().to(dt))
+            # In the Gram's own precision: float64 could not repair a float32 Gram's round-off.
+            e, U = torch.linalg.eigh(K.detach())
         except torch.linalg.LinAlgError:
             if precise:
                 raise
@@ -366,7 +367,7 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
         if need_grad:
             f_r = _PrimalRidge.apply(F, G, W, U, inv, e, lam, dphi, rule)
         else:
-            f_r = torch.addmm(Fd, Gd, W, alpha=-1).to(F.dtype)
+            f_r = torch.addmm(Fk, Gd, W, alpha=-1).to(F.dtype)
         return BatchSolution(f_r, lam, W=W.to(G.dtype))
     wd = F.dtype
     U, e, Q = U.to(wd), e.to(wd), Q.to(wd)
