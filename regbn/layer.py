@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from .solver import LAMBDA_RULES, BatchSolution, solve_batch, solve_dtype
+from .solver import LAMBDA_RULES, solve_batch, solve_dtype
 
 __all__ = ["RegBN"]
 
@@ -496,15 +496,27 @@ class RegBN(nn.Module):
                 self.sigma_THR,
                 self.sigma_MIN,
             )
+            # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than lerp.
+            D = sol.projection(out=self._workspace()).sub_(self.W)
+            d = _mean_abs(D)
+            # One reduction and one sync: a NaN or Inf anywhere reaches the (float64) sum.
+            total = sol.f_r.detach().sum(dtype=solve_dtype(sol.f_r.device)) + d
+            if not math.isfinite(float(total)):
+                raise ValueError(
+                    f"RegBN: the batch solution is not finite although the inputs are (f spans "
+                    f"|x| ≤ {float(f.abs().max()):.3g}, g spans |x| ≤ {float(g.abs().max()):.3g}); "
+                    f"the batch was rejected and no buffer changed. Rescale the inputs or set "
+                    f"normalize_input=True"
+                )
+            if self.verbose:
+                norm2 = float((D + self.W).square().sum())
+                print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
         except BaseException:
             # A failed batch leaves every buffer as it was, input-norm statistics included.
             for live, copy in saved:
                 live.copy_(copy)
             raise
-        if self.verbose:
-            norm2 = float(sol.W.square().sum())
-            print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
-        self._update_running(sol)
+        self._update_running(D, d, sol.lam)
         f_r = sol.f_r.reshape(f.shape)
         if rows is not None:
             f_r, g_n = f_r[rows], g_n[rows]
@@ -519,13 +531,13 @@ class RegBN(nn.Module):
         return work
 
     @torch.no_grad()
-    def _update_running(self, sol: BatchSolution) -> None:
-        """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1."""
+    def _update_running(self, D: Tensor, d: Tensor, lam: float) -> None:
+        """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1.
+
+        ``D`` is W_batch − W and ``d`` its mean absolute entry.
+        """
         t = int(self.num_batches_tracked) + 1
-        W = self.W
-        # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than lerp.
-        D = sol.projection(out=self._workspace()).sub_(W)
-        d = _mean_abs(D).to(self.adam_m.dtype)
+        d = d.to(self.adam_m.dtype)
         # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps.
         self.adam_m.lerp_(d, 1 - self.beta1)
         self.adam_v.lerp_(d * d, 1 - self.beta2)
@@ -533,7 +545,7 @@ class RegBN(nn.Module):
         v_hat = self.adam_v / (1 - self.beta2**t)
         eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
         # η stays a tensor: no host sync on an accelerator.
-        W.addcmul_(D, eta.to(W.dtype))
+        self.W.addcmul_(D, eta.to(self.W.dtype))
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
-        self.lambda_history[-1] = sol.lam
+        self.lambda_history[-1] = lam

@@ -66,24 +66,19 @@ class Spectrum:
     right: Tensor  # V_r, Dg×r: right singular vectors of G (solve dtype)
 
 
-def _threshold(evals: Tensor, n: int, sigma_THR: float, sigma_MIN: float, eps: float | None = None):
-    """Split the eigenvalues of a Gram matrix into kept directions with true and thresholded s.
+def _input_eps(dtype: torch.dtype) -> float:
+    """The machine epsilon of the precision G came in (at least float32's: eigh needs it)."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
 
-    ``eps`` is the machine epsilon of the dtype the Gram was formed in.
+
+def _zero_tol(top: float | Tensor, n: int, gram_dtype: torch.dtype, in_dtype: torch.dtype):
+    """The eigenvalue of the Gram at or below which a singular value of G counts as zero.
+
+    Two floors, the larger wins: the round-off of the Gram itself (n·ε·max e in the precision
+    it was formed in), and NumPy's ``matrix_rank`` rule on G, s ≤ n·ε·max s in the precision G
+    came in, so that a float32 G of rank r is treated as rank r whatever precision solves it.
     """
-    evals = evals.clamp_min(0)
-    top = evals.max() if evals.numel() else evals.new_zeros(())
-    # Eigenvalues at the round-off level of the Gram are zero singular values.
-    tol = top * n * (torch.finfo(evals.dtype).eps if eps is None else eps)
-    nonzero = evals > tol
-    s = evals[nonzero].sqrt()
-    smax = top.sqrt()
-    kept = s > sigma_THR * smax
-    s_eff = torch.where(kept, s, torch.full_like(s, sigma_MIN))
-    # An s̃ of 0 contributes nothing; keep those out of every later sum.
-    live = s_eff > 0
-    plain = bool(kept.all())
-    return nonzero, s, s_eff, live, plain
+    return top * max(n * torch.finfo(gram_dtype).eps, (n * _input_eps(in_dtype)) ** 2)
 
 
 class _Gram(torch.autograd.Function):
@@ -118,7 +113,8 @@ def batch_spectrum(
         sigma_THR: singular values at or below ``sigma_THR * max(s)`` are replaced by ``sigma_MIN``.
         sigma_MIN: the replacement value (0 drops the direction).
         K: the Gram matrix, when the caller has already formed it (in any float dtype; the
-            zero threshold follows the precision it was formed in).
+            zero threshold follows the precision it was formed in and G's, see
+            :func:`_zero_tol`).
     """
     dt = solve_dtype(F.device)
     F64 = F.detach().to(dt)
@@ -126,15 +122,16 @@ def batch_spectrum(
     B, Dg = G.shape
     primal = B > Dg
     K = gram(G64, primal) if K is None else K.detach()
-    eps = torch.finfo(K.dtype).eps
+    gram_dtype = K.dtype
     evals, vecs = torch.linalg.eigh(K.to(dt))
-    nonzero = _threshold(evals, max(B, Dg), sigma_THR, sigma_MIN, eps)[0]
+    top = evals.max().clamp_min(0) if evals.numel() else evals.new_zeros(())
+    nonzero = evals > _zero_tol(top, max(B, Dg), gram_dtype, G.dtype)
     vecs = vecs[:, nonzero]
     # A singular value read off the Gram (√e) loses relative accuracy below √ε·max(s); the norm
     # of Gᵀu (or Gv) keeps it, and the thresholds and W need it there.
     other = G64 @ vecs if primal else G64.mT @ vecs
     s = other.norm(dim=0)
-    smax = evals.max().clamp_min(0).sqrt() if evals.numel() else s.new_zeros(())
+    smax = top.sqrt()
     kept = s > sigma_THR * smax
     s_eff = torch.where(kept, s, torch.full_like(s, sigma_MIN))
     live = s_eff > 0  # an s̃ of 0 contributes nothing; keep those out of every later sum
@@ -216,13 +213,16 @@ def projection_from_spectrum(G: Tensor, spec: Spectrum, lam: float) -> Tensor:
 def residual(F: Tensor, spec: Spectrum, lam: float) -> Tensor:
     """f_r = F − G W(λ) = F − U diag(s s̃ / (s̃² + λ)) C, without autograd."""
     w = spec.s * spec.s_eff / (spec.s_eff.square() + lam)
-    return F - (spec.basis @ (w[:, None] * spec.coeffs)).to(F.dtype)
+    # The subtraction too in the solve dtype: f_r may be a small difference of large terms.
+    return (F.to(spec.basis.dtype) - spec.basis @ (w[:, None] * spec.coeffs)).to(F.dtype)
 
 
 class _DualRidge(torch.autograd.Function):
     """f_r = λ⁺ (K + λ⁺I)⁻¹ F for the Gram case, with the exact backward written out.
 
-    The forward value is computed by the caller from K = U diag(e) Uᵀ; the backward routes the
+    X, S, U and e come in the working precision; the output and the gradients go back in the
+    inputs' dtypes. The forward value is computed by the caller from K = U diag(e) Uᵀ (e is 0 on
+    the directions counted as zero); the backward routes the
     gradient to F and K at fixed λ⁺ and adds the implicit-function term through dλ⁺, with the
     secular function φ(λ) written in matrix form:
 
@@ -235,14 +235,15 @@ class _DualRidge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, F, K, X, S, U, Ui, e, lam, dphi, rule):
         ctx.save_for_backward(X, S, U, Ui, e)
-        ctx.lam, ctx.dphi, ctx.rule, ctx.K_dtype = lam, dphi, rule, K.dtype
-        return lam * X
+        ctx.lam, ctx.dphi, ctx.rule, ctx.dtypes = lam, dphi, rule, (F.dtype, K.dtype)
+        return (lam * X).to(F.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gY):
         X, S, U, Ui, e = ctx.saved_tensors  # Ui = U diag(1/(e+λ))
         lam, dphi = ctx.lam, ctx.dphi
+        gY = gY.to(X.dtype)
         Z = Ui @ (U.mT @ gY)  # (K + λI)⁻¹ gY
         # ⟨gY, ∂f_r/∂λ⟩ = ⟨gY, S⟩; dλ⁺ = −dφ/φ', so the λ-term adds −c·∂φ below.
         c = (gY * S).sum() / dphi
@@ -255,7 +256,8 @@ class _DualRidge(torch.autograd.Function):
             gF = lam * Z
             inv = (e + lam).reciprocal()
             gK = -lam * Z @ X.T - (2 * lam * c) * (U * (e * inv**3)) @ U.T
-        return gF, gK.to(ctx.K_dtype), None, None, None, None, None, None, None, None
+        F_dtype, K_dtype = ctx.dtypes
+        return gF.to(F_dtype), gK.to(K_dtype), None, None, None, None, None, None, None, None
 
 
 class _PrimalRidge(torch.autograd.Function):
@@ -308,25 +310,29 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
 
     One eigendecomposition of the smaller Gram: K = GGᵀ = U diag(e) Uᵀ when B ≤ Dg, giving
     f_r = λ⁺ U diag(1/(e+λ⁺)) UᵀF; K = GᵀG = V diag(e) Vᵀ when B > Dg, giving
-    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition and the projections run in the Gram's
+    W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition and the projections run in one working
     precision, the secular root in float64 on the host; each case has its backward written
-    out. Returns None when the batch is not this case (a zero λ⁺, or a threshold that alters
-    the spectrum): the general path takes it.
+    out. Returns None when the batch is not this case (a zero λ⁺, a threshold that alters the
+    spectrum, or a singular value the Gram resolves poorly): the general path takes it.
     """
     dt = solve_dtype(F.device)
     B, Dg = G.shape
+    n = max(B, Dg)
     primal = B > Dg
-    # The B×B Gram is formed in the input's precision first, as float32 GEMMs are twice as
-    # fast; it is kept only when every eigenvalue stands well above its round-off, where it
-    # cannot tell a small singular value from a zero one. The Dg×Dg (primal) Gram is small.
-    for precise in (True,) if primal or G.dtype == dt else (False, True):
-        Fk = F.detach().to(dt if precise else G.dtype)
+    # The B×B Gram is tried first in the inputs' precision (float32 GEMMs are twice as fast)
+    # and kept only when every eigenvalue stands well above its round-off, where it cannot
+    # tell a small singular value from a zero one, and nothing overflows; otherwise the whole
+    # pass is redone in the solve dtype. The Dg×Dg (primal) Gram is small: solve dtype only.
+    low = torch.promote_types(torch.promote_types(F.dtype, G.dtype), torch.float32)
+    for wd in (dt,) if primal or low == dt else (low, dt):
+        precise = wd == dt
+        Fk = F.detach().to(wd)
         if primal:
-            Gd = G.detach().to(dt)
+            Gd = G.detach().to(wd)
             K = Gd.mT @ Gd
             P = Gd.mT @ Fk  # GᵀF, Dg×Df
         else:
-            K = gram(G.to(dt) if precise else G, False)
+            K = gram(G.to(wd), False)
             P = Fk
         try:
             # In the Gram's own precision: float64 could not repair a float32 Gram's round-off.
@@ -337,15 +343,19 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
             continue  # a float32 Gram that overflowed
         eh = e.cpu().double().numpy().clip(min=0.0)
         top = float(eh.max())
-        # Eigenvalues at the round-off level of the Gram are zero singular values.
-        tol = top * max(B, Dg) * torch.finfo(K.dtype).eps
-        if not precise and not (math.isfinite(top) and float(eh.min()) > _SAFE * tol):
-            continue  # a small singular value, or an overflow: the float32 Gram cannot tell
-        Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
+        tol = _zero_tol(top, n, wd, G.dtype)
+        if not precise:
+            info = torch.finfo(wd)
+            resolved = math.isfinite(top) and float(eh.min()) > _SAFE * tol
+            if not (resolved and float(eh.min()) > info.tiny / info.eps):
+                continue  # a small singular value, an overflow or an underflow
         nz = eh > tol
         d = eh[nz]
         if d.size == 0 or float(d.min()) <= sigma_THR**2 * top:
             return None  # nothing to remove, or a threshold that alters the spectrum
+        if float(d.min()) <= _SAFE * top * n * torch.finfo(wd).eps:
+            return None  # an eigenvalue near the Gram's round-off: the general path reads s off G
+        Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
         if rule == "paper":
             # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
             qn = Q.square().sum(1).cpu().double().numpy()[nz]
@@ -355,34 +365,43 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
         lam = secular_root(d, a)
         if lam == 0.0:
             return None
-        if precise or lam > _SAFE * tol:
-            break
-        # λ⁺ near the round-off of the float32 Gram: its root would be ill-determined.
-    live = a > 0
-    dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
-    e = e.clamp(min=0)
-    if primal:
+        if not precise and lam <= _SAFE * tol:
+            continue  # λ⁺ near the round-off of the float32 Gram: its root is ill-determined
+        live = a > 0
+        dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
+        full = bool(nz.all())
+        e = e.clamp(min=0)
+        if not full:
+            # A zero singular value is exactly zero: it adds nothing to W and keeps F's part.
+            keep = torch.as_tensor(nz, device=e.device)
+            e = torch.where(keep, e, 0.0)
         inv = (e + lam).reciprocal()
-        W = (U * inv) @ Q
+        if primal:
+            W = (U * (inv if full else inv * keep)) @ Q
+            if need_grad:
+                f_r = _PrimalRidge.apply(F, G, W, U, inv, e, lam, dphi, rule)
+            else:
+                f_r = torch.addmm(Fk, Gd, W, alpha=-1).to(F.dtype)
+            return BatchSolution(f_r, lam, W=W, dtype=G.dtype)
+        Ui = U * inv
         if need_grad:
-            f_r = _PrimalRidge.apply(F, G, W, U, inv, e, lam, dphi, rule)
+            # X = (K + λI)⁻¹F and S = K(K + λI)⁻²F, stacked into one product.
+            XS = torch.cat([Ui, Ui * (e * inv)]) @ Q
+            X, S = XS[:B], XS[B:]
         else:
-            f_r = torch.addmm(Fk, Gd, W, alpha=-1).to(F.dtype)
-        return BatchSolution(f_r, lam, W=W.to(G.dtype))
-    wd = F.dtype
-    U, e, Q = U.to(wd), e.to(wd), Q.to(wd)
-    inv = (e + lam).reciprocal()
-    Ui = U * inv
-    if need_grad:
-        # X = (K + λI)⁻¹F and S = K(K + λI)⁻²F, stacked into one product.
-        XS = torch.cat([Ui, Ui * (e * inv)]) @ Q
-        X, S = XS[:B], XS[B:]
-        f_r = _DualRidge.apply(F, K, X, S, U, Ui, e, lam, dphi, rule)
-    else:
-        X = Ui @ Q
-        f_r = lam * X
-    # W(λ) = Gᵀ (K + λI)⁻¹ F: the one Dg×Df product, left to the caller.
-    return BatchSolution(f_r, lam, factors=(G.detach().mT, X.detach().to(G.dtype)))
+            X = XS = Ui @ Q
+        # One reduction is the cheap test: a NaN or Inf anywhere reaches the float64 sum.
+        if not precise and not math.isfinite(float(XS.sum(dtype=torch.float64))):
+            continue  # (K + λI)⁻¹F overflowed the inputs' precision
+        if need_grad:
+            f_r = _DualRidge.apply(F, K, X, S, U, Ui, e, lam, dphi, rule)
+        else:
+            f_r = (lam * X).to(F.dtype)
+        # W = Gᵀ (K + λI)⁻¹ F over the non-zero directions: the one Dg×Df product, left to
+        # the caller.
+        XW = X if full else (Ui * keep) @ Q
+        return BatchSolution(f_r, lam, factors=(G.detach().to(wd).mT, XW.detach()), dtype=G.dtype)
+    raise AssertionError("unreachable: the last pass is precise")  # pragma: no cover
 
 
 class BatchSolution:
@@ -397,7 +416,7 @@ class BatchSolution:
             (:meth:`projection`).
     """
 
-    __slots__ = ("f_r", "lam", "_W", "_factors")
+    __slots__ = ("f_r", "lam", "_W", "_factors", "_dtype")
 
     def __init__(
         self,
@@ -405,8 +424,10 @@ class BatchSolution:
         lam: float,
         W: Tensor | None = None,
         factors: tuple[Tensor, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.f_r, self.lam, self._W, self._factors = f_r, lam, W, factors
+        self._dtype = dtype or (W.dtype if W is not None else factors[0].dtype)
 
     def projection(self, out: Tensor | None = None) -> Tensor:
         """W_batch, written into ``out`` (any float dtype, W's shape) when given."""
@@ -415,11 +436,26 @@ class BatchSolution:
             return torch.mm(*self._factors, out=out)
         if self._W is None:
             self._W = torch.mm(*self._factors)
+        if self._W.dtype != self._dtype:
+            self._W = self._W.to(self._dtype)
         return self._W if out is None else out.copy_(self._W)
 
     @property
     def W(self) -> Tensor:
         return self.projection()
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on (F, G), with a backward that refuses to be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, F: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+        return F.clone(), G.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gF: Tensor, gG: Tensor) -> tuple[Tensor, Tensor]:
+        return gF, gG
 
 
 def _spectral(
@@ -431,6 +467,7 @@ def _spectral(
     rule: str,
     sigma_THR: float,
     sigma_MIN: float,
+    in_dtype: torch.dtype,
 ):
     """(f_r, h, sens) with autograd through the eigendecomposition, for the general case."""
     B, Dg = Gd.shape
@@ -438,10 +475,11 @@ def _spectral(
         evals, V = torch.linalg.eigh(K)
     else:
         evals, U = torch.linalg.eigh(K)
-    nonzero = _threshold(evals.detach(), max(B, Dg), sigma_THR, sigma_MIN)[0]
+    top = evals.detach().max().clamp_min(0)
+    nonzero = evals.detach() > _zero_tol(top, max(B, Dg), K.dtype, in_dtype)
     evals = evals[nonzero]
     s = evals.clamp_min(0).sqrt()
-    smax = evals.detach().max().clamp_min(0).sqrt()
+    smax = top.sqrt()
     kept = s.detach() > sigma_THR * smax
     s_eff = torch.where(kept, s, torch.full_like(s, sigma_MIN))
     live = s_eff.detach() > 0
@@ -499,6 +537,11 @@ def solve_batch(
     # Here λ⁺ = 0 or the thresholds changed the spectrum: the Gram in the solve dtype, as these
     # paths use its eigenvectors or sit at its round-off.
     dt = solve_dtype(F.device)
+    if need_grad:
+        # The first derivative below is exact, the second is not (λ⁺ and the sensitivity enter
+        # as constants): the inputs pass a gate that makes a double backward raise, as on the
+        # fast path.
+        F, G = _FirstOrderOnly.apply(F, G)
     K = gram(G.to(dt), primal)
     spec = batch_spectrum(F, G, sigma_THR, sigma_MIN, K=K)
     d, a = secular_weights(spec, rule)
@@ -509,7 +552,7 @@ def solve_batch(
     if not need_grad:
         return BatchSolution(residual(F, spec, lam), lam, W)
 
-    f_r, h, sens = _spectral(F.to(dt), G.to(dt), K, spec, lam, rule, sigma_THR, sigma_MIN)
+    f_r, h, sens = _spectral(F.to(dt), G.to(dt), K, spec, lam, rule, sigma_THR, sigma_MIN, G.dtype)
     if lam > 0:
         # δ has value 0 and carries dλ⁺ = −∂h / φ'(λ⁺).
         delta = -(h - h.detach()) / dphi

@@ -366,6 +366,52 @@ def test_failed_solve_restores_input_norm_statistics(monkeypatch):
     assert_same_buffers(before, buffers(layer))
 
 
+def test_failure_after_the_solve_restores_input_norm_statistics(monkeypatch):
+    """The Dg×Df workspace is allocated after the input norms ran; its failure must undo them."""
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, normalize_input=True)
+    layer(*batch(6, fs, gs, dtype=torch.float32))
+    before = buffers(layer)
+
+    def boom(self):
+        raise torch.OutOfMemoryError("simulated: no room for the workspace")
+
+    monkeypatch.setattr(RegBN, "_workspace", boom)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        layer(*batch(6, fs, gs, dtype=torch.float32, seed=1))
+    assert_same_buffers(before, buffers(layer))
+
+
+def test_non_finite_solution_is_rejected_without_touching_buffers(monkeypatch):
+    fs, gs = LAYER_SHAPES["vector"]
+    layer = make(fs, gs, normalize_input=True)
+    layer(*batch(6, fs, gs, dtype=torch.float32))
+    before = buffers(layer)
+    real = regbn.layer.solve_batch
+
+    def overflowing(*a, **k):
+        sol = real(*a, **k)
+        sol.f_r = sol.f_r * math.inf
+        return sol
+
+    monkeypatch.setattr(regbn.layer, "solve_batch", overflowing)
+    with pytest.raises(ValueError, match="batch solution is not finite.*Rescale the inputs"):
+        layer(*batch(6, fs, gs, dtype=torch.float32, seed=1))
+    assert_same_buffers(before, buffers(layer))
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e19])
+def test_extreme_but_finite_float32_batches_keep_the_state_finite(scale):
+    layer = make((5,), (12,), normalize_output=False)
+    layer(*batch(8, (5,), (12,), dtype=torch.float32))
+    f, g = batch(8, (5,), (12,), dtype=torch.float32, seed=1)
+    f_r, _ = layer(scale * f, scale * g)
+    assert bool(torch.isfinite(f_r).all())
+    for name in ("W", "adam_m", "adam_v"):
+        assert bool(torch.isfinite(getattr(layer, name)).all()), name
+    assert math.isfinite(layer.last_lambda)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

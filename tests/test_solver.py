@@ -205,6 +205,9 @@ GRAD_CASES = {
     "primal_lambda_zero": (9, 3, 3, "paper", 0.0, 0.0, 20.0, 0.05),
     "gram_lambda_zero": (4, 3, 7, "paper", 0.0, 0.0, 20.0, 0.05),
     "thresholded": (7, 3, 5, "paper", 0.4, 0.1, 0.5, 1.0),
+    # rows of zeros give exact zero singular values, which the fast path masks out
+    "gram_zero_rows": (6, 4, 9, "paper", 0.0, 0.0, 0.5, 1.0),
+    "primal_zero_rows": (12, 4, 5, "official", 0.0, 0.0, 1.0, 1.0),
 }
 
 
@@ -218,6 +221,11 @@ def test_gradcheck(case):
         G = (U * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2], dtype=torch.float64)) @ V.T
     else:
         G = g_scale * torch.randn(B, Dg, generator=gen, dtype=torch.float64)
+    if "zero_rows" in case:
+        G[1] = 0.0
+        G[3] = 0.0
+        if B > Dg:  # a zero column too, for a zero singular value on the primal side
+            G[:, 2] = 0.0
     F = f_scale * torch.randn(B, Df, generator=gen, dtype=torch.float64)
     F.requires_grad_(True)
     G.requires_grad_(True)
@@ -281,7 +289,7 @@ def test_float32_fast_path_matches_float64():
 
 # ----------------------------------------------------------------------------- float32 edges
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
+    return float((a.detach().double() - b).norm() / b.norm().clamp_min(1e-300))
 
 
 @pytest.mark.parametrize("B,Dg", [(64, 16), (33, 32), (16, 64)])
@@ -302,13 +310,14 @@ def test_float32_near_the_zero_lambda_boundary(B, Dg):
 @pytest.mark.parametrize("B,Dg", [(64, 16), (16, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_small_singular_value_under_thresholds(B, Dg, dtype):
-    """s = 1e-5·max: zero at float32 round-off, real in float64; sigma_MIN must replace it."""
+    """s ≈ 3e-5·max: under the float32 Gram's round-off but above G's own (64·ε·max), so real
+    in both dtypes; sigma_MIN must replace it."""
     gen = torch.Generator().manual_seed(0)
     r = min(B, Dg)
     U, _ = torch.linalg.qr(torch.randn(B, r, generator=gen, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(Dg, r, generator=gen, dtype=torch.float64))
     s = torch.linspace(1, 3, r, dtype=torch.float64)
-    s[0] = 1e-5
+    s[0] = 1e-4
     G = ((U * s) @ V.T).to(dtype)
     F = torch.randn(B, 8, generator=gen, dtype=torch.float64).to(dtype)
     sol, ref = solve_batch(F, G, "paper", 0.1, 0.5), reference(F, G, "paper", 0.1, 0.5)
@@ -320,13 +329,18 @@ def test_small_singular_value_under_thresholds(B, Dg, dtype):
 def test_mixed_dtypes_and_gradients(B, Dg):
     gen = torch.Generator().manual_seed(1)
     F = torch.randn(B, 3, generator=gen, dtype=torch.float64).requires_grad_()
-    G = torch.randn(B, Dg, generator=gen).requires_grad_()
+    G = (0.3 * torch.randn(B, Dg, generator=gen)).requires_grad_()
     sol = solve_batch(F, G)
+    assert sol.lam > 0
     assert sol.f_r.dtype == torch.float64 and sol.W.dtype == torch.float32
     sol.f_r.sum().backward()
     assert F.grad.dtype == torch.float64 and G.grad.dtype == torch.float32
-    ref = reference(F.detach(), G.detach().double())
-    torch.testing.assert_close(sol.f_r.detach(), ref.f_r, rtol=1e-5, atol=1e-6)
+    # the float64 output is as accurate as float64 allows, whichever of F or G is narrower
+    ref = reference(F.detach(), G.detach())
+    torch.testing.assert_close(sol.f_r.detach(), ref.f_r, rtol=1e-12, atol=1e-13)
+    sol = solve_batch(F.detach().float(), G.detach().double())
+    ref = reference(F.detach().float(), G.detach().double())
+    torch.testing.assert_close(sol.W, ref.W, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("B,Dg", [(32, 8), (8, 32)])
@@ -338,10 +352,97 @@ def test_float32_gram_overflow_falls_back_to_float64(B, Dg):
     torch.testing.assert_close(sol.f_r.double(), reference(F, G).f_r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["fast", "thresholds", "zero_lambda"])
 @pytest.mark.parametrize("B,Dg", [(6, 9), (9, 4)])
-def test_double_backward_raises_rather_than_lies(B, Dg):
-    F, G = _data(B, (3,), (Dg,), seed=4, g_scale=0.5)
+def test_double_backward_raises_rather_than_lies(B, Dg, path):
+    F, G = _data(B, (3,), (Dg,), seed=4, g_scale=0.5 if path != "zero_lambda" else 50.0)
+    thr, smin = (0.9, 0.1) if path == "thresholds" else (0.0, 0.0)
     F.requires_grad_()
-    (gF,) = torch.autograd.grad(solve_batch(F, G).f_r.square().sum(), F, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
-        gF.sum().backward()
+    G.requires_grad_()
+    sol = solve_batch(F, G, "paper", thr, smin)
+    assert (sol.lam == 0.0) == (path == "zero_lambda")
+    gF, gG = torch.autograd.grad(sol.f_r.square().sum(), (F, G), create_graph=True)
+    for grad in (gF, gG):
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward(retain_graph=True)
+
+
+@pytest.mark.parametrize("need_grad", [False, True])
+def test_float32_retry_forms_W_in_float64(need_grad):
+    """A rank-one G plus noise: the float32 Gram is rejected and W = GᵀX must not be formed from
+    a float32 X (about 2e-3 off before)."""
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(16, generator=gen, dtype=torch.float64), torch.randn(64, generator=gen,
+                                                                          dtype=torch.float64)
+    G = (10 * torch.outer(u, v) + 1e-3 * torch.randn(16, 64, generator=gen, dtype=torch.float64))
+    G, F = G.float(), torch.randn(16, 8, generator=gen)
+    sol, ref = solve_batch(F, G, need_grad=need_grad), reference(F, G)
+    assert sol.W.dtype == torch.float32 and sol.f_r.dtype == torch.float32
+    assert _rel(sol.W, ref.W) < 1e-6
+    assert _rel(sol.f_r, ref.f_r) < 1e-6
+
+
+def test_no_grad_residual_subtracts_in_the_solve_dtype():
+    """λ⁺ = 0 and f_r a small difference of large terms: no float32 subtraction (1e-4 before)."""
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(33, 32, generator=gen, dtype=torch.float64)
+    F = G @ torch.randn(32, 8, generator=gen, dtype=torch.float64)
+    F = F + 0.01 * torch.randn(33, 8, generator=gen, dtype=torch.float64)
+    F, G = (F / (torch.linalg.pinv(G) @ F).norm() * 0.99).float(), G.float()
+    ref = reference(F, G)
+    for need_grad in (False, True):
+        sol = solve_batch(F, G, need_grad=need_grad)
+        assert sol.lam == 0.0
+        assert _rel(sol.f_r, ref.f_r) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Dg", [(6, 9), (12, 4)])
+def test_half_precision_inputs(B, Dg, dtype):
+    """No half eigh exists: the solve runs in float32 or float64 and answers in the input dtype."""
+    gen = torch.Generator().manual_seed(3)
+    F = torch.randn(B, 3, generator=gen).to(dtype).requires_grad_()
+    G = (0.5 * torch.randn(B, Dg, generator=gen)).to(dtype).requires_grad_()
+    sol = solve_batch(F, G)
+    assert sol.f_r.dtype == dtype and sol.W.dtype == dtype
+    sol.f_r.square().sum().backward()
+    assert F.grad.dtype == dtype and G.grad.dtype == dtype
+    ref = reference(F.detach(), G.detach())
+    assert sol.lam == pytest.approx(ref.lam, rel=1e-5)
+    assert _rel(sol.f_r, ref.f_r) < 1e-2
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-15, 1e17, 1e19])
+@pytest.mark.parametrize("B,Dg", [(8, 12), (12, 5)])
+def test_float32_inputs_at_extreme_scales(B, Dg, scale):
+    """The Gram of such inputs under- or overflows float32; the answer must not."""
+    gen = torch.Generator().manual_seed(5)
+    F = scale * torch.randn(B, 5, generator=gen)
+    G = scale * torch.randn(B, Dg, generator=gen)
+    ref = reference(F, G)
+    for need_grad in (False, True):
+        sol = solve_batch(F.requires_grad_(need_grad), G)
+        assert bool(torch.isfinite(sol.f_r).all()) and bool(torch.isfinite(sol.W).all())
+        assert sol.lam == pytest.approx(ref.lam, rel=1e-5)
+        assert _rel(sol.f_r, ref.f_r) < 1e-5
+        assert _rel(sol.W, ref.W) < 1e-5
+
+
+@pytest.mark.parametrize("third", [0.0, 3e-7])
+@pytest.mark.parametrize("thr,smin", [(0.0, 0.0), (0.1, 0.5)])
+def test_float32_rank_deficiency_follows_the_matrix_rank_rule(thr, smin, third):
+    """A rank-2 G rounded to float32 has singular values of ~1e-8·max, and a third one of
+    3e-7·max sits under max(B, Dg)·ε₃₂: both are zero by NumPy's matrix_rank rule, not
+    directions that thresholds turn into sigma_MIN ones (a float64 G keeps the third)."""
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(6, 3, generator=gen, dtype=torch.float64))
+    G64 = (U * torch.tensor([1.0, 0.5, third], dtype=torch.float64)) @ V.T
+    G, F = G64.float(), 0.3 * torch.randn(8, 3, generator=gen)
+    assert float(torch.linalg.svdvals(G.double())[2]) > 0  # full rank as stored
+    assert batch_spectrum(F, G, thr, smin).s.numel() == 2
+    assert batch_spectrum(F, G64, thr, smin).s.numel() == (3 if third else 2)
+    sol = solve_batch(F, G, "paper", thr, smin)
+    Vh = torch.linalg.svd(G.double())[2]
+    assert float((Vh[2:] @ sol.W.double()).norm()) < 1e-5 * float(sol.W.norm())
+    _check(F, G, "paper", thr, smin, rtol=1e-5)
