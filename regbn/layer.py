@@ -138,6 +138,7 @@ class RegBN(nn.Module):
     adam_v: Tensor
     num_batches_tracked: Tensor
     lambda_history: Tensor
+    _SOLVE_DTYPE_BUFFERS = ("adam_m", "adam_v", "lambda_history")
 
     def __init__(
         self,
@@ -279,13 +280,21 @@ class RegBN(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._work = None
-        # The λ⁺ history and the Adam moments are float64; on a device without float64 (MPS)
-        # they travel as float32.
+        # The λ⁺ history and the Adam moments live in the solve dtype of their device: float64,
+        # or float32 where the device has none (MPS), which they must be cast to before the move.
         target = fn(torch.zeros(()))
         if solve_dtype(target.device) != torch.float64:
-            for name in ("adam_m", "adam_v", "lambda_history"):
+            for name in self._SOLVE_DTYPE_BUFFERS:
                 setattr(self, name, getattr(self, name).float())
-        return super()._apply(fn, *args, **kwargs)
+        before = {name: getattr(self, name) for name in self._SOLVE_DTYPE_BUFFERS}
+        module = super()._apply(fn, *args, **kwargs)
+        # A model.half() must not round them (λ⁺ may exceed float16's range): they follow the
+        # move, from their values before it, but keep the solve dtype.
+        for name, old in before.items():
+            buf = getattr(self, name)
+            if buf.dtype != solve_dtype(buf.device):
+                setattr(self, name, old.to(buf.device, solve_dtype(buf.device)))
+        return module
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

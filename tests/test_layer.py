@@ -366,6 +366,26 @@ def test_failed_solve_restores_input_norm_statistics(monkeypatch):
     assert_same_buffers(before, buffers(layer))
 
 
+def test_half_keeps_the_solver_state_in_float64():
+    """model.half() rounds W, as asked, but not λ⁺ (which can exceed float16's range) or the
+    Adam moments."""
+    fs, gs = LAYER_SHAPES["vector"]
+    layer = make(fs, gs)
+    f, g = batch(6, fs, gs, dtype=torch.float32, g_scale=30.0)
+    f = 1000.0 * f
+    layer(f, g)
+    lam = layer.last_lambda
+    assert lam > 7e4  # beyond float16
+    layer.half()
+    assert layer.W.dtype == torch.float16
+    for name in ("adam_m", "adam_v", "lambda_history"):
+        assert getattr(layer, name).dtype == torch.float64, name
+    assert layer.last_lambda == lam
+    f_r, _ = layer(f.half(), g.half())
+    assert f_r.dtype == torch.float16 and bool(torch.isfinite(f_r).all())
+    assert layer.adam_m.dtype == torch.float64 and math.isfinite(layer.last_lambda)
+
+
 def test_failure_after_the_solve_restores_input_norm_statistics(monkeypatch):
     """The Dg×Df workspace is allocated after the input norms ran; its failure must undo them."""
     fs, gs = LAYER_SHAPES["map2d"]
