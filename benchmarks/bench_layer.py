@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "processor": platform.processor(),
         "command": "python benchmarks/bench_layer.py" + (" --quick" if args.quick else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
-        + (f" --threads {args.threads}" if args.threads else ""),
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --case-time {args.case_time:g}" if args.case_time != 8.0 else ""),
         "constraint_error": accuracy(device),
         "cases": rows,
     }

@@ -53,8 +53,8 @@ def solve_dtype(device: torch.device) -> torch.dtype:
 class Spectrum:
     """The part of the batch's spectral decomposition that the solve needs (all detached).
 
-    Only numerically non-zero singular values are kept: a zero singular value contributes
-    nothing to W, to the residual or to either secular equation.
+    Only numerically non-zero singular values are kept (see :func:`_zero_tol`): a zero singular
+    value contributes nothing to W, to the residual or to either secular equation.
     """
 
     basis: Tensor  # U_r, B×r: left singular vectors of G (solve dtype)
