@@ -358,14 +358,14 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
         Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
         if rule == "paper":
             # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
-            qn = Q.square().sum(1).cpu().double().numpy()[nz]
+            qn = Q.double().square().sum(1).cpu().numpy()[nz]  # a float32 square may overflow
             a = qn * (1.0 if primal else d)
         else:
             a = d * d
         lam = secular_root(d, a)
         if lam == 0.0:
             return None
-        if not precise and lam <= _SAFE * tol:
+        if not precise and not (math.isfinite(lam) and lam > _SAFE * tol):
             continue  # λ⁺ near the round-off of the float32 Gram: its root is ill-determined
         live = a > 0
         dphi = -2.0 * float(np.sum(a[live] / (d[live] + lam) ** 3))
@@ -399,8 +399,17 @@ def _fast(F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool):
             f_r = (lam * X).to(F.dtype)
         # W = Gᵀ (K + λI)⁻¹ F over the non-zero directions: the one Dg×Df product, left to
         # the caller.
-        XW = X if full else (Ui * keep) @ Q
-        return BatchSolution(f_r, lam, factors=(G.detach().to(wd).mT, XW.detach()), dtype=G.dtype)
+        XW = (X if full else (Ui * keep) @ Q).detach()
+        # W = GᵀX in float32 errs by about ε₃₂·‖G‖‖X‖/‖W‖ relative, an amplification of at most
+        # √max(e)·max 1/(e+λ) / max √e/(e+λ). A retried pass forms W in float64 only when that
+        # exceeds _SAFE: the float64 GEMM costs three float32 ones.
+        gd = torch.promote_types(G.dtype, torch.float32)
+        if gd != wd:
+            amp = math.sqrt(top) / (float(d.min()) + lam) / float(np.max(np.sqrt(d) / (d + lam)))
+            if amp <= _SAFE:
+                XW = XW.to(gd)
+        Gf = G.detach().to(XW.dtype)
+        return BatchSolution(f_r, lam, factors=(Gf.mT, XW), dtype=G.dtype)
     raise AssertionError("unreachable: the last pass is precise")  # pragma: no cover
 
 

@@ -22,13 +22,14 @@ def reference(F: torch.Tensor, G: torch.Tensor, rule: str = "paper", sigma_THR: 
               sigma_MIN: float = 0.0, rtol: float | None = None) -> Ref:
     """The exact batch solution; singular values at or below ``rtol * max(s)`` are zero.
 
-    The default ``rtol`` is NumPy's ``matrix_rank`` rule in the precision G came in,
-    max(B, Dg)·ε, and never less than 1e-9 (below which the library's float64 Gram cannot
-    resolve a singular value).
+    The default ``rtol`` is the library's definition of a zero singular value: the larger of
+    NumPy's ``matrix_rank`` rule in the precision G came in, max(B, Dg)·ε, and √(max(B, Dg)·ε₆₄),
+    the level below which a float64 Gram matrix cannot resolve a singular value.
     """
     if rtol is None:
+        n = max(G.shape[0], G[0].numel())
         eps = torch.finfo(torch.promote_types(G.dtype, torch.float32)).eps
-        rtol = max(1e-9, max(G.shape[0], G[0].numel()) * eps)
+        rtol = max(n * eps, (n * torch.finfo(torch.float64).eps) ** 0.5)
     F, G = F.double().reshape(F.shape[0], -1), G.double().reshape(G.shape[0], -1)
     U, s, Vh = torch.linalg.svd(G, full_matrices=False)
     smax = float(s.max()) if s.numel() else 0.0
