@@ -763,8 +763,6 @@ def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str]) -> Row:
     )
 
 
-
-
 def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
     """One entry per modality, in argument order: a dict/tuple argument gives one per entry."""
     from .modality import modality_sources
