@@ -13,7 +13,6 @@ is rewired, so the layer would need its own output (a cycle).
 from __future__ import annotations
 
 import copy as copy_module
-import difflib
 import operator
 import re
 from collections.abc import Iterable, Sequence
@@ -25,173 +24,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .modality import (
-    _entry_name,
-    _is_constant_getitem,
-    annotate_modalities,
-    build_graph,
-    detect_fusions,
-)
+from ..layer import RegBN
+from .modality import annotate_modalities, build_graph, detect_fusions
+from .names import INSPECT_HINT, entry_name, is_ambiguous, resolve_name
 from .shapes import propagate_shapes
-from .tracing import carry_missing_state, input_name, is_regbn, trace
+from .tracing import carry_missing_state, is_regbn, trace
 
 __all__ = ["insert", "remove", "resolve_name", "is_ambiguous"]
 
-PREFIXES = ("input", "module", "node")
 _LAYER_NAME = re.compile(r"^regbn_(\d+)$")
-_INSPECT_HINT = "Run regbn.inspect(model, ...) to list them"
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    kind: str  # "input", "module" or "node"
-    label: str
-    node: fx.Node
-
-
-# ----------------------------------------------------------------------------- name resolution
-
-
-def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and input_name(node) == name:
-            out.append(_Candidate("input", f"input:{name}", node))
-    wanted = name.replace('"', "'")
-    for node in gm.graph.nodes:
-        if not _is_constant_getitem(node):
-            continue
-        src = node.args[0]
-        if isinstance(src, fx.Node) and src.op == "placeholder":
-            label = _entry_name(src, node.args[1])
-            if label == wanted:
-                out.append(_Candidate("input", f"input:{label}", node))
-    return out
-
-
-def _module_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    out: dict[fx.Node, _Candidate] = {}
-    calls: dict[int, fx.Node] = {}
-    for node in gm.graph.nodes:
-        for path, idx in node.meta.get("regbn_output_of", ()):
-            if path == name:
-                calls[idx] = node
-    for idx, node in sorted(calls.items()):
-        label = f"module:{name}" + (f" (call {idx}, node {node.name})" if len(calls) > 1 else "")
-        out[node] = _Candidate("module", label, node)
-    if not calls:  # a GraphModule traced elsewhere carries no provenance meta
-        leaf = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-        for n in leaf:
-            label = f"module:{name}" + (f" (node {n.name})" if len(leaf) > 1 else "")
-            out[n] = _Candidate("module", label, n)
-    return list(out.values())
-
-
-def _node_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    return [
-        _Candidate("node", f"node:{name}", n)
-        for n in gm.graph.nodes
-        if n.name == name and n.op != "output"
-    ]
-
-
-def _candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    prefix, _, rest = name.partition(":")
-    if prefix in PREFIXES and rest:
-        return {
-            "input": _input_candidates,
-            "module": _module_candidates,
-            "node": _node_candidates,
-        }[prefix](gm, rest)
-    found = _input_candidates(gm, name) + _module_candidates(gm, name) + _node_candidates(gm, name)
-    distinct: dict[fx.Node, _Candidate] = {}
-    for c in found:
-        distinct.setdefault(c.node, c)
-    # Several labels for one node (input 'x' is node 'x') are one tensor, not an ambiguity.
-    return list(distinct.values()) if len(distinct) > 1 else found[:1]
-
-
-def is_ambiguous(gm: fx.GraphModule, name: str) -> bool:
-    """True when a bare name denotes more than one tensor (an input and a module, say)."""
-    return len(_candidates(gm, name)) > 1
-
-
-def _all_names(gm: fx.GraphModule) -> list[str]:
-    names: list[str] = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            names.append(input_name(node))
-        if node.op != "output":
-            names.append(node.name)
-        names.extend(path for path, _ in node.meta.get("regbn_output_of", ()))
-        if node.op == "call_module":
-            names.append(node.target)
-    return list(dict.fromkeys(names))
-
-
-def _unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -> ValueError:
-    bare = name.partition(":")[2] if name.partition(":")[0] in PREFIXES else name
-    close = _distinct(gm, difflib.get_close_matches(bare, _all_names(gm), n=6, cutoff=0.6))[:3]
-    did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    note = _why_not_a_tensor(gm, model, bare)
-    return ValueError(f"{where}: {name!r} is not a tensor of this model{note}{did} {_INSPECT_HINT}")
-
-
-def _distinct(gm: fx.GraphModule, names: list[str]) -> list[str]:
-    # 'gray_net.fc' and its node 'gray_net_fc' are one tensor: suggest it once, best spelling first.
-    seen: set[fx.Node] = set()
-    out = []
-    for name in names:
-        nodes = {c.node for c in _candidates(gm, name)}
-        if nodes and nodes <= seen:
-            continue
-        seen |= nodes
-        out.append(name)
-    return out
-
-
-def _why_not_a_tensor(gm: fx.GraphModule, model: nn.Module, name: str) -> str:
-    if name not in dict(model.named_modules()):
-        return ""
-    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    parent = name
-    while "." in parent:
-        parent = parent.rsplit(".", 1)[0]
-        if parent in leaves:
-            return (
-                f" (it lies inside {parent!r}, which is traced as one call; name {parent!r}, or "
-                "trace without it in leaf_modules)"
-            )
-    return " (it is a submodule, but forward never calls it)"
-
-
-def resolve_name(
-    gm: fx.GraphModule, name: str, where: str = "name", model: nn.Module | None = None
-) -> fx.Node:
-    """The node a user-facing name denotes; ValueError for unknown or ambiguous names."""
-    if not isinstance(name, str):
-        raise TypeError(
-            f"{where}: names must be strings (an input name, a dotted module path or an fx node "
-            f"name); got {name!r} of type {type(name).__name__}"
-        )
-    found = _candidates(gm, name)
-    if not found:
-        raise _unknown_name(gm, name, where, model if model is not None else gm)
-    if len(found) > 1:
-        listed = ", ".join(repr(c.label.split(" ")[0]) + _describe(c) for c in found)
-        raise ValueError(
-            f"{where}: {name!r} is ambiguous; it names {len(found)} different tensors: {listed}. "
-            "Write one of these prefixed names (input:, module: or node:) instead"
-        )
-    return found[0].node
-
-
-def _describe(c: _Candidate) -> str:
-    shape = c.node.meta.get("regbn_shape")
-    shape_s = f", shape {tuple(shape)}" if shape is not None else ""
-    if c.kind == "module" and " (" in c.label:
-        return f" [{c.label.split(' (', 1)[1].rstrip(')')}; write node:{c.node.name}{shape_s}]"
-    return f" [node {c.node.name}{shape_s}]"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -248,7 +89,7 @@ def _check_tensor(node: fx.Node, name: str, where: str) -> tuple[int, ...]:
     if shape is None:
         nested = node.meta.get("regbn_nested")
         entries = [
-            _entry_name(node, u.args[1]) if node.op == "placeholder" else u.name
+            entry_name(node, u.args[1]) if node.op == "placeholder" else u.name
             for u in node.users
             if u.op == "call_function" and u.target is operator.getitem
         ]
@@ -285,8 +126,6 @@ def _refuse_path(graph: nx.DiGraph, a: str, b: str, names: tuple[str, str], wher
 
 
 def _build_layer(f: tuple[int, ...], g: tuple[int, ...], f_node: fx.Node, kwargs: dict):
-    from ..layer import RegBN
-
     device = f_node.meta.get("regbn_device") or torch.device("cpu")
     try:
         with torch.device(device):
@@ -535,7 +374,7 @@ def _auto_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
         raise ValueError(
             "pairs='auto': found no fusion (no node whose tensor operands come from disjoint "
             "sets of inputs), so there is nowhere to insert RegBN. Name the pairs explicitly; "
-            f"{_INSPECT_HINT}"
+            f"{INSPECT_HINT}"
         )
     return [(f"node:{fu.pair[0]}", f"node:{fu.pair[1]}") for fu in fusions]
 

@@ -1,0 +1,198 @@
+"""User-facing tensor names of a traced model, and the errors that explain a wrong one.
+
+A name is an input (``"gray"``, ``"batch['audio']"``), a dotted module path (the output of that
+call) or an fx node name; the prefixes ``input:``, ``module:`` and ``node:`` pick one kind when a
+bare name is ambiguous. `resolve_name` turns a name into its node; `is_ambiguous` says whether a
+bare name needs a prefix. This module depends on `tracing` only, so that shape, modality and
+insertion code can all import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .tracing import input_name
+
+__all__ = [
+    "INSPECT_HINT",
+    "PREFIXES",
+    "entry_name",
+    "is_ambiguous",
+    "is_constant_getitem",
+    "resolve_name",
+    "unknown_name",
+]
+
+PREFIXES = ("input", "module", "node")
+INSPECT_HINT = "Run regbn.inspect(model, ...) to list them"
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    kind: str  # "input", "module" or "node"
+    label: str
+    node: fx.Node
+
+
+def entry_name(placeholder: fx.Node, key: Any) -> str:
+    """The modality name of one entry of a container input: ``batch['audio']``, ``x[0]``."""
+    return f"{input_name(placeholder)}[{key!r}]"
+
+
+def is_constant_getitem(node: fx.Node) -> bool:
+    """True for ``x[k]`` with a literal int or str ``k`` (an entry of a tuple or dict input)."""
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and len(node.args) == 2
+        and isinstance(node.args[1], (int, str))
+    )
+
+
+def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and input_name(node) == name:
+            out.append(_Candidate("input", f"input:{name}", node))
+    wanted = name.replace('"', "'")
+    for node in gm.graph.nodes:
+        if not is_constant_getitem(node):
+            continue
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "placeholder":
+            label = entry_name(src, node.args[1])
+            if label == wanted:
+                out.append(_Candidate("input", f"input:{label}", node))
+    return out
+
+
+def _module_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
+    out: dict[fx.Node, _Candidate] = {}
+    calls: dict[int, fx.Node] = {}
+    for node in gm.graph.nodes:
+        for path, idx in node.meta.get("regbn_output_of", ()):
+            if path == name:
+                calls[idx] = node
+    for idx, node in sorted(calls.items()):
+        label = f"module:{name}" + (f" (call {idx}, node {node.name})" if len(calls) > 1 else "")
+        out[node] = _Candidate("module", label, node)
+    if not calls:  # a GraphModule traced elsewhere carries no provenance meta
+        leaf = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+        for n in leaf:
+            label = f"module:{name}" + (f" (node {n.name})" if len(leaf) > 1 else "")
+            out[n] = _Candidate("module", label, n)
+    return list(out.values())
+
+
+def _node_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
+    return [
+        _Candidate("node", f"node:{name}", n)
+        for n in gm.graph.nodes
+        if n.name == name and n.op != "output"
+    ]
+
+
+def _candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
+    prefix, _, rest = name.partition(":")
+    if prefix in PREFIXES and rest:
+        return {
+            "input": _input_candidates,
+            "module": _module_candidates,
+            "node": _node_candidates,
+        }[prefix](gm, rest)
+    found = _input_candidates(gm, name) + _module_candidates(gm, name) + _node_candidates(gm, name)
+    distinct: dict[fx.Node, _Candidate] = {}
+    for c in found:
+        distinct.setdefault(c.node, c)
+    # Several labels for one node (input 'x' is node 'x') are one tensor, not an ambiguity.
+    return list(distinct.values()) if len(distinct) > 1 else found[:1]
+
+
+def is_ambiguous(gm: fx.GraphModule, name: str) -> bool:
+    """True when a bare name denotes more than one tensor (an input and a module, say)."""
+    return len(_candidates(gm, name)) > 1
+
+
+def _all_names(gm: fx.GraphModule) -> list[str]:
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            names.append(input_name(node))
+        if node.op != "output":
+            names.append(node.name)
+        names.extend(path for path, _ in node.meta.get("regbn_output_of", ()))
+        if node.op == "call_module":
+            names.append(node.target)
+    return list(dict.fromkeys(names))
+
+
+def unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -> ValueError:
+    """The error for a name that denotes no tensor: close matches and why a module has none."""
+    bare = name.partition(":")[2] if name.partition(":")[0] in PREFIXES else name
+    close = _distinct(gm, difflib.get_close_matches(bare, _all_names(gm), n=6, cutoff=0.6))[:3]
+    did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    note = _why_not_a_tensor(gm, model, bare)
+    return ValueError(f"{where}: {name!r} is not a tensor of this model{note}{did} {INSPECT_HINT}")
+
+
+def _distinct(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    # 'gray_net.fc' and its node 'gray_net_fc' are one tensor: suggest it once, best spelling first.
+    seen: set[fx.Node] = set()
+    out = []
+    for name in names:
+        nodes = {c.node for c in _candidates(gm, name)}
+        if nodes and nodes <= seen:
+            continue
+        seen |= nodes
+        out.append(name)
+    return out
+
+
+def _why_not_a_tensor(gm: fx.GraphModule, model: nn.Module, name: str) -> str:
+    if name not in dict(model.named_modules()):
+        return ""
+    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    parent = name
+    while "." in parent:
+        parent = parent.rsplit(".", 1)[0]
+        if parent in leaves:
+            return (
+                f" (it lies inside {parent!r}, which is traced as one call; name {parent!r}, or "
+                "trace without it in leaf_modules)"
+            )
+    return " (it is a submodule, but forward never calls it)"
+
+
+def resolve_name(
+    gm: fx.GraphModule, name: str, where: str = "name", model: nn.Module | None = None
+) -> fx.Node:
+    """The node a user-facing name denotes; ValueError for unknown or ambiguous names."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{where}: names must be strings (an input name, a dotted module path or an fx node "
+            f"name); got {name!r} of type {type(name).__name__}"
+        )
+    found = _candidates(gm, name)
+    if not found:
+        raise unknown_name(gm, name, where, model if model is not None else gm)
+    if len(found) > 1:
+        listed = ", ".join(repr(c.label.split(" ")[0]) + _describe(c) for c in found)
+        raise ValueError(
+            f"{where}: {name!r} is ambiguous; it names {len(found)} different tensors: {listed}. "
+            "Write one of these prefixed names (input:, module: or node:) instead"
+        )
+    return found[0].node
+
+
+def _describe(c: _Candidate) -> str:
+    shape = c.node.meta.get("regbn_shape")
+    shape_s = f", shape {tuple(shape)}" if shape is not None else ""
+    if c.kind == "module" and " (" in c.label:
+        return f" [{c.label.split(' (', 1)[1].rstrip(')')}; write node:{c.node.name}{shape_s}]"
+    return f" [node {c.node.name}{shape_s}]"
