@@ -1,8 +1,9 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
 from .distributed import convert_sync_regbn
+from .fx.analysis import find_fusions
 from .fx.insertion import insert, remove
-from .fx.modality import Fusion, find_fusions
+from .fx.modality import Fusion
 from .fx.report import Report, inspect
 from .fx.tracing import TraceError
 from .layer import RegBN

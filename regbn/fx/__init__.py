@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from .analysis import find_fusions
 from .insertion import insert, remove
-from .modality import Fusion, annotate_modalities, build_graph, detect_fusions, find_fusions
+from .modality import Fusion, annotate_modalities, build_graph, detect_fusions
 from .report import Report, Row, inspect
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import TraceError, trace

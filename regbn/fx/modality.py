@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .names import entry_name, is_constant_getitem
 from .tracing import input_name, is_regbn
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "annotate_modalities",
     "build_graph",
     "detect_fusions",
-    "find_fusions",
     "modality_sources",
 ]
 
@@ -81,11 +81,6 @@ def _is_tensor_node(node: fx.Node) -> bool | None:
     return node.meta["regbn_shape"] is not None
 
 
-def _entry_name(placeholder: fx.Node, key: Any) -> str:
-    """The modality name of one entry of a container input: ``batch['audio']``, ``x[0]``."""
-    return f"{input_name(placeholder)}[{key!r}]"
-
-
 def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
     """Map node name -> modality name for every node that introduces a modality.
 
@@ -97,25 +92,18 @@ def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
     for ph in gm.graph.nodes:
         if ph.op != "placeholder":
             continue
-        entries = [u for u in ph.users if _is_constant_getitem(u)]
+        entries = [u for u in ph.users if is_constant_getitem(u)]
         if entries and _is_tensor_node(ph) is not True:
             for u in entries:
-                sources[u.name] = _entry_name(ph, u.args[1])
+                sources[u.name] = entry_name(ph, u.args[1])
             continue
         sources[ph.name] = input_name(ph)
     return sources
 
 
-def _is_constant_getitem(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target is operator.getitem
-        and len(node.args) == 2
-        and isinstance(node.args[1], (int, str))
-    )
-
-
-def annotate_modalities(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> nx.DiGraph:
+def annotate_modalities(
+    gm: fx.GraphModule, graph: nx.DiGraph | None = None, modalities: dict[str, Any] | None = None
+) -> nx.DiGraph:
     """Set ``node.meta["regbn_modalities"]`` and ``["regbn_fusion"]`` on every node.
 
     Returns the networkx graph used. A container placeholder that is also used whole depends on
@@ -253,77 +241,3 @@ def fusion_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if isinstance(module, nn.Bilinear):
         return "bilinear"
     return "other"
-
-
-def _unambiguous(gm: fx.GraphModule, name: str) -> str:
-    from .insertion import is_ambiguous  # insertion imports this module
-
-    return f"node:{name}" if is_ambiguous(gm, name) else name
-
-
-def find_fusions(
-    model: nn.Module,
-    example_inputs: Any = None,
-    *,
-    input_shapes: Any = None,
-    concrete_args: dict[str, Any] | None = None,
-    leaf_modules: Any = None,
-    autowrap_functions: Any = None,
-) -> list[Fusion]:
-    """Trace ``model`` and list the nodes where its modality branches fuse, in graph order.
-
-    With ``example_inputs`` or ``input_shapes`` the fusions carry shapes and only tensor operands
-    count; without, every node operand with a modality counts. See `Fusion` for ``pair``.
-    """
-    gm, fusions, failure = analyse(
-        model,
-        example_inputs,
-        input_shapes=input_shapes,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-    )
-    if failure is not None:
-        raise ValueError(f"find_fusions: {failure}")
-    return fusions
-
-
-def analyse(
-    model: nn.Module,
-    example_inputs: Any = None,
-    *,
-    input_shapes: Any = None,
-    input_dtypes: Any = None,
-    concrete_args: dict[str, Any] | None = None,
-    leaf_modules: Any = None,
-    autowrap_functions: Any = None,
-) -> tuple[fx.GraphModule, list[Fusion], Any]:
-    """The pipeline `find_fusions` and `regbn.inspect` share: trace, shapes, modalities, fusions.
-
-    Returns the annotated graph, its fusions with pairs spelled as `regbn.insert` resolves them,
-    and the shape-propagation failure (None when shapes were not asked for or all succeeded).
-    """
-    from .shapes import propagate_shapes
-    from .tracing import trace
-
-    gm = trace(
-        model,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-    )
-    failure = None
-    if example_inputs is not None or input_shapes is not None:
-        failure = propagate_shapes(
-            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes
-        )
-    # Modalities are structural: they hold for every node, even past a shape failure.
-    annotate_modalities(gm)
-    return gm, [_with_pair_names(gm, f) for f in detect_fusions(gm)], failure
-
-
-def _with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
-    from dataclasses import replace
-
-    pair = (_unambiguous(gm, fusion.pair[0]), _unambiguous(gm, fusion.pair[1]))
-    return replace(fusion, pair=pair)

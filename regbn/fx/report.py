@@ -19,17 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import networkx as nx
 import torch
 from torch import fx, nn
 
+from .analysis import analyse
+from .modality import Fusion, modality_sources
+from .shapes import ShapeFailure
 from .tracing import is_regbn
-
-if TYPE_CHECKING:
-    from .modality import Fusion
-    from .shapes import ShapeFailure
 
 __all__ = ["Report", "Row", "inspect"]
 
@@ -689,6 +688,7 @@ def inspect(
     *,
     input_shapes: Sequence[Sequence[int]] | None = None,
     input_dtypes: Sequence[torch.dtype | None] | None = None,
+    modalities: dict[str, Sequence[str]] | None = None,
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] | None = None,
     autowrap_functions: Sequence[Callable] | None = None,
@@ -701,18 +701,17 @@ def inspect(
     A shape-propagation failure gives a partial report (``report.failure``); a trace failure
     raises ``TraceError``.
     """
-    from .modality import analyse
-
-    gm, fusions, failure = analyse(
+    result = analyse(
         model,
         example_inputs,
         input_shapes=input_shapes,
         input_dtypes=input_dtypes,
+        modalities=modalities,
         concrete_args=concrete_args,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
     )
-    return report_from_graph(gm, fusions, failure, model=model)
+    return report_from_graph(result.gm, result.fusions, result.failure, model=model)
 
 
 def report_from_graph(
@@ -765,8 +764,6 @@ def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str]) -> Row:
 
 def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
     """One entry per modality, in argument order: a dict/tuple argument gives one per entry."""
-    from .modality import modality_sources
-
     sources = modality_sources(gm)  # node name -> modality, as the modality analysis names them
     by_name = {row.name: row for row in rows}
     argument = {r.name: i for i, r in enumerate(r for r in rows if r.op == "placeholder")}

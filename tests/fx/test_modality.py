@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import regbn
 from regbn.fx import Fusion, annotate_modalities, build_graph, find_fusions, insert, trace
 
 from .conftest import AdditiveMaps, B, Case, DictInput, ThreeModal
@@ -182,3 +183,13 @@ def test_find_fusions_accepts_traced_graph_module(shapes):
     inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7)) if shapes else None
     (fusion,) = find_fusions(gm, inputs)
     assert fusion.pair == ("enc_a", "enc_b")
+
+
+def test_analysis_leaves_a_caller_graph_module_untouched():
+    gm = torch.fx.symbolic_trace(ThreeModal())
+    before = {n.name: dict(n.meta) for n in gm.graph.nodes}
+    inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
+    regbn.inspect(gm, inputs)
+    (fusion,) = find_fusions(gm, inputs)
+    assert fusion.name == "cat"
+    assert {n.name: dict(n.meta) for n in gm.graph.nodes} == before
