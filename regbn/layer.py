@@ -8,12 +8,13 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as TF
+from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .solver import LAMBDA_RULES, solve_batch, solve_dtype
 
-__all__ = ["RegBN"]
+__all__ = ["RegBN", "NormSpec", "eval_maths", "layer_norm", "norm_spec"]
 
 _HISTORY = 32  # λ⁺ values kept in the ``lambda_history`` buffer
 
@@ -38,6 +39,108 @@ def _output_norm(enabled: bool, channels: int, spatial: list[int], affine: bool)
     return nn.LayerNorm([channels, *spatial], elementwise_affine=affine)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value, lo: float, hi: float, text: str, why: str) -> None:
+    """``momentum`` lies in (0, 1], ``sigma_THR`` in [0, 1)."""
+    ok = _is_number(value) and math.isfinite(value)
+    if ok:
+        ok = (lo < value <= hi) if text.startswith("(") else (lo <= value < hi)
+    if not ok:
+        raise ValueError(
+            f"RegBN: {name} must be a number in {text} ({why}); got {value!r}. "
+            f"The official defaults are momentum=0.02 and sigma_THR=0.0"
+        )
+
+
+# ---------------------------------------------------------------------- the eval maths, functional
+# A norm as plain tensors, so that the same function serves the layer, the fx graph that
+# regbn.fold writes (where the tensors are fx Proxies) and every exporter:
+#   ("layer", ndim, weight, bias, eps)               LayerNorm over the last ndim dims
+#   ("batch", running_mean, running_var, weight, bias, eps)   BatchNorm with running statistics
+NormSpec = tuple | None
+
+_TINY = 1e-30  # a floor for the scaled variance, which is >= 1/numel unless the sample is constant
+
+
+def layer_norm(x: Tensor, ndim: int, weight, bias, eps: float) -> Tensor:
+    """LayerNorm over the last ``ndim`` dims, safe from overflow and underflow.
+
+    (x − μ)/√(σ² + ε) equals (x' − μ')/√(σ'² + ε/c²) for x' = x/c, exactly. Here c = s0·s1 with
+    s0 = max|x| and s1 = max|x/s0 − μ'| per sample, so every square stays in [0, 1] and a finite
+    input (say 1e20 in float32, whose σ² overflows) gives a finite output. c is a constant for
+    autograd: the result does not depend on it, so the gradient is exact.
+    """
+    dims = tuple(range(-ndim, 0))
+    s0 = x.detach().abs().amax(dim=dims, keepdim=True)
+    s0 = torch.where(s0 > 0, s0, 1.0)
+    x = x / s0
+    c = x - x.mean(dim=dims, keepdim=True)
+    s1 = c.detach().abs().amax(dim=dims, keepdim=True)
+    s1 = torch.where(s1 > 0, s1, 1.0)
+    c = c / s1
+    scale = s0 * s1
+    var = c.square().mean(dim=dims, keepdim=True)
+    y = c * torch.rsqrt((var + eps / scale.square()).clamp_min(_TINY))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """One norm in eval form, its tensors cast to the compute ``dtype``."""
+    if spec is None:
+        return x
+    cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    if spec[0] == "layer":
+        _, ndim, weight, bias, eps = spec
+        return layer_norm(x, ndim, cast(weight), cast(bias), eps)
+    _, mean, var, weight, bias, eps = spec
+    return TF.batch_norm(x, cast(mean), cast(var), cast(weight), cast(bias), False, 0.0, eps)
+
+
+def norm_spec(norm: nn.Module) -> NormSpec:
+    """The eval-mode :data:`NormSpec` of one of RegBN's norm modules."""
+    if isinstance(norm, nn.LayerNorm):
+        return ("layer", len(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return ("batch", norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+    return None
+
+
+def eval_maths(
+    f: Tensor,
+    g: Tensor,
+    W: Tensor,
+    norms: Sequence[NormSpec],
+    f_shape: Sequence[int],
+    g_shape: Sequence[int],
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """RegBN in eval mode as plain torch ops: ``f_r = F − G·W`` between the norms.
+
+    Args:
+        f: (B, *f_shape); g: (B, *g_shape); W: (Dg, Df), the running projection.
+        norms: the specs of (norm_f, norm_g, norm_f_out, norm_g_out), see :func:`norm_spec`.
+        dtype: the compute dtype (float32 or float64); inputs, W and the norms' tensors are cast
+            to it, the outputs stay in it.
+
+    Sizes come from ``f_shape``/``g_shape``, never from data, so the graph exports with a
+    symbolic batch size, and an empty batch gives empty outputs.
+    """
+    nf, ng, nfo, ngo = norms
+    f = _apply_spec(nf, f.to(dtype), dtype)
+    g = _apply_spec(ng, g.to(dtype), dtype)
+    Df, Dg = math.prod(f_shape), math.prod(g_shape)
+    f_r = torch.addmm(f.reshape(-1, Df), g.reshape(-1, Dg), W.to(dtype), alpha=-1)
+    f_r = f_r.reshape(-1, *f_shape)
+    return _apply_spec(nfo, f_r, dtype), _apply_spec(ngo, g, dtype)
+
+
 @contextlib.contextmanager
 def _mode(module: nn.Module, training: bool):
     """Run ``module`` in the given mode, whatever the layer's own flag says (``is_training``)."""
@@ -56,7 +159,14 @@ def _is_symbolic(x: Tensor) -> bool:
     return x.device.type == "meta" or (type(x) is not Tensor and is_fake(x))
 
 
+def _functorch_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _autocast_enabled(device_type: str) -> bool:
+    if device_type == "meta":
+        return False  # no autocast on meta tensors (shape-only runs)
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device argument
@@ -81,6 +191,22 @@ def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
 
 def _shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(s) for s in shape))
+
+
+def _decode_shapes(state) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(f_shape, g_shape) from a saved extra state: the int64 tensor this version writes, or the
+    dict of earlier checkpoints; None for a lazy layer's."""
+    if isinstance(state, dict):
+        if state.get("f_shape") is None or state.get("g_shape") is None:
+            return None
+        return tuple(state["f_shape"]), tuple(state["g_shape"])
+    if not isinstance(state, Tensor) or state.numel() == 0:
+        return None
+    v = [int(x) for x in state.tolist()]
+    nf = v[0]
+    f_shape = tuple(v[1 : 1 + nf])
+    g_shape = tuple(v[2 + nf : 2 + nf + v[1 + nf]])
+    return f_shape, g_shape
 
 
 class RegBN(nn.Module):
@@ -170,13 +296,10 @@ class RegBN(nn.Module):
         for name, value in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"RegBN: {name} must be in [0, 1); got {value!r}")
-        for name, value in (
-            ("momentum", momentum),
-            ("sigma_THR", sigma_THR),
-            ("sigma_MIN", sigma_MIN),
-        ):
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"RegBN: {name} must be a finite number >= 0; got {value!r}")
+        _check_range("momentum", momentum, 0.0, 1.0, "(0, 1]", "the running W would overshoot")
+        _check_range("sigma_THR", sigma_THR, 0.0, 1.0, "[0, 1)", "it is a fraction of max(s)")
+        if not (_is_number(sigma_MIN) and math.isfinite(sigma_MIN) and sigma_MIN >= 0):
+            raise ValueError(f"RegBN: sigma_MIN must be a finite number >= 0; got {sigma_MIN!r}")
         if lambda_rule not in LAMBDA_RULES:
             raise ValueError(
                 f"RegBN: lambda_rule must be one of {LAMBDA_RULES}; got {lambda_rule!r}. "
@@ -243,20 +366,28 @@ class RegBN(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """Create the norms and W for these shapes; on any error nothing is assigned."""
         dtype = dtype or torch.get_default_dtype()
         self._check_bytes(f_shape, g_shape, dtype.itemsize)
-        self.f_shape, self.g_shape = f_shape, g_shape
         fc, *fs = f_shape
         gc, *gs = g_shape
-        self.norm_f = _input_norm(self.normalize_input, fc, fs, self.affine)
-        self.norm_g = _input_norm(self.normalize_input, gc, gs, self.affine)
-        self.norm_f_out = _output_norm(self.normalize_output, fc, fs, self.affine)
-        self.norm_g_out = _output_norm(self.normalize_output, gc, gs, self.affine)
-        if device is not None:
-            for m in (self.norm_f, self.norm_g, self.norm_f_out, self.norm_g_out):
-                m.to(device)
-        W = torch.zeros(math.prod(g_shape), math.prod(f_shape), device=device, dtype=dtype)
+        # Built outside inference mode: an inference tensor as a buffer or parameter would break
+        # every later training step.
+        with torch.inference_mode(False):
+            norms = {
+                "norm_f": _input_norm(self.normalize_input, fc, fs, self.affine),
+                "norm_g": _input_norm(self.normalize_input, gc, gs, self.affine),
+                "norm_f_out": _output_norm(self.normalize_output, fc, fs, self.affine),
+                "norm_g_out": _output_norm(self.normalize_output, gc, gs, self.affine),
+            }
+            if device is not None:
+                for m in norms.values():
+                    m.to(device)
+            W = torch.zeros(math.prod(g_shape), math.prod(f_shape), device=device, dtype=dtype)
+        for name, m in norms.items():
+            setattr(self, name, m)
         self.register_buffer("W", W)
+        self.f_shape, self.g_shape = f_shape, g_shape
 
     def _materialize(self, f: Tensor, g: Tensor) -> None:
         fc, gc, fl, gl = self._declared
@@ -268,7 +399,8 @@ class RegBN(nn.Module):
 
     def _unmaterialize(self, declared: tuple) -> None:
         for name in ("norm_f", "norm_g", "norm_f_out", "norm_g_out"):
-            delattr(self, name)
+            if name in self._modules:
+                delattr(self, name)
         self.register_buffer("W", nn.parameter.UninitializedBuffer())
         self.f_shape = self.g_shape = None
         self._declared = declared
@@ -304,33 +436,101 @@ class RegBN(nn.Module):
         """True for a lazy layer that has seen neither a batch nor a checkpoint."""
         return self.f_shape is None
 
+    # ------------------------------------------------------------------ resets
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """Zero the running W and the Adam moments, restart the batch counter, clear the λ⁺
+        history and reset the input BatchNorm statistics, as ``nn.BatchNorm`` does.
+
+        After ``to_empty()`` (a model built on the meta device) these buffers hold whatever the
+        memory held: call this (or :meth:`reset_parameters`) before training.
+        """
+        self._work = None
+        if self.f_shape is not None:
+            self.W.zero_()
+        self.adam_m.zero_()
+        self.adam_v.zero_()
+        self.num_batches_tracked.zero_()
+        self.lambda_history.fill_(math.nan)
+        for norm in self._norms():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                norm.reset_running_stats()
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, and the affine norms' scale to 1 and shift to 0."""
+        self.reset_running_stats()
+        for norm in self._norms():
+            if hasattr(norm, "reset_parameters"):
+                norm.reset_parameters()
+
+    def _norms(self) -> list[nn.Module]:
+        names = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
+        return [self._modules[n] for n in names if n in self._modules]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.f_shape is not None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Not yet materialised: W is saved uninitialised, as nn.LazyLinear saves its weight.
+        for name, buf in self._buffers.items():
+            if buf is not None and name not in self._non_persistent_buffers_set:
+                lazy = isinstance(buf, nn.parameter.UninitializedTensorMixin)
+                destination[prefix + name] = buf if keep_vars or lazy else buf.detach()
+        destination[prefix + "_extra_state"] = self.get_extra_state()
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        shapes = state_dict.get(prefix + "_extra_state")
-        if self.f_shape is None and isinstance(shapes, dict) and "f_shape" in shapes:
-            w = state_dict.get(prefix + "W")
-            dtype = w.dtype if isinstance(w, Tensor) else None
+        w = state_dict.get(prefix + "W")
+        if isinstance(w, nn.parameter.UninitializedTensorMixin):
+            if self.f_shape is not None:
+                error_msgs.append(
+                    f"RegBN {prefix!r}: the checkpoint holds a lazy RegBN that never saw a batch, "
+                    f"but this layer has shapes f {_shape_str(self.f_shape)}, g "
+                    f"{_shape_str(self.g_shape)}; load it into a lazy RegBN() or train first"
+                )
+                return
+            # Lazy into lazy: W stays uninitialised; the other buffers load as usual.
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "W"}
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                error_msgs,
+            )
+            if prefix + "W" in missing_keys:
+                missing_keys.remove(prefix + "W")
+            return
+        shapes = _decode_shapes(state_dict.get(prefix + "_extra_state"))
+        if self.f_shape is None and shapes is not None:
             self._build(
-                tuple(shapes["f_shape"]),
-                tuple(shapes["g_shape"]),
+                shapes[0],
+                shapes[1],
                 device=self.adam_m.device,
-                dtype=dtype,
+                dtype=w.dtype if isinstance(w, Tensor) else None,
             )
             self._declared = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def get_extra_state(self) -> dict:
-        return {"f_shape": self.f_shape, "g_shape": self.g_shape}
+    def get_extra_state(self) -> Tensor:
+        """The feature shapes as an int64 tensor ``[len(f), *f, len(g), *g]`` (empty when lazy).
 
-    def set_extra_state(self, state: dict) -> None:
-        if not isinstance(state, dict):
+        A tensor, not a dict, so that tools that walk the state dict as tensors (``jit.trace``,
+        the ONNX exporters) accept the layer.
+        """
+        if self.f_shape is None:
+            return torch.zeros(0, dtype=torch.long)
+        fs, gs = self.f_shape, self.g_shape
+        return torch.tensor([len(fs), *fs, len(gs), *gs], dtype=torch.long)
+
+    def set_extra_state(self, state) -> None:
+        shapes = _decode_shapes(state)
+        if shapes is None:
             return
-        for key in ("f_shape", "g_shape"):
-            saved, mine = state.get(key), getattr(self, key)
-            if saved is not None and mine is not None and tuple(saved) != tuple(mine):
+        for key, saved, mine in zip(
+            ("f_shape", "g_shape"), shapes, (self.f_shape, self.g_shape), strict=True
+        ):
+            if mine is not None and tuple(saved) != tuple(mine):
                 raise ValueError(
                     f"RegBN: the checkpoint was saved for {key} {_shape_str(saved)} but this layer "
                     f"has {_shape_str(mine)}; build the layer with the checkpoint's shapes"
@@ -434,8 +634,10 @@ class RegBN(nn.Module):
             n_epoch: accepted for compatibility with the official module; not needed.
             steps_per_epoch: accepted for compatibility with the official module; not needed.
         """
+        if isinstance(f, fx.Proxy) or isinstance(g, fx.Proxy):
+            return self._record_call(f, g, is_training)
         training = self.training if is_training is None else bool(is_training)
-        self._check(f, g)
+        self._validate(f, g, training)
         if self.f_shape is not None:
             return self._forward(f, g, training)
         declared = self._declared
@@ -448,43 +650,109 @@ class RegBN(nn.Module):
             self._unmaterialize(declared)
             raise
 
-    def _forward(self, f: Tensor, g: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        if _is_symbolic(f) or _is_symbolic(g):
-            # Shape-only execution (meta or fake tensors): outputs have the inputs' shapes.
-            return torch.empty_like(f), torch.empty_like(g)
-        out_dtype = f.dtype
-        autocast = _autocast_enabled(f.device.type)
-        guard = (
-            torch.autocast(device_type=f.device.type, enabled=False)
-            if autocast
-            else contextlib.nullcontext()
+    def _record_call(self, f, g, is_training: bool | None) -> tuple:
+        """Under any torch.fx tracer the layer is one ``call_module`` node (a leaf): its
+        training step cannot be traced, and its eval maths belongs to ``regbn.fold``."""
+        tracer = (f if isinstance(f, fx.Proxy) else g).tracer
+        kwargs = {} if is_training is None else {"is_training": is_training}
+        out = tracer.create_proxy("call_module", tracer.path_of_module(self), (f, g), kwargs)
+        return out[0], out[1]
+
+    def _validate(self, f: Tensor, g: Tensor, training: bool) -> None:
+        """Check the inputs before anything else runs (SyncRegBN agrees on it across ranks)."""
+        self._check(f, g)
+
+    def __prepare_scriptable__(self):
+        raise TypeError(
+            "RegBN cannot be compiled by torch.jit.script: its training step solves for λ⁺ on "
+            "the host. For deployment put the model in eval mode and use torch.export.export "
+            "(or torch.jit.trace, or torch.onnx.export(..., dynamo=True)), or turn every RegBN "
+            "into plain torch ops with regbn.fold(model)"
         )
+
+    def _forward(self, f: Tensor, g: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        if not training:
+            return self._eval_forward(f, g)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            raise ValueError(
+                "RegBN: a layer in training mode cannot be exported or traced: λ⁺ comes from a "
+                "data-dependent solve on every batch, so no graph can hold it. Call model.eval() "
+                "before torch.export / torch.jit.trace / torch.onnx.export (the eval maths, "
+                "f_r = F − G·W with the running W, exports), or use regbn.fold(model)"
+            )
+        if _is_symbolic(f) or _is_symbolic(g):
+            # Shape-only execution (fake or meta tensors, as in regbn's shape propagation): the
+            # eval maths gives the right shapes and dtypes and changes no buffer.
+            return self._eval_forward(f, g)
+        if _functorch_active():
+            raise ValueError(
+                "RegBN: a layer in training mode cannot run under torch.func transforms (vmap, "
+                "grad, jacrev, ...): each training batch updates the running W, a side effect "
+                "the transforms forbid. Call layer.eval() first, or compute the training step "
+                "outside torch.func"
+            )
+        return self._train_forward(f, g)
+
+    def _compute_dtype(self, f: Tensor) -> torch.dtype:
+        return f.dtype if f.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _autocast_off(self, f: Tensor):
+        """Autocast disabled around the maths (the solve and the norms need float32 at least);
+        the second value says whether it was on, in which case the outputs stay float32."""
+        on = _autocast_enabled(f.device.type)
+        guard = torch.autocast(device_type=f.device.type, enabled=False) if on else None
+        return guard or contextlib.nullcontext(), on
+
+    def _eval_forward(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        guard, autocast = self._autocast_off(f)
+        out_dtype = f.dtype
         with guard:
-            if f.dtype not in (torch.float32, torch.float64):
-                f = f.float()
-            if g.dtype != f.dtype:
-                g = g.to(f.dtype)
-            if training:
-                f_r, g_n = self._train_step(f, g)
-            else:
-                f_r, g_n = self._eval_step(f, g)
-            f_r = self.norm_f_out(f_r)
-            g_n = self.norm_g_out(g_n)
+            norms = [norm_spec(m) for m in self._norms()]
+            f_r, g_n = eval_maths(
+                f, g, self.W, norms, self.f_shape, self.g_shape, self._compute_dtype(f)
+            )
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
         return f_r, g_n
 
-    def _normalise_inputs(self, f: Tensor, g: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        if not self.normalize_input:
-            return f, g
-        with _mode(self.norm_f, training), _mode(self.norm_g, training):
-            return self.norm_f(f), self.norm_g(g)
+    @torch.compiler.disable
+    def _train_forward(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        guard, autocast = self._autocast_off(f)
+        out_dtype = f.dtype
+        dtype = self._compute_dtype(f)
+        with guard:
+            f_r, g_n = self._train_step(f.to(dtype), g.to(dtype))
+        if not autocast and f_r.dtype != out_dtype:
+            f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
+        return f_r, g_n
 
-    def _eval_step(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        f_n, g_n = self._normalise_inputs(f, g, False)
-        B = f.shape[0]
-        f_r = torch.addmm(f_n.reshape(B, -1), g_n.reshape(B, -1), self.W.to(f.dtype), alpha=-1)
-        return f_r.reshape(f.shape), g_n
+    def _norm(self, norm: nn.Module, x: Tensor, training: bool) -> Tensor:
+        """One norm on x in training (batch statistics, updated running ones) or eval form.
+
+        Computed in x's dtype: a float16 or bfloat16 layer's norm parameters and statistics are
+        cast to it (the CPU has no mixed-dtype norms), and updated statistics are written back.
+        """
+        if not training or isinstance(norm, nn.LayerNorm | nn.Identity):
+            return _apply_spec(norm_spec(norm), x, x.dtype)
+        tensors = [t for t in (*norm.parameters(), norm.running_mean) if t is not None]
+        if all(t.dtype == x.dtype for t in tensors):
+            with _mode(norm, True):
+                return norm(x)
+        # BatchNorm training in x's dtype with statistics kept in the layer's (nn.BatchNorm's
+        # own bookkeeping: the counter, and a cumulative average when momentum is None).
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum
+        if momentum is None:
+            momentum = 1.0 / float(norm.num_batches_tracked)
+        mean, var = norm.running_mean.to(x.dtype), norm.running_var.to(x.dtype)
+        w = None if norm.weight is None else norm.weight.to(x.dtype)
+        b = None if norm.bias is None else norm.bias.to(x.dtype)
+        y = TF.batch_norm(x, mean, var, w, b, True, momentum, norm.eps)
+        with torch.no_grad():
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+        return y
 
     def _norm_state(self) -> list[tuple[Tensor, Tensor]]:
         if not self.normalize_input:
@@ -492,11 +760,13 @@ class RegBN(nn.Module):
         return [(b, b.clone()) for m in (self.norm_f, self.norm_g) for b in m.buffers()]
 
     def _train_step(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Solve one training batch; buffers change only once every output is known finite."""
         f, g, rows = self._gather(f, g)
         self._check_training_batch(f, g)
         saved = self._norm_state()
         try:
-            f_n, g_n = self._normalise_inputs(f, g, True)
+            f_n = self._norm(self.norm_f, f, True)
+            g_n = self._norm(self.norm_g, g, True)
             B = f.shape[0]
             sol = solve_batch(
                 f_n.reshape(B, -1),
@@ -508,15 +778,9 @@ class RegBN(nn.Module):
             # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than lerp.
             D = sol.projection(out=self._workspace()).sub_(self.W)
             d = _mean_abs(D)
-            # One reduction and one sync: a NaN or Inf anywhere reaches the (float64) sum.
-            total = sol.f_r.detach().sum(dtype=solve_dtype(sol.f_r.device)) + d
-            if not math.isfinite(float(total)):
-                raise ValueError(
-                    f"RegBN: the batch solution is not finite although the inputs are (f spans "
-                    f"|x| ≤ {float(f.abs().max()):.3g}, g spans |x| ≤ {float(g.abs().max()):.3g}); "
-                    f"the batch was rejected and no buffer changed. Rescale the inputs or set "
-                    f"normalize_input=True"
-                )
+            f_r = self._norm(self.norm_f_out, sol.f_r.reshape(f.shape), True)
+            g_out = self._norm(self.norm_g_out, g_n, True)
+            self._check_finite(sol.f_r, f_r, g_out, d, f, g)
             if self.verbose:
                 norm2 = float((D + self.W).square().sum())
                 print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
@@ -526,17 +790,35 @@ class RegBN(nn.Module):
                 live.copy_(copy)
             raise
         self._update_running(D, d, sol.lam)
-        f_r = sol.f_r.reshape(f.shape)
         if rows is not None:
-            f_r, g_n = f_r[rows], g_n[rows]
-        return f_r, g_n
+            f_r, g_out = f_r[rows], g_out[rows]
+        return f_r, g_out
+
+    @staticmethod
+    def _check_finite(*xs: Tensor) -> None:
+        """One reduction and one sync: a NaN or Inf anywhere reaches the (float64) sum.
+
+        ``xs`` is (solution, f_r, g_out, d, f, g); the inputs only serve the message."""
+        *outs, f, g = xs
+        dt = solve_dtype(f.device)
+        total = sum(x.detach().sum(dtype=dt) for x in outs)
+        if not math.isfinite(float(total)):
+            raise ValueError(
+                f"RegBN: the batch solution is not finite although the inputs are (f spans "
+                f"|x| ≤ {float(f.abs().max()):.3g}, g spans |x| ≤ {float(g.abs().max()):.3g}); "
+                f"the batch was rejected and no buffer changed. Rescale the inputs or set "
+                f"normalize_input=True"
+            )
 
     def _workspace(self) -> Tensor:
         """A Dg×Df scratch tensor like W, kept across training steps (never saved or moved)."""
         W, work = self.W, self._work
         same = work is not None and work.shape == W.shape and work.dtype == W.dtype
-        if not (same and work.device == W.device):
-            work = self._work = torch.empty_like(W)
+        if not (same and work.device == W.device) or (
+            work.is_inference() and not torch.is_inference_mode_enabled()
+        ):
+            with torch.inference_mode(False):
+                work = self._work = torch.empty_like(W)
         return work
 
     @torch.no_grad()

@@ -17,16 +17,19 @@ Nothing here holds state; :class:`regbn.RegBN` calls these functions and owns th
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "LAMBDA_RULES",
+    "SECOND_ORDER_MESSAGE",
+    "first_order_only",
     "Spectrum",
     "batch_spectrum",
     "gram",
@@ -40,6 +43,32 @@ __all__ = [
 ]
 
 LAMBDA_RULES = ("paper", "official")
+
+SECOND_ORDER_MESSAGE = (
+    "RegBN: the training-mode gradient is exact to first order only (λ⁺ enters through the "
+    "implicit function theorem), so second derivatives (backward or autograd.grad with "
+    "create_graph=True: gradient penalties, Hessian-vector products, gradgradcheck) are refused "
+    "rather than returned wrong. Take them in eval mode (layer.eval(): f_r = F − G·W is plain "
+    "torch ops), or differentiate without create_graph=True"
+)
+
+
+def first_order_only(backward: Callable) -> Callable:
+    """Decorate an autograd.Function backward that is exact to first order only.
+
+    The engine runs a backward with grad mode on exactly when ``create_graph=True``; that is
+    refused here. (``once_differentiable`` is not enough: when the incoming gradient does not
+    require grad, or ``autograd.grad`` names its inputs, its error node is skipped and the
+    second derivative comes out silently without this function's terms.)
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_ORDER_MESSAGE)
+        return backward(ctx, *grads)
+
+    return wrapper
 # A float32 Gram is trusted when every eigenvalue exceeds this many times its round-off level.
 _SAFE = 100.0
 
@@ -239,7 +268,7 @@ class _DualRidge(torch.autograd.Function):
         return (lam * X).to(F.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, gY):
         X, S, U, Ui, e = ctx.saved_tensors  # Ui = U diag(1/(e+λ))
         lam, dphi = ctx.lam, ctx.dphi
@@ -283,7 +312,7 @@ class _PrimalRidge(torch.autograd.Function):
         return f_r.to(F.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, gY):
         G, W, f_r, V, inv, e = ctx.saved_tensors
         gY = gY.to(W.dtype)
@@ -462,7 +491,7 @@ class _FirstOrderOnly(torch.autograd.Function):
         return F.clone(), G.clone()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, gF: Tensor, gG: Tensor) -> tuple[Tensor, Tensor]:
         return gF, gG
 

@@ -437,8 +437,13 @@ def test_extreme_but_finite_float32_batches_keep_the_state_finite(scale):
     [
         ({"beta1": 1.0}, r"beta1 must be in \[0, 1\); got 1.0"),
         ({"beta2": -0.1}, r"beta2 must be in \[0, 1\)"),
-        ({"momentum": -1}, "momentum must be a finite number >= 0"),
-        ({"sigma_THR": math.nan}, "sigma_THR must be a finite number"),
+        ({"momentum": -1}, r"momentum must be a number in \(0, 1\].*got -1"),
+        ({"momentum": 5}, r"momentum must be a number in \(0, 1\].*got 5"),
+        ({"momentum": 0.0}, r"momentum must be a number in \(0, 1\]"),
+        ({"sigma_THR": math.nan}, r"sigma_THR must be a number in \[0, 1\)"),
+        ({"sigma_THR": 2}, r"sigma_THR must be a number in \[0, 1\).*got 2"),
+        ({"sigma_THR": 1.0}, r"sigma_THR must be a number in \[0, 1\)"),
+        ({"sigma_MIN": -1.0}, "sigma_MIN must be a finite number >= 0"),
         ({"lambda_rule": "lbfgs"}, r"lambda_rule must be one of \('paper', 'official'\); got "
                                    r"'lbfgs'"),
     ],
