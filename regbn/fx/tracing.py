@@ -13,25 +13,49 @@ name resolution in `regbn.insert`, `regbn.inspect`) reads these annotations:
 ``node.meta["regbn_output_of"]``
     The ``(path, call_index)`` calls whose return value is this node. For a leaf module it is its
     own call; for a traced-through module (a ``Sequential``) the node its ``forward`` returned.
+
+Training mode. Code that reads ``self.training`` (``F.dropout(x, p, self.training)``, stochastic
+depth, many Hugging Face layers) is frozen into the graph with the mode the model had while it was
+traced. `ModeGraphModule` holds one graph per mode and follows ``train()``/``eval()``; see
+`regbn.insert` for when it is used. `in_mode` puts a model in one mode for a trace and restores
+every module's flag afterwards.
+
+Wrappers. A ``torch.compile`` d model (``OptimizedModule``) and ``DataParallel`` /
+``DistributedDataParallel`` have no traceable forward of their own; `unwrap` returns the module
+they wrap, which `trace` traces instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import inspect
 import os
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.graph_module import _format_import_block, reduce_graph_module
+from torch.package import sys_importer
 
 from ..layer import RegBN
 
-__all__ = ["TraceError", "RegBNTracer", "input_name", "is_regbn", "trace"]
+__all__ = [
+    "ModeGraphModule",
+    "RegBNTracer",
+    "TraceError",
+    "in_mode",
+    "input_name",
+    "is_regbn",
+    "same_graph",
+    "trace",
+    "unwrap",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,29 +286,61 @@ def trace(
 ) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` annotated for surgery (see the module docstring).
 
-    An existing ``GraphModule`` is returned as it is. RegBN layers are always leaves, as are the
-    classes and dotted paths in ``leaf_modules``. The result shares the model's parameters and
-    buffers and keeps every ``state_dict`` key of the model, including those of parameters the
-    forward never reads. Raises `TraceError` (a ``ValueError``) when the model is not traceable.
+    An existing ``GraphModule`` is returned as it is (a `ModeGraphModule` with the graph of its
+    current mode). A ``torch.compile`` d, ``DataParallel`` or ``DistributedDataParallel`` model is
+    traced through the module it wraps (see `unwrap`). RegBN layers are always leaves, as are the
+    classes and dotted paths in ``leaf_modules``. The graph records each ``self.training`` read
+    with the mode the modules have now. The result shares the model's parameters and buffers and
+    keeps every ``state_dict`` key of the model, including those of parameters the forward never
+    reads; the model itself gets no attribute. Raises `TraceError` (a ``ValueError``) when the
+    model is not traceable.
     """
-    if isinstance(model, fx.GraphModule):
-        return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace expects an nn.Module; got {type(model).__name__}")
+    model, _ = unwrap(model)
+    if isinstance(model, fx.GraphModule):
+        return model
     if autowrap_functions is not None and not all(callable(f) for f in autowrap_functions):
         raise TypeError("autowrap_functions must be a sequence of Python functions")
     classes, paths = _split_leaf_modules(model, leaf_modules)
     tracer = RegBNTracer(classes, paths, autowrap_functions or ())
+    before = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        _name_placeholders(graph, model, concrete_args)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
         if isinstance(e, TraceError):
             raise
         raise _trace_error(e, model, tracer) from e
-    _name_placeholders(graph, model, concrete_args)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        # fx stores tensors made while tracing (``_tensor_constant0``) on the model it traces;
+        # gm holds its own reference, and the caller's model stays as it was.
+        for name in set(vars(model)) - before:
+            delattr(model, name)
     carry_missing_state(model, gm)
     return gm
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The module inside ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel``.
+
+    Returns the innermost wrapped module and the wrappers removed, outermost first (e.g.
+    ``["torch.compile", "DistributedDataParallel"]``); a model that is no wrapper comes back as
+    it is with ``[]``.
+    """
+    wrappers: list[str] = []
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            wrappers.append("torch.compile")
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            wrappers.append(type(model).__name__)
+            model = model.module
+        else:
+            return model, wrappers
 
 
 def input_name(node: fx.Node) -> str:
@@ -381,3 +437,165 @@ def _ensure_path(
             mod.add_module(part, child)
         mod = child
     return mod
+
+
+# ----------------------------------------------------------------------------- training mode
+
+
+@contextlib.contextmanager
+def in_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``model.train(training)`` for the duration, then every module's own flag as it was.
+
+    A `ModeGraphModule` also gets the graph of its original mode back.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        if isinstance(model, ModeGraphModule):
+            model.train(flags[0][1])
+        for m, flag in flags:
+            m.training = flag
+
+
+def _signature(graph: fx.Graph) -> list[tuple[Any, ...]]:
+    def name(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: ("%node", n.name))
+
+    return [(n.name, n.op, n.target, name(n.args), name(n.kwargs)) for n in graph.nodes]
+
+
+def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    """True when ``a`` and ``b`` run the same code: same nodes, ops, targets and arguments."""
+    if len(a.nodes) != len(b.nodes):
+        return False
+    try:
+        return bool(_signature(a) == _signature(b))
+    except (RuntimeError, TypeError, ValueError):  # tensors among the arguments: ambiguous ==
+        return False
+
+
+def _lookup(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _assign(root: nn.Module, target: str, value: Any) -> None:
+    *path, field = target.split(".")
+    mod = root
+    for part in path:
+        child = getattr(mod, part, None)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        mod.register_buffer(field, value)
+    else:
+        setattr(mod, field, value)
+
+
+class ModeGraphModule(fx.GraphModule):
+    """A ``GraphModule`` with one graph for training and one for evaluation.
+
+    ``train()`` and ``eval()`` switch ``graph`` (and the generated ``forward``) to that mode's
+    graph; both graphs call the same submodules, so parameters, buffers and ``state_dict`` keys
+    are shared, never duplicated. ``graph`` and ``code`` are those of the current mode, and so is
+    what any tracer that re-traces this module sees (``torch.fx.symbolic_trace``, a
+    ``DataParallel`` replica, ``torch.export``). ``mode_graphs`` gives both; an edit to one graph
+    applies to that mode only. Setting ``module.training`` by hand does not switch graphs; call
+    ``train()``/``eval()``.
+
+    Why two graphs rather than one: fx graphs have no control flow, and ``self.training`` decides
+    Python-level branches (stochastic depth skips its ops in eval mode), so one graph cannot hold
+    both behaviours. torchvision's ``create_feature_extractor`` takes the same route; `regbn.insert`
+    only builds this class when the two traces differ, so models without mode-dependent code keep
+    a plain ``GraphModule``.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        train_graph: fx.Graph,
+        eval_graph: fx.Graph,
+        class_name: str = "GraphModule",
+        eval_root: nn.Module | None = None,
+    ) -> None:
+        super().__init__(root, train_graph, class_name)
+        self._merge_targets(eval_root if eval_root is not None else root, eval_graph)
+        self._mode_graphs = {True: train_graph, False: eval_graph}
+        self._select(self.training)
+
+    def _merge_targets(self, source: nn.Module, graph: fx.Graph) -> None:
+        """Give ``self`` every attribute ``graph`` reads; a name taken by a different object (a
+        constant that differs between modes) is renamed in ``graph``."""
+        for node in graph.nodes:
+            if node.op not in ("get_attr", "call_module"):
+                continue
+            wanted = _lookup(source, str(node.target))
+            mine = _lookup(self, str(node.target))
+            if mine is wanted:
+                continue
+            target = str(node.target)
+            if mine is not None:
+                k = 0
+                while _lookup(self, f"{target}_eval{k}") is not None:
+                    k += 1
+                target = f"{target}_eval{k}"
+                node.target = target
+            _assign(self, target, wanted)
+
+    @property
+    def mode_graphs(self) -> dict[bool, fx.Graph]:
+        """``{True: training graph, False: evaluation graph}``."""
+        return dict(self._mode_graphs)
+
+    def _select(self, training: bool) -> None:
+        graph = self._mode_graphs[bool(training)]
+        if self._graph is not graph:
+            self.graph = graph  # recompiles forward
+
+    def train(self, mode: bool = True) -> ModeGraphModule:
+        super().train(mode)
+        self._select(mode)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModeGraphModule:
+        res = super().__deepcopy__(memo)
+        # self.__dict__ was deep-copied with the same memo: this returns those copies.
+        res._mode_graphs = copy.deepcopy(self._mode_graphs, memo)
+        for graph in res._mode_graphs.values():
+            graph.owning_module = res
+        res._select(res.training)
+        return res
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Like GraphModule: the generated code of each graph, not the graphs themselves.
+        body = self.__dict__.copy()
+        del body["_graph"]
+        graphs = body.pop("_mode_graphs")
+        sources = {}
+        for mode, graph in graphs.items():
+            code = graph.python_code(root_module="self")
+            sources[mode] = (code.src, _format_import_block(code.globals, sys_importer))
+        return (_rebuild_mode_graph_module, (body, sources, type(self).__name__))
+
+
+def _rebuild_mode_graph_module(
+    body: dict[str, Any], sources: dict[bool, tuple[str, str]], class_name: str
+) -> ModeGraphModule:
+    built = {
+        mode: reduce_graph_module(dict(body, _code=src), block)
+        for mode, (src, block) in sources.items()
+    }
+    out = ModeGraphModule(
+        built[True], built[True].graph, built[False].graph, class_name, eval_root=built[False]
+    )
+    carry_missing_state(built[True], out)
+    out.meta = body.get("meta", {})
+    return out
