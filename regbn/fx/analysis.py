@@ -9,6 +9,8 @@ on a copy of its graph (its nodes' ``meta`` stay as they were).
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,12 +18,18 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
+from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
 from .names import is_ambiguous
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import carry_missing_state, trace
 
-__all__ = ["Analysis", "analyse", "find_fusions"]
+__all__ = ["DEFAULT_MAX_PROJECTION_BYTES", "Analysis", "analyse", "auto_pairs", "find_fusions"]
+
+# The layer's own default, so that "auto" skips exactly what the layer would refuse.
+DEFAULT_MAX_PROJECTION_BYTES: int = inspect.signature(RegBN).parameters[
+    "max_projection_bytes"
+].default
 
 
 @dataclass
@@ -127,8 +135,102 @@ def find_fusions(
 
 
 def with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
-    """``fusion`` with its pair spelled for `regbn.insert`: ``node:`` only where needed."""
-    if fusion.pair is None:
-        return fusion
-    pair = tuple(f"node:{n}" if is_ambiguous(gm, n) else n for n in fusion.pair)
-    return replace(fusion, pair=pair)
+    """``fusion`` with its pair (and pooled names) spelled for `regbn.insert`: ``node:`` only
+    where the bare name would be ambiguous."""
+
+    def spell(name: str) -> str:
+        return f"node:{name}" if is_ambiguous(gm, name) else name
+
+    pooled = tuple(tuple((spell(n), s) for n, s in side) for side in fusion.pooled)
+    return replace(fusion, pair=(spell(fusion.pair[0]), spell(fusion.pair[1])), pooled=pooled)
+
+
+def auto_pairs(
+    fusions: list[Fusion],
+    max_projection_bytes: int | None = None,
+    projection: str = "full",
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The pairs ``regbn.insert(..., pairs="auto")`` uses, and a message per fusion it skips.
+
+    One pair per fusion (its ``pair``; a pair already taken is not repeated), except where the
+    RegBN layer's W would pass ``max_projection_bytes`` (default: the layer's, 2**30): Df·Dg·4
+    bytes for ``projection="full"``, Cf·Cg·4 for ``"channel"`` (8 per entry for float64). Those
+    are skipped, typically token-level fusions of two transformer towers, and the message names
+    the pooled or CLS tensors of the same branches to pair instead. Names are ``node:``-prefixed.
+    Raises ``ValueError`` when no fusion is left (none found, or every one skipped).
+    """
+    limit = DEFAULT_MAX_PROJECTION_BYTES if max_projection_bytes is None else max_projection_bytes
+    pairs: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for fusion in fusions:
+        nbytes = _projection_bytes(fusion, projection)
+        if nbytes is not None and nbytes > limit:
+            skipped.append(_skip_message(fusion, nbytes, limit, projection))
+            continue
+        pair = (_node_name(fusion.pair[0]), _node_name(fusion.pair[1]))
+        if pair not in pairs:
+            pairs.append(pair)
+    if not pairs:
+        if skipped:
+            raise ValueError(
+                "pairs='auto': every fusion was skipped, so there is nowhere to insert RegBN. "
+                + " ".join(skipped)
+            )
+        raise ValueError(
+            "pairs='auto': found no fusion (no node whose tensor operands come from disjoint "
+            "sets of inputs), so there is nowhere to insert RegBN. Name the pairs explicitly; "
+            "run regbn.inspect(model, ...) to list the tensors"
+        )
+    return pairs, skipped
+
+
+def _node_name(name: str) -> str:
+    return name if name.startswith("node:") else f"node:{name}"
+
+
+def _features(shape: tuple[int, ...], projection: str) -> int:
+    return shape[1] if projection == "channel" else math.prod(shape[1:])
+
+
+def _projection_bytes(fusion: Fusion, projection: str) -> int | None:
+    f, g = fusion.pair_shapes
+    if f is None or g is None or len(f) < 2 or len(g) < 2:
+        return None
+    return _features(f, projection) * _features(g, projection) * fusion.pair_itemsize
+
+
+def _skip_message(fusion: Fusion, nbytes: int, limit: int, projection: str) -> str:
+    f_shape, g_shape = fusion.pair_shapes
+    df, dg = _features(f_shape, projection), _features(g_shape, projection)
+    text = (
+        f"pairs='auto' skipped fusion {fusion.name!r} [{fusion.kind}]: a RegBN layer on "
+        f"{fusion.pair!r} (shapes {tuple(f_shape)} and {tuple(g_shape)}) would hold a W of "
+        f"Df·Dg·{fusion.pair_itemsize} = {df}·{dg}·{fusion.pair_itemsize} bytes "
+        f"({nbytes / 2**20:.1f} MiB), more than max_projection_bytes={limit} "
+        f"({limit / 2**20:.1f} MiB)."
+    )
+    better = _smaller_pair(fusion, limit)
+    if better is not None:
+        text += f" Pair pooled or CLS features instead, e.g. pairs=[{better!r}],"
+    else:
+        sides = [
+            repr(name) for name, side in zip(fusion.pair, fusion.pooled, strict=True) if not side
+        ]
+        text += (
+            f" No pooled tensor of the branch of {' or '.join(sides)} was found: pool it first "
+            "(x.mean(1) or the CLS token x[:, 0]) and pair that,"
+        )
+    return text + " or raise max_projection_bytes."
+
+
+def _smaller_pair(fusion: Fusion, limit: int) -> tuple[str, str] | None:
+    """The largest pair of pooled/CLS tensors (or one side kept) whose W fits ``limit``."""
+    f_options = [(fusion.pair[0], fusion.pair_shapes[0]), *fusion.pooled[0]]
+    g_options = [(fusion.pair[1], fusion.pair_shapes[1]), *fusion.pooled[1]]
+    best: tuple[int, tuple[str, str]] | None = None
+    for f_name, f_shape in f_options:
+        for g_name, g_shape in g_options:
+            size = math.prod(f_shape[1:]) * math.prod(g_shape[1:]) * fusion.pair_itemsize
+            if size <= limit and (best is None or size > best[0]):
+                best = (size, (f_name, g_name))
+    return None if best is None else best[1]

@@ -1,20 +1,64 @@
 """Modality analysis and fusion detection on an annotated fx graph, with networkx.
 
-A *modality* is one input tensor of the model: a tensor argument of ``forward`` (``"gray"``), or
-one entry of an argument that holds several tensors (``"batch['audio']"``, ``"x[0]"``). After
-`annotate_modalities`, each node carries ``node.meta["regbn_modalities"]``, the frozenset of
-modalities its value depends on, plus ``node.meta["regbn_fusion"]``: its `Fusion` or ``None``.
+**Inputs.** An *input* is a tensor argument of ``forward`` (``"gray"``), or one entry of an
+argument that holds several tensors, read with a constant key (``"batch['audio']"``, ``"x[0]"``).
 
-A *fusion* is a node whose tensor operands depend on pairwise disjoint, non-empty sets of
-modalities: where separate branches meet. Operands with identical sets (the key and value of one
-modality in attention) are one branch. Constants and parameters are not operands, so
-``mul(1, x)`` and ``x * self.scale`` are not fusions, and neither is a residual add inside one
-modality.
+**Modalities, as the user means them.** ``modalities={"text": ["input_ids", "attention_mask"],
+"image": ["pixel_values"]}`` names them: every listed input carries its group's name. An input not
+listed follows these rules, in order:
+
+1. An input named like a mask, lengths, positions or token types (``attention_mask``,
+   ``key_padding_mask``, ``lengths``, ``seq_lens``, ``position_ids``, ``token_type_ids``,
+   ``segment_ids``) carries no modality of its own.
+2. An input whose values are read as token ids starts a modality named after it: through casts,
+   reshapes and indexing it reaches the indices of an embedding lookup (``nn.Embedding``,
+   ``nn.EmbeddingBag``, ``F.embedding``) or the first tensor given to a leaf module (a tower kept
+   whole, ``BertModel(input_ids, attention_mask)``). Two id inputs are two modalities.
+3. Any other integer or bool input (a mask, lengths, labels: known once shapes were propagated)
+   carries no modality.
+4. Every other input (floating-point features; any input when dtypes are unknown) starts a
+   modality named after it.
+
+An input without a modality joins what it gates: a node takes the modalities of its other
+operands, so an attention mask neither makes a fusion nor hides one.
+
+**Flow.** A node's modalities (``node.meta["regbn_modalities"]``) are the union of those of the
+operands whose *values* it reads. Shape reads carry none: ``x.shape``, ``x.size()``, ``x.dtype``,
+``x.device``, ``x.dim()``, the ``self`` of ``x.new_ones(...)`` and the other ``new_*``, the first
+argument of ``torch.zeros_like`` and the other ``*_like``, and the second tensor of
+``view_as``/``reshape_as``/``expand_as``/``type_as``/``to``. So ``torch.zeros(x.shape[0], 4)``
+and a CLS token ``expand``-ed to the batch size belong to no modality.
+
+**Fusion.** A *fusion* (``node.meta["regbn_fusion"]``) is a node whose operands depend on
+pairwise disjoint, non-empty sets of modalities: where separate branches meet. Operands are the
+tensors whose values the node reads, with a modality and (once shapes are known) a floating-point
+dtype: masks, ids, constants and parameters are not operands, so ``mul(1, x)``, ``x * self.scale``,
+``masked_fill(mask, 0)`` and a residual add inside one modality are not fusions. Operands with
+identical sets (the key and value of one modality in attention) are one branch.
+
+**Pair.** Each fusion suggests the pair ``(f, g)`` that ``regbn.insert(..., pairs="auto")`` uses:
+the branch tensor of its first operand, normalised with respect to that of the first operand from
+another branch (in argument order; a fusion with more than two operands gets one layer). The
+*branch tensor* of an operand is the last tensor its branch produced, found by walking back past
+the fusion's own ops, the nodes whose every use leads into the fusion (or past it):
+
+- layout ops: views, reshapes, transposes, permutes, (un)squeezes, head splits, ``chunk`` and
+  ``split`` parts, ``expand``, ``contiguous``, dtype casts, dropout, a scale or shift by a
+  constant (``q * self.scale``, ``1 + gamma``);
+- gate functions: ``sigmoid``, ``tanh``, ``softmax``, ``hardsigmoid`` (``sigmoid(a) * b``);
+- for an elementwise fusion (mul, add, sub, div), one linear projection when its input feeds the
+  fusion along two or more paths: FiLM's γ and β projections of one conditioning tensor.
+
+Attention's q/k/v projections and a branch's own last layer are kept (they are features a user
+would name), so ``q @ k.transpose(-2, -1)`` pairs the q and k projections.
 """
 
 from __future__ import annotations
 
+import builtins
+import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +76,9 @@ __all__ = [
     "annotate_modalities",
     "build_graph",
     "detect_fusions",
+    "input_labels",
     "modality_sources",
+    "value_inputs",
 ]
 
 
@@ -40,11 +86,16 @@ __all__ = [
 class Fusion:
     """A node where branches of different modalities meet.
 
-    ``pair`` is the ``(f, g)`` that ``regbn.insert(..., pairs="auto")`` uses: the first tensor
-    operand is normalised with respect to the next operand from another branch (in argument
-    order; for two operands simply the second). A fusion with more than two operands therefore
-    gets one RegBN layer; pass explicit pairs to normalise the others. Each name is an fx node
-    name, prefixed with ``node:`` only where the bare name would be ambiguous for ``insert``.
+    ``operands``, ``modalities`` and ``shapes`` describe the node's operands (one per branch
+    tensor read; see the module docstring). ``pair`` is the ``(f, g)`` that
+    ``regbn.insert(..., pairs="auto")`` uses: the branch tensors of the first operand and of the
+    first operand from another branch. A fusion with more than two operands therefore gets one
+    RegBN layer; pass explicit pairs to normalise the others. Each name is an fx node name,
+    prefixed with ``node:`` only where the bare name would be ambiguous for ``insert``.
+    ``pair_shapes`` are the shapes of the pair's tensors; ``pooled`` lists, for each of them,
+    ``(name, shape)`` of smaller 2-D tensors ``(batch, features)`` of the same branch (pooled or
+    CLS features, largest first) to pair instead when the projection W would be too large
+    (`projection_bytes`).
     """
 
     name: str
@@ -55,6 +106,20 @@ class Fusion:
     pair: tuple[str, str]
     module: str | None = None
     output_shape: tuple[int, ...] | None = None
+    pair_shapes: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
+    pooled: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ((), ())
+    pair_itemsize: int = 4
+
+    @property
+    def projection_bytes(self) -> int | None:
+        """Bytes of the W (Dg×Df) a RegBN layer at ``pair`` holds: Df·Dg·itemsize (float32: 4).
+
+        ``None`` when shapes are unknown. Df and Dg are the per-sample sizes of f and g.
+        """
+        f, g = self.pair_shapes
+        if f is None or g is None:
+            return None
+        return math.prod(f[1:]) * math.prod(g[1:]) * self.pair_itemsize
 
     def __str__(self) -> str:
         ops = ", ".join(
@@ -81,53 +146,258 @@ def _is_tensor_node(node: fx.Node) -> bool | None:
     return node.meta["regbn_shape"] is not None
 
 
-def modality_sources(gm: fx.GraphModule) -> dict[str, str]:
-    """Map node name -> modality name for every node that introduces a modality.
+# ------------------------------------------------------------------------------- value flow
 
-    A placeholder is a source unless it is a container (a dict or tuple of tensors) read through
-    constant keys; then each ``getitem`` with a constant key is a source of its own, and the
-    container itself (where used whole) depends on all of them.
+_SHAPE_ATTRS = frozenset(
+    {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized",
+     "is_meta", "requires_grad", "names"}
+)  # fmt: skip
+_SHAPE_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "get_device", "element_size", "stride",
+     "is_floating_point", "is_complex", "is_contiguous", "data_ptr", "storage_offset"}
+)  # fmt: skip
+_NEW_METHODS = frozenset(
+    {"new_ones", "new_zeros", "new_empty", "new_full", "new_tensor", "new_empty_strided"}
+)
+# Methods whose tensor arguments after self lend only their shape, dtype or device.
+_AS_METHODS = frozenset({"view_as", "reshape_as", "expand_as", "type_as", "to", "type"})
+_LIKE_FUNCTIONS = frozenset(
+    {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+     torch.randn_like, torch.randint_like}
+)  # fmt: skip
+_SHAPE_FUNCTIONS = frozenset({torch.numel, builtins.len})
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: found.append(n) or n)
+    return list(dict.fromkeys(found))
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The input nodes whose values ``node`` reads (shape, dtype and device reads left out)."""
+    op, target, args = node.op, node.target, node.args
+    if op == "call_function":
+        if target is builtins.getattr and len(args) >= 2 and args[1] in _SHAPE_ATTRS:
+            return []
+        if target in _SHAPE_FUNCTIONS:
+            return []
+        if target in _LIKE_FUNCTIONS:
+            return _nodes_in((args[1:], node.kwargs))
+    if op == "call_method":
+        if target in _SHAPE_METHODS:
+            return []
+        if target in _NEW_METHODS:
+            return _nodes_in((args[1:], node.kwargs))
+        if target in _AS_METHODS:
+            return _nodes_in(args[:1])
+    return list(node.all_input_nodes)
+
+
+# ------------------------------------------------------------------------------- inputs
+
+_AUX_NAME = re.compile(
+    r"(^|_)(mask|masks|length|lengths|lens|seq_len|seq_lens|position_ids|positions|pos_ids|"
+    r"token_type_ids|segment_ids)($|_)|mask",
+    re.IGNORECASE,
+)
+_ID_PRESERVING_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.reshape,
+                                      torch.squeeze, torch.unsqueeze, torch.transpose,
+                                      torch.permute, torch.clamp, torch.narrow})  # fmt: skip
+_ID_PRESERVING_METHODS = frozenset(
+    {"view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "contiguous",
+     "long", "int", "to", "clamp", "clamp_", "narrow", "expand", "repeat", "__getitem__", "t"}
+)  # fmt: skip
+
+
+def input_labels(gm: fx.GraphModule) -> dict[str, str]:
+    """Map node name -> input name for every input (see the module docstring), in graph order.
+
+    A container argument read through constant keys gives one input per ``getitem`` (the
+    container itself is not listed); any other argument is one input.
     """
-    sources: dict[str, str] = {}
+    labels: dict[str, str] = {}
     for ph in gm.graph.nodes:
         if ph.op != "placeholder":
             continue
         entries = [u for u in ph.users if is_constant_getitem(u)]
         if entries and _is_tensor_node(ph) is not True:
             for u in entries:
-                sources[u.name] = entry_name(ph, u.args[1])
+                labels[u.name] = entry_name(ph, u.args[1])
             continue
-        sources[ph.name] = input_name(ph)
+        labels[ph.name] = input_name(ph)
+    return labels
+
+
+def _grouping(gm: fx.GraphModule, modalities: Any, labels: dict[str, str]) -> dict[str, str]:
+    """Map input name -> modality name from the user's ``modalities``; ValueError on bad names."""
+    if modalities is None:
+        return {}
+    if not isinstance(modalities, dict) or not all(isinstance(k, str) for k in modalities):
+        raise TypeError(
+            "modalities must be a dict of modality name -> input names, e.g. "
+            "{'text': ['input_ids', 'attention_mask'], 'image': ['pixel_values']}; got "
+            f"{modalities!r}"
+        )
+    known = list(labels.values())
+    containers = {input_name(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    out: dict[str, str] = {}
+    for modality, names in modalities.items():
+        names = [names] if isinstance(names, str) else list(names)
+        for raw in names:
+            name = _canonical_input(raw)
+            if name not in known and name in containers:
+                entries = [k for k in known if k.startswith(f"{name}[")]
+                for k in entries or [name]:
+                    out.setdefault(k, modality)
+                continue
+            if name not in known:
+                raise ValueError(
+                    f"modalities[{modality!r}]: {raw!r} is not an input of this model; its "
+                    f"inputs are {known}. Name forward arguments, or entries as "
+                    "\"batch['audio']\""
+                )
+            if name in out and out[name] != modality:
+                raise ValueError(
+                    f"modalities: input {name!r} is listed under both {out[name]!r} and "
+                    f"{modality!r}; give each input one modality"
+                )
+            out[name] = modality
+    return out
+
+
+def _canonical_input(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"modalities: input names must be strings; got {name!r}")
+    return name.replace('"', "'")
+
+
+def _reads_ids(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when ``node``'s values reach an embedding's indices or a leaf module's first input."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for user in cur.users:
+            if _indexes_with(user, cur, gm):
+                return True
+            if _preserves_ids(user) and user.all_input_nodes[:1] == [cur]:
+                stack.append(user)
+    return False
+
+
+def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
+    if user.op == "call_function":
+        if user.target is F.embedding:
+            return _first_node(user) is src
+        if user.target is torch.embedding:  # torch.embedding(weight, indices)
+            return len(user.args) > 1 and user.args[1] is src
+        return False
+    if user.op != "call_module" or is_regbn(gm, user):
+        return False
+    try:
+        module = gm.get_submodule(str(user.target))
+    except AttributeError:
+        return False
+    builtin = type(module).__module__.startswith("torch.nn")
+    if builtin and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    return _first_node(user) is src
+
+
+def _first_node(node: fx.Node) -> fx.Node | None:
+    found = _nodes_in((node.args, node.kwargs))
+    return found[0] if found else None
+
+
+def _preserves_ids(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ID_PRESERVING_FUNCTIONS
+    return node.op == "call_method" and node.target in _ID_PRESERVING_METHODS
+
+
+def _is_integral(node: fx.Node) -> bool:
+    dtype = node.meta.get("regbn_dtype")
+    return dtype is not None and not dtype.is_floating_point and not dtype.is_complex
+
+
+def _own_name(label: str) -> str:
+    # batch['attention_mask'] is judged by its key, x[0] by its argument name.
+    m = re.search(r"\[['\"](.+?)['\"]\]$", label)
+    return m.group(1) if m else label.split("[", 1)[0]
+
+
+def modality_sources(gm: fx.GraphModule, modalities: Any = None) -> dict[str, str]:
+    """Map node name -> modality name for every input that carries a modality (module docstring).
+
+    ``modalities`` is the user's grouping (modality name -> input names); it is checked here.
+    """
+    labels = input_labels(gm)
+    grouping = _grouping(gm, modalities, labels)
+    sources: dict[str, str] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, label in labels.items():
+        node = by_name[name]
+        if label in grouping:
+            sources[name] = grouping[label]
+        elif _AUX_NAME.search(_own_name(label)):
+            continue
+        elif _reads_ids(node, gm):
+            sources[name] = label
+        elif not _is_integral(node):
+            sources[name] = label
     return sources
 
 
-def annotate_modalities(
-    gm: fx.GraphModule, graph: nx.DiGraph | None = None, modalities: dict[str, Any] | None = None
-) -> nx.DiGraph:
-    """Set ``node.meta["regbn_modalities"]`` and ``["regbn_fusion"]`` on every node.
+# ------------------------------------------------------------------------------- annotation
 
-    Returns the networkx graph used. A container placeholder that is also used whole depends on
-    all of its entries.
+
+def annotate_modalities(
+    gm: fx.GraphModule, graph: nx.DiGraph | None = None, modalities: Any = None
+) -> nx.DiGraph:
+    """Set ``node.meta["regbn_modalities"]``, ``["regbn_fusion"]`` and ``["regbn_input"]``.
+
+    ``regbn_input`` is the input name of an input node (None elsewhere). Returns the networkx
+    graph used (`build_graph`). A container argument that is also used whole depends on all of
+    its entries' modalities, or carries its own name when none of them has one.
     """
     graph = build_graph(gm) if graph is None else graph
-    sources = modality_sources(gm)
+    sources = modality_sources(gm, modalities)
+    labels = input_labels(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     deps: dict[str, frozenset[str]] = {}
     # A source starts afresh rather than inheriting from its container placeholder, so two
     # entries of one dict count as two modalities.
     for name in nx.topological_sort(graph):
         node = by_name[name]
+        node.meta["regbn_input"] = labels.get(name)
         if name in sources:
             deps[name] = frozenset({sources[name]})
+        elif name in labels:
+            deps[name] = frozenset()  # an input without a modality (a mask): none
         elif node.op == "placeholder":
-            deps[name] = frozenset(sources[u.name] for u in node.users if u.name in sources)
+            deps[name] = _container_modalities(node, sources, labels)
         else:
-            deps[name] = frozenset().union(*(deps[p] for p in graph.predecessors(name)))
+            deps[name] = frozenset().union(*(deps[p.name] for p in value_inputs(node)))
     for name, mods in deps.items():
         by_name[name].meta["regbn_modalities"] = mods
     for node in gm.graph.nodes:
         node.meta["regbn_fusion"] = _fusion_at(gm, node)
     return graph
+
+
+def _container_modalities(
+    ph: fx.Node, sources: dict[str, str], labels: dict[str, str]
+) -> frozenset[str]:
+    entries = [u.name for u in ph.users if u.name in labels and u is not ph]
+    mods = frozenset(sources[e] for e in entries if e in sources)
+    if mods or not any(u.name not in labels for u in ph.users):
+        return mods
+    # Used whole, and no entry read on its own carries a modality: the container is one input.
+    return frozenset({input_name(ph)})
 
 
 def detect_fusions(gm: fx.GraphModule) -> list[Fusion]:
@@ -136,12 +406,15 @@ def detect_fusions(gm: fx.GraphModule) -> list[Fusion]:
 
 
 def _operands(node: fx.Node) -> list[fx.Node]:
-    # all_input_nodes lists each node once. Parameters, constants and buffers carry no modality.
-    return [
-        src
-        for src in node.all_input_nodes
-        if _is_tensor_node(src) is not False and src.meta.get("regbn_modalities")
-    ]
+    """Value inputs with a modality that are (once shapes are known) floating-point tensors."""
+    out = []
+    for src in value_inputs(node):
+        if not src.meta.get("regbn_modalities") or _is_tensor_node(src) is False:
+            continue
+        if _is_integral(src):
+            continue  # ids and masks: never features to normalise
+        out.append(src)
+    return out
 
 
 def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
@@ -162,16 +435,179 @@ def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
             if groups[i] & groups[j]:
                 return None
     second = next(op for op, m in zip(ops, mods, strict=True) if m != mods[0])
+    kind = fusion_kind(gm, node)
+    walk = _BranchWalk(node, kind)
+    f, g = walk.branch_tensor(ops[0]), walk.branch_tensor(second)
     return Fusion(
         name=node.name,
-        kind=fusion_kind(gm, node),
+        kind=kind,
         operands=tuple(op.name for op in ops),
         modalities=tuple(mods),
         shapes=tuple(op.meta.get("regbn_shape") for op in ops),
-        pair=(ops[0].name, second.name),
+        pair=(f.name, g.name),
         module=node.meta.get("regbn_module"),
         output_shape=node.meta.get("regbn_shape"),
+        pair_shapes=(f.meta.get("regbn_shape"), g.meta.get("regbn_shape")),
+        pooled=(_pooled(gm, f), _pooled(gm, g)),
+        pair_itemsize=_itemsize(f, g),
     )
+
+
+def _itemsize(f: fx.Node, g: fx.Node) -> int:
+    # RegBN keeps W in float32 unless a float64 model turns it into float64.
+    dtypes = {f.meta.get("regbn_dtype"), g.meta.get("regbn_dtype")}
+    return 8 if torch.float64 in dtypes else 4
+
+
+def _pooled(gm: fx.GraphModule, branch: fx.Node) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(name, shape)`` of 2-D float tensors ``(batch, features)`` of ``branch``'s modalities,
+    smaller than ``branch``, largest first (at most three).
+
+    These are the pooled or CLS features of the same branch (a leaf's ``pooler_output``, a mean
+    over tokens, ``x[:, 0]``): what to pair when the branch tensor's W is too large.
+    """
+    shape = branch.meta.get("regbn_shape")
+    mods = branch.meta.get("regbn_modalities")
+    if shape is None or len(shape) < 2:
+        return ()
+    size = math.prod(shape[1:])
+    found = []
+    for node in gm.graph.nodes:
+        s = node.meta.get("regbn_shape")
+        if node is branch or s is None or len(s) != 2 or s[0] != shape[0] or not 2 <= s[1] < size:
+            continue
+        if node.meta.get("regbn_modalities") != mods or _is_integral(node):
+            continue
+        if node.op == "call_module" and is_regbn(gm, node):
+            continue
+        found.append((-s[1], len(found), node.name, tuple(s)))
+    return tuple((name, s) for _, _, name, s in sorted(found)[:3])
+
+
+# ------------------------------------------------------------------------------- branch tensors
+
+_LAYOUT_FUNCTIONS = frozenset(
+    {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+     torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t, torch.chunk,
+     torch.split, torch.tensor_split, torch.unbind, operator.getitem, F.dropout, torch.sigmoid,
+     torch.tanh, torch.softmax, F.softmax, F.sigmoid, F.tanh, F.hardsigmoid}
+)  # fmt: skip
+_LAYOUT_METHODS = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
+     "swapaxes", "swapdims", "movedim", "t", "mT", "chunk", "split", "tensor_split", "unbind",
+     "expand", "contiguous", "float", "half", "bfloat16", "double", "to", "type_as", "sigmoid",
+     "tanh", "softmax", "__getitem__"}
+)  # fmt: skip
+_SCALE_FUNCTIONS = frozenset(
+    {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add,
+     torch.sub}
+)  # fmt: skip
+_SCALE_METHODS = frozenset({"mul", "div", "add", "sub", "mul_", "div_", "add_", "sub_"})
+_ELEMENTWISE_KINDS = frozenset({"mul", "add", "sub", "div"})
+
+
+class _BranchWalk:
+    """Walks back from a fusion's operands to their branch tensors (see the module docstring)."""
+
+    def __init__(self, fusion: fx.Node, kind: str) -> None:
+        self.fusion = fusion
+        self.kind = kind
+        self.region = _descendants(fusion) | {fusion}
+        self._own: dict[fx.Node, bool] = {}
+
+    def branch_tensor(self, operand: fx.Node) -> fx.Node:
+        node = self._past_glue(operand)
+        if self.kind in _ELEMENTWISE_KINDS and self._is_projection(node) and self.own(node):
+            source = _single_value_input(node)
+            if (
+                source is not None
+                and _is_tensor_node(source) is not False
+                and (self._entries(source) >= 2 or self._entries(node) >= 2)
+            ):
+                node = self._past_glue(source)
+        return node
+
+    def _past_glue(self, node: fx.Node) -> fx.Node:
+        while _is_glue(node) and self.own(node):
+            source = _single_value_input(node)
+            if source is None or _is_integral(source) or _is_tensor_node(source) is False:
+                break  # never onto ids, masks or a tuple/dict (a leaf's whole output)
+            node = source
+        return node
+
+    def own(self, node: fx.Node) -> bool:
+        """True when every use of ``node`` leads into the fusion (or past it)."""
+        memo, region = self._own, self.region
+        # Post-order over users, without recursion (graphs can be thousands of nodes deep).
+        stack = [(node, False)]
+        while stack:
+            cur, expanded = stack.pop()
+            if cur in region or cur in memo:
+                continue
+            if not expanded:
+                stack.append((cur, True))
+                stack.extend((u, False) for u in cur.users if u not in region and u not in memo)
+                continue
+            users = list(cur.users)
+            memo[cur] = bool(users) and all(u in region or memo.get(u, False) for u in users)
+        return node in region or memo[node]
+
+    def _entries(self, node: fx.Node) -> int:
+        """How many nodes of the fusion region read ``node`` or what it feeds the fusion."""
+        entries: set[fx.Node] = set()
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            cur = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            for user in cur.users:
+                if user in self.region:
+                    entries.add(user)
+                elif self.own(user):
+                    stack.append(user)
+        return len(entries)
+
+    @staticmethod
+    def _is_projection(node: fx.Node) -> bool:
+        if node.op == "call_function":
+            return node.target is F.linear
+        if node.op != "call_module":
+            return False
+        module = node.graph.owning_module
+        try:
+            return isinstance(module.get_submodule(str(node.target)), nn.Linear)
+        except AttributeError:
+            return False
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        cur = stack.pop()
+        if cur not in seen:
+            seen.add(cur)
+            stack.extend(cur.users)
+    return seen
+
+
+def _single_value_input(node: fx.Node) -> fx.Node | None:
+    """The one input carrying ``node``'s modalities (a scale or shift by a constant allowed)."""
+    mods = node.meta.get("regbn_modalities")
+    carriers = [n for n in value_inputs(node) if n.meta.get("regbn_modalities")]
+    if len(carriers) != 1 or carriers[0].meta.get("regbn_modalities") != mods:
+        return None
+    return carriers[0]
+
+
+def _is_glue(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _LAYOUT_FUNCTIONS or node.target in _SCALE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS or node.target in _SCALE_METHODS
+    return False
 
 
 _FUNCTION_KINDS: dict[Any, str] = {
@@ -205,6 +641,9 @@ _FUNCTION_KINDS: dict[Any, str] = {
     torch.mm: "matmul",
     torch.bmm: "matmul",
     torch.einsum: "einsum",
+    torch.outer: "outer",
+    torch.ger: "outer",
+    torch.kron: "outer",
     F.bilinear: "bilinear",
     torch.bilinear: "bilinear",
     F.scaled_dot_product_attention: "attention",
@@ -223,11 +662,13 @@ _METHOD_KINDS: dict[str, str] = {
     "matmul": "matmul",
     "mm": "matmul",
     "bmm": "matmul",
+    "outer": "outer",
+    "ger": "outer",
 }
 
 
 def fusion_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """cat, stack, add, sub, mul, div, matmul, einsum, attention, bilinear or other."""
+    """cat, stack, add, sub, mul, div, matmul, einsum, outer, attention, bilinear or other."""
     if node.op == "call_function":
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":

@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from .analysis import analyse
-from .modality import Fusion, modality_sources
+from .modality import Fusion, input_labels
 from .shapes import ShapeFailure
 from .tracing import is_regbn
 
@@ -95,11 +95,16 @@ class Row:
 
 @dataclass(frozen=True)
 class InputInfo:
-    """One model input (an entry of a dict/tuple input counts as its own input)."""
+    """One model input (an entry of a dict/tuple input counts as its own input).
+
+    ``modality`` is the modality it starts, or None for an input that joins what it gates (a
+    mask, lengths).
+    """
 
     name: str
     shape: tuple | None
     dtype: torch.dtype | None
+    modality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class Report:
     @cached_property
     def modality_names(self) -> list[str]:
         """Modalities in input order (the order their first node appears)."""
-        seen: dict[str, None] = {info.name: None for info in self.inputs}
+        seen: dict[str, None] = {i.modality: None for i in self.inputs if i.modality is not None}
         for row in self.rows:
             seen.update(dict.fromkeys(sorted(row.modalities)))
         return list(seen)
@@ -176,7 +181,10 @@ class Report:
 
     def summary(self) -> str:
         """Inputs, parameters per modality branch, fusions and the suggested pairs."""
-        inputs = [[i.name, _fmt_shape(i.shape), _dtype_str(i.dtype) or "-"] for i in self.inputs]
+        inputs = [
+            [i.name, _fmt_shape(i.shape), _dtype_str(i.dtype) or "-", self._input_role(i)]
+            for i in self.inputs
+        ]
         params = [[label, f"{count:,}"] for label, count in self._param_items()]
         lines = [
             f"{self.model_name}: {len(self.rows)} nodes, {_plural(len(self.fusions), 'fusion')}"
@@ -203,6 +211,12 @@ class Report:
         if self.failure is not None:
             lines.append(self.failure_text())
         return "\n".join(lines)
+
+    @staticmethod
+    def _input_role(info: InputInfo) -> str:
+        if info.modality is None:
+            return "no modality of its own (joins what it gates)"
+        return "" if info.modality == info.name else f"modality {info.modality}"
 
     def failure_text(self) -> str:
         """One sentence naming where shape propagation stopped, or '' when it did not."""
@@ -421,7 +435,12 @@ class Report:
         return {
             "model": self.model_name,
             "inputs": [
-                {"name": i.name, "shape": _shape_to_json(i.shape), "dtype": _dtype_str(i.dtype)}
+                {
+                    "name": i.name,
+                    "shape": _shape_to_json(i.shape),
+                    "dtype": _dtype_str(i.dtype),
+                    "modality": i.modality,
+                }
                 for i in self.inputs
             ],
             "rows": [row.to_dict() for row in self.rows],
@@ -764,7 +783,7 @@ def _row(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str]) -> Row:
 
 def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
     """One entry per modality, in argument order: a dict/tuple argument gives one per entry."""
-    sources = modality_sources(gm)  # node name -> modality, as the modality analysis names them
+    labels = input_labels(gm)  # node name -> input name, as the modality analysis names them
     by_name = {row.name: row for row in rows}
     argument = {r.name: i for i, r in enumerate(r for r in rows if r.op == "placeholder")}
     order = {row.name: i for i, row in enumerate(rows)}
@@ -775,8 +794,14 @@ def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
         owner = name if row.op == "placeholder" else row.inputs[0]
         return argument[owner], order[name]
 
-    ordered = sorted(sources, key=key)
-    return [InputInfo(sources[n], by_name[n].shape, by_name[n].dtype) for n in ordered]
+    def modality(name: str) -> str | None:
+        mods = by_name[name].modalities
+        return next(iter(mods)) if len(mods) == 1 else None
+
+    ordered = sorted(labels, key=key)
+    return [
+        InputInfo(labels[n], by_name[n].shape, by_name[n].dtype, modality(n)) for n in ordered
+    ]
 
 
 def _params_by_modality(model: nn.Module, rows: list[Row]) -> tuple[dict[frozenset[str], int], int]:
@@ -799,16 +824,31 @@ def _params_by_modality(model: nn.Module, rows: list[Row]) -> tuple[dict[frozens
             mods = users_of.setdefault(row.target, set())
             for reader in readers.get(row.name, []):
                 mods.update(reader.modalities)
+    # A parameter inside a leaf module (a tower kept whole, MultiheadAttention's out_proj) counts
+    # under the leaf's call.
+    leaves = {row.target for row in rows if row.op == "call_module"}
     counts: dict[frozenset[str], int] = {}
     unused = 0
     for name, param in model.named_parameters():
-        owner = name.rpartition(".")[0]
+        owner = _leaf_owner(name.rpartition(".")[0], by_module, leaves)
         if owner not in by_module and name not in users_of:
             unused += param.numel()
             continue
         key = frozenset(by_module.get(owner, set()) | users_of.get(name, set()))
         counts[key] = counts.get(key, 0) + param.numel()
     return counts, unused
+
+
+def _leaf_owner(owner: str, by_module: dict[str, set[str]], leaves: set[str]) -> str:
+    """``owner`` itself when its code ran, else the innermost leaf module call that holds it."""
+    if owner in by_module:
+        return owner
+    parent = owner
+    while parent:
+        parent = parent.rpartition(".")[0]
+        if parent in leaves:
+            return parent
+    return owner
 
 
 def _target_str(node: fx.Node) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .tracing import input_name
 
@@ -228,7 +229,7 @@ class ShapeInterpreter(fx.Interpreter):
         except Exception as e:  # any op error becomes a ShapeFailure naming the node
             args = [self.env[a] for a in n.all_input_nodes if a in self.env]
             shapes = tuple(_describe(a)[0] or _nested(a) for a in args)
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            msg = _error_text(e)
             raise _NodeFailed(ShapeFailure(n.name, _target_name(n), shapes, msg)) from e
         shape, dtype, device, nested = _describe(result)
         n.meta["regbn_shape"] = shape
@@ -236,6 +237,49 @@ class ShapeInterpreter(fx.Interpreter):
         n.meta["regbn_device"] = device
         n.meta["regbn_nested"] = nested
         return result
+
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # fx hands dicts and lists in as immutable_dict/immutable_list; a module that updates
+        # the dict it receives (sentence-transformers' SentenceTransformer.forward) needs a
+        # plain one, as it gets in eager mode.
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _thaw(args), _thaw(kwargs)
+
+
+def _thaw(value: Any) -> Any:
+    """fx's immutable dicts and lists as plain ones; everything else (a ModelOutput) as it is."""
+    if isinstance(value, immutable_dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, immutable_list):
+        return [_thaw(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_thaw(v) for v in value)
+    return value
+
+
+def _copy_containers(value: Any) -> Any:
+    """The caller's dicts and lists copied (tensors shared), so a forward that updates the dict
+    it receives leaves the caller's example inputs as they were."""
+    if type(value) is dict:
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy_containers(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_copy_containers(v) for v in value)
+    return value
+
+
+_MAX_MESSAGE = 2000
+
+
+def _error_text(e: BaseException) -> str:
+    """The whole error message on one line (a long one cut at a sentence, and said so)."""
+    text = " ".join(str(e).split())
+    if len(text) > _MAX_MESSAGE:
+        cut = text.rfind(". ", 0, _MAX_MESSAGE)
+        text = text[: cut + 1 if cut > 0 else _MAX_MESSAGE] + " (message shortened)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def clear_shapes(gm: fx.GraphModule) -> None:
@@ -443,7 +487,7 @@ def propagate_shapes(
         )
     clear_shapes(gm)
     if example_inputs is not None:
-        positional, named = _split(example_inputs)
+        positional, named = _split(_copy_containers(example_inputs))
         args = _arrange_inputs(gm, positional, named)
         return _run_real(gm, args)
     return _run_fake(gm, input_shapes, input_dtypes)
