@@ -1,6 +1,7 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
 from .distributed import convert_sync_regbn
+from .fold import fold
 from .fx.analysis import find_fusions
 from .fx.insertion import insert, remove
 from .fx.modality import Fusion
@@ -15,6 +16,7 @@ __all__ = [
     "TraceError",
     "convert_sync_regbn",
     "find_fusions",
+    "fold",
     "insert",
     "inspect",
     "remove",

@@ -48,20 +48,45 @@ class SyncRegBN(RegBN):
     """
 
     process_group = None
+    _sizes: list[int] | None = None
+
+    def _validate(self, f: Tensor, g: Tensor, training: bool) -> None:
+        """Every rank checks its own batch, then all agree: one bad rank fails them all.
+
+        One small collective that every rank joins before anything else, carrying each rank's
+        verdict and batch size, so that a shape error on one rank raises the same ValueError
+        everywhere instead of leaving the others waiting in the gather.
+        """
+        group = self.process_group
+        if not (training and _active(group)):
+            return super()._validate(f, g, training)
+        try:
+            super()._validate(f, g, training)
+            error = None
+        except (TypeError, ValueError) as e:
+            error = e
+        meta = torch.tensor(
+            [error is not None, 0 if error is not None else f.shape[0]],
+            device=self.adam_m.device,
+        )
+        metas = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(metas, meta, group=group)
+        bad = [r for r, m in enumerate(metas) if int(m[0])]
+        if bad:
+            messages: list = [None] * len(metas)
+            dist.all_gather_object(messages, None if error is None else str(error), group=group)
+            detail = "; ".join(f"rank {r}: {messages[r]}" for r in bad)
+            raise ValueError(
+                f"SyncRegBN: the training batch was refused on rank(s) {bad}, so every rank "
+                f"stops here: {detail}"
+            )
+        self._sizes = [int(m[1]) for m in metas]
 
     def _gather(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor, slice | None]:
         group = self.process_group
         if not _active(group):
             return f, g, None
-        # One small collective that every rank joins first, so that a bad batch on one rank
-        # raises the same error everywhere instead of leaving the others waiting.
-        meta = torch.tensor(
-            [f.shape[0], f[0].numel() if f.shape[0] else -1, g[0].numel() if g.shape[0] else -1],
-            device=f.device,
-        )
-        metas = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(metas, meta, group=group)
-        sizes = [int(m[0]) for m in metas]
+        sizes, self._sizes = self._sizes, None
         if min(sizes) == 0:
             empty = [r for r, n in enumerate(sizes) if n == 0]
             raise ValueError(

@@ -81,6 +81,16 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], tmp: str, mode: 
             except ValueError as e:
                 result = str(e)
             torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+        elif mode == "shape":
+            f, g, _, _ = _data(sizes, 0)
+            if rank == 1:
+                g = g[:, :, :1]  # a feature shape the layer was not built for
+            try:
+                layer(f, g)
+                result = "no error"
+            except ValueError as e:
+                result = str(e)
+            torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
         elif mode == "crash" and rank == 1:
             raise RuntimeError("rank 1 fails on purpose")
         elif mode == "crash":
@@ -132,6 +142,15 @@ def test_an_empty_batch_on_one_rank_is_an_error_everywhere(tmp_path):
     messages = _spawn([3, 0], tmp_path, "empty")
     for m in messages:
         assert "rank(s) [1] passed an empty training batch" in m and "drop_last=True" in m
+
+
+def test_a_shape_error_on_one_rank_is_the_same_error_everywhere(tmp_path):
+    start = time.monotonic()
+    messages = _spawn([3, 3], tmp_path, "shape", timeout=60)
+    assert messages[0] == messages[1]
+    assert "refused on rank(s) [1]" in messages[0]
+    assert r"rank 1: RegBN: g must have shape (B, 3, 2, 2)" in messages[0]
+    assert time.monotonic() - start < 60
 
 
 def test_a_failing_rank_fails_the_test_promptly(tmp_path):

@@ -1,0 +1,149 @@
+"""``regbn.fold``: every RegBN call of a model as plain torch ops, for deployment.
+
+In eval mode a RegBN layer (RegBN, NeurIPS 2023) computes
+
+    f_r = norm_f_out(norm_f(F) − norm_g(G) · W),   g_out = norm_g_out(norm_g(G))
+
+with the running projection W (Dg×Df) and the norms in their eval form. :func:`fold` writes
+exactly these operations into the model's fx graph (the same function, :func:`regbn.layer.
+eval_maths`, that the layer runs), keeps W and the norms' tensors as buffers and parameters of a
+plain ``nn.Module`` at the layer's path, and drops the RegBN object. The result needs no regbn
+import to run, to be pickled and loaded, or to be exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx, nn
+
+from .layer import RegBN, eval_maths, norm_spec
+
+__all__ = ["fold"]
+
+_NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
+
+
+def fold(model: nn.Module) -> fx.GraphModule:
+    """Return an eval-mode copy of ``model`` in which each RegBN call is plain torch ops.
+
+    Args:
+        model: a model patched by :func:`regbn.insert` (a ``GraphModule``), any model holding
+            RegBN layers that ``torch.fx.symbolic_trace`` can trace, or a single RegBN layer
+            (folded into a module ``(f, g) -> (f_r, g_out)``).
+
+    Returns:
+        A ``torch.fx.GraphModule`` in eval mode. Each RegBN at path ``p`` becomes a plain
+        ``nn.Module`` at ``p`` holding ``W`` and the norms' tensors (same state-dict keys), and
+        its call becomes ``f_r = F − G @ W`` between the norms. A float16/bfloat16 layer is
+        folded in float32 (its inputs are cast, its outputs come back in f's dtype). The
+        caller's model is not changed.
+
+    Raises:
+        ValueError: a lazy RegBN that has seen no batch, a call forced into training mode
+            (``is_training=True``), or a model that cannot be traced.
+    """
+    gm = _graph_module(model)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), RegBN):
+            _fold_call(gm, node)
+    graph = gm.graph
+    # The tracer class may be regbn's; a pickled GraphModule would then import regbn to load.
+    graph._tracer_cls = None
+    graph.lint()
+    folded = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return folded.eval()
+
+
+def _graph_module(model: nn.Module) -> fx.GraphModule:
+    """A private fx copy of ``model`` (RegBN calls are ``call_module`` nodes in any trace)."""
+    if isinstance(model, RegBN):
+        root = nn.Module()
+        root.regbn = copy.deepcopy(model)
+        graph = fx.Graph()
+        f, g = graph.placeholder("f"), graph.placeholder("g")
+        graph.output(graph.call_module("regbn", (f, g)))
+        return fx.GraphModule(root, graph, class_name="FoldedRegBN")
+    if isinstance(model, fx.GraphModule):
+        return copy.deepcopy(model)
+    try:
+        return fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as e:
+        raise ValueError(
+            f"regbn.fold: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
+            f"{e}). Fold the model that regbn.insert returned, or trace the model yourself (a "
+            f"GraphModule is folded as it is)"
+        ) from e
+
+
+def _call_inputs(node: fx.Node) -> tuple:
+    args, kwargs = list(node.args), dict(node.kwargs)
+    names = ("f", "g", "is_training", "n_epoch", "steps_per_epoch")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    if bound.get("is_training"):
+        raise ValueError(
+            f"regbn.fold: the call {node.name} ({node.target}) passes is_training=True, so it "
+            f"always runs the training step; a folded model computes the eval maths only. "
+            f"Drop is_training from that call before folding"
+        )
+    return bound["f"], bound["g"]
+
+
+def _container(layer: RegBN, path: str, dtype: torch.dtype) -> nn.Module:
+    """A plain module with the layer's W and norms, in the compute dtype."""
+    if layer.f_shape is None:
+        raise ValueError(
+            f"regbn.fold: the RegBN at {path!r} is lazy and has seen no batch, so it has no W "
+            f"yet; train it (or load its checkpoint) before folding"
+        )
+    box = nn.Module()
+    box.register_buffer("W", layer.W.detach().to(dtype).clone())
+    for name in _NORMS:
+        box.add_module(name, copy.deepcopy(getattr(layer, name)).to(dtype).eval())
+    return box
+
+
+def _spec_proxies(spec, prefix: str, norm: nn.Module, attr) -> tuple | None:
+    """The norm's spec with each tensor replaced by a ``get_attr`` proxy of the folded graph."""
+    if spec is None:
+        return None
+    names = {id(t): n for n, t in (*norm.named_parameters(), *norm.named_buffers())}
+    return tuple(
+        attr(f"{prefix}.{names[id(x)]}") if isinstance(x, torch.Tensor) else x for x in spec
+    )
+
+
+def _fold_call(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace one RegBN ``call_module`` node by the eval maths, written as graph nodes."""
+    path = str(node.target)
+    layer = gm.get_submodule(path)
+    f_node, g_node = _call_inputs(node)
+    w_dtype = layer.W.dtype if layer.f_shape is not None else torch.float32
+    dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
+    box = _container(layer, path, dtype)
+    gm.set_submodule(path, box)
+    graph = gm.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+
+    def attr(name: str) -> fx.Proxy:
+        return fx.Proxy(graph.get_attr(f"{path}.{name}"), tracer)
+
+    with graph.inserting_before(node):
+        f, g = fx.Proxy(f_node, tracer), fx.Proxy(g_node, tracer)
+        specs = [
+            _spec_proxies(norm_spec(getattr(box, n)), n, getattr(box, n), attr) for n in _NORMS
+        ]
+        f_r, g_out = eval_maths(f, g, attr("W"), specs, layer.f_shape, layer.g_shape, dtype)
+        # Like the layer: both outputs in f's dtype.
+        outs = (f_r.to(f.dtype).node, g_out.to(f.dtype).node)
+    for user in list(node.users):
+        index = user.args[1] if len(user.args) > 1 else None
+        if user.op == "call_function" and user.target is operator.getitem and index in (0, 1):
+            user.replace_all_uses_with(outs[index])
+            graph.erase_node(user)
+        else:
+            user.args = fx.node.map_arg(user.args, lambda n: outs if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: outs if n is node else n)
+    graph.erase_node(node)
