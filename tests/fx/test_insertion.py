@@ -562,3 +562,146 @@ def test_name_inside_a_leaf_module():
         insert(model, [("gray_net.fc", "colored_net")], inputs, leaf_modules=[ConvBranch])
     patched = insert(model, [("gray_net", "colored_net")], inputs, leaf_modules=[ConvBranch])
     assert patched.regbn_0.f_shape == (16,)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+class TokensAndImage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 6)
+        self.image = nn.Linear(9, 6)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, input_ids, pixels):
+        t = self.embed(input_ids).mean(1)
+        return self.head(torch.cat([t, self.image(pixels)], 1))
+
+
+def test_input_dtypes_describe_token_ids():
+    model = TokensAndImage()
+    patched = insert(
+        model,
+        [("mean", "image")],
+        input_shapes=[(B, 5), (B, 9)],
+        input_dtypes=[torch.int64, None],
+    )
+    assert patched.regbn_0.f_shape == (6,) and patched.regbn_0.g_shape == (6,)
+    ids = torch.randint(0, 50, (B, 5))
+    assert patched(ids, torch.randn(B, 9)).shape == (B, 2)
+
+
+def test_modalities_reach_the_auto_pairs():
+    model = ThreeModal()
+    inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
+
+    def layer_inputs(**kwargs) -> list[str]:
+        patched = insert(model, "auto", inputs, **kwargs)
+        call = next(n for n in patched.graph.nodes if n.target == "regbn_0")
+        return [a.name for a in call.args]
+
+    # a and b grouped into one modality: the concat fuses {a, b} with {c}
+    assert layer_inputs(modalities={"ab": ["a", "b"], "c": ["c"]}) == ["enc_a", "enc_c"]
+    assert layer_inputs() == ["enc_a", "enc_b"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"momentun": 0.1}, TypeError, r"argument 'momentun'; did you mean 'momentum'\?"),
+        ({"input_shape": [(B, 10)]}, TypeError, r"'input_shape'; did you mean 'input_shapes'"),
+        ({"f_num_channels": 3}, TypeError, r"'f_num_channels' is inferred from the shapes"),
+    ],
+)
+def test_unknown_keyword_is_a_type_error_naming_it(kwargs, exc, message):
+    model = LateConcat()
+    before = _state(model)
+    with pytest.raises(exc, match=message):
+        insert(model, [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12)), **kwargs)
+    assert _same_state(before, _state(model))
+
+
+class KeywordsOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(5, 3)
+
+    def forward(self, **inputs):
+        return self.a(inputs["x"]) + self.b(inputs["y"])
+
+
+class StarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(5, 3)
+
+    def forward(self, *xs):
+        return self.a(xs[0]) + self.b(xs[1])
+
+
+def test_var_arguments_get_a_wrapper_as_the_fix():
+    x, y = torch.randn(B, 4), torch.randn(B, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)takes \*\*inputs, which torch.fx traces as one argument.*class Named\(nn.Module"
+        r"\).*def forward\(self, x, y\):.*return self.model\(x=x, y=y\)",
+    ):
+        insert(KeywordsOnly(), [("a", "b")], {"x": x, "y": y})
+    with pytest.raises(ValueError, match=r"(?s)takes \*xs.*class Named"):
+        insert(StarArgs(), [("a", "b")], (x, y))
+
+    class Named(nn.Module):  # the fix the message shows
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            return self.model(x=x, y=y)
+
+    patched = insert(Named(KeywordsOnly()), [("model.a", "model.b")], (x, y))
+    assert patched(x, y).shape == (B, 3)
+
+
+# --------------------------------------------------------------------------- layers already there
+
+
+class WithOwnRegBN(nn.Module):
+    """A model written with a RegBN layer of its own, named like insert's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_a, self.enc_b = nn.Linear(10, 6), nn.Linear(12, 5)
+        self.regbn_0 = regbn.RegBN(6, 5, [], [])
+        self.head = nn.Linear(11, 3)
+
+    def forward(self, a, b):
+        fa, fb = self.regbn_0(torch.relu(self.enc_a(a)), torch.relu(self.enc_b(b)))
+        return self.head(torch.cat([fa, fb], 1))
+
+
+def test_remove_keeps_the_models_own_regbn_and_warns():
+    model = WithOwnRegBN().eval()
+    inputs = (torch.randn(B, 10), torch.randn(B, 12))
+    with pytest.warns(UserWarning, match=r"already holds RegBN layers \['regbn_0'\]"):
+        patched = insert(model, [("enc_a", "enc_b")], inputs)
+    assert "regbn_1" in patched._modules and patched.regbn_0 is model.regbn_0
+    with pytest.warns(UserWarning, match=r"remove: kept the RegBN layers \['regbn_0'\]"):
+        restored = remove(patched)
+    assert "regbn_1" not in restored._modules and restored.regbn_0 is model.regbn_0
+    with torch.no_grad():
+        assert torch.equal(restored(*inputs), model(*inputs))
+    for clone in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
+        with pytest.warns(UserWarning, match=r"kept the RegBN layers \['regbn_0'\]"):
+            assert "regbn_1" not in remove(clone)._modules
+
+
+def test_insert_on_a_patched_model_warns_and_adds_after():
+    model = LateConcat()
+    inputs = (torch.randn(B, 10), torch.randn(B, 12))
+    patched = insert(model, [("relu", "relu_1")], inputs)
+    with pytest.warns(UserWarning, match=r"already holds RegBN layers \['regbn_0'\]"):
+        twice = insert(patched, [("enc_a", "enc_b")], inputs)
+    assert {"regbn_0", "regbn_1"} <= set(twice._modules)
+    once = remove(twice)
+    assert not [m for m in once._modules if m.startswith("regbn_")]
