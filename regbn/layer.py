@@ -780,7 +780,8 @@ class RegBN(nn.Module):
             d = _mean_abs(D)
             f_r = self._norm(self.norm_f_out, sol.f_r.reshape(f.shape), True)
             g_out = self._norm(self.norm_g_out, g_n, True)
-            self._check_finite(sol.f_r, f_r, g_out, d, f, g)
+            stats = [live for live, _ in saved if live.is_floating_point()]
+            self._check_finite([sol.f_r, f_r, g_out, d, *stats], f, g)
             if self.verbose:
                 norm2 = float((D + self.W).square().sum())
                 print(f"RegBN: lambda+={sol.lam:.6g}  ||W_batch||_F^2={norm2:.6g}")
@@ -794,20 +795,19 @@ class RegBN(nn.Module):
             f_r, g_out = f_r[rows], g_out[rows]
         return f_r, g_out
 
-    @staticmethod
-    def _check_finite(*xs: Tensor) -> None:
-        """One reduction and one sync: a NaN or Inf anywhere reaches the (float64) sum.
-
-        ``xs`` is (solution, f_r, g_out, d, f, g); the inputs only serve the message."""
-        *outs, f, g = xs
+    def _check_finite(self, outs: list[Tensor], f: Tensor, g: Tensor) -> None:
+        """One reduction and one sync: a NaN or Inf anywhere in ``outs`` (the solution, the
+        outputs, the updated input-norm statistics) reaches the (float64) sum. f and g only
+        serve the message."""
         dt = solve_dtype(f.device)
         total = sum(x.detach().sum(dtype=dt) for x in outs)
         if not math.isfinite(float(total)):
+            hint = "" if self.normalize_input else " or set normalize_input=True"
             raise ValueError(
                 f"RegBN: the batch solution is not finite although the inputs are (f spans "
-                f"|x| ≤ {float(f.abs().max()):.3g}, g spans |x| ≤ {float(g.abs().max()):.3g}); "
-                f"the batch was rejected and no buffer changed. Rescale the inputs or set "
-                f"normalize_input=True"
+                f"|x| ≤ {float(f.abs().max()):.3g}, g spans |x| ≤ {float(g.abs().max()):.3g}): "
+                f"the solve, the norms or the input-norm running statistics overflowed. The "
+                f"batch was rejected and no buffer changed. Rescale the inputs{hint}"
             )
 
     def _workspace(self) -> Tensor:

@@ -533,3 +533,239 @@ def test_device_mismatch_is_explained():
     with pytest.raises(ValueError, match=r"f \(cpu\) and g \(cpu\) must be on the layer's "
                                          r"device \(meta\); move the layer"):
         layer(torch.randn(2, 4), torch.randn(2, 3))
+
+
+# ----------------------------------------------------------------------------- precision, overflow
+# The official example's RegBN settings (mogvision/regbn, example_PMR)
+OFFICIAL = dict(normalize_input=True, normalize_output=True, affine=True, sigma_THR=0.0,
+                sigma_MIN=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["vector", "map2d"])
+def test_half_layers_train_and_evaluate_with_the_official_options(dtype, name):
+    fs, gs = LAYER_SHAPES[name]
+    layer = make(fs, gs, **OFFICIAL).to(dtype)
+    reference_layer = make(fs, gs, **OFFICIAL)  # float32, same (default) parameters
+    f, g = batch(8, fs, gs, dtype=torch.float32)
+    f, g = f.to(dtype), g.to(dtype)
+    f.requires_grad_()
+    f_r, g_out = layer(f, g)
+    (f_r.float().square().sum() + g_out.float().sum()).backward()
+    assert f_r.dtype == g_out.dtype == dtype and f.grad is not None
+    assert layer.norm_f.weight.grad is not None and layer.norm_f.weight.dtype == dtype
+    assert int(layer.num_batches_tracked) == 1 and layer.last_lambda > 0
+    ref_r, _ = reference_layer(f.detach().float(), g.float())
+    torch.testing.assert_close(f_r.float(), ref_r, rtol=0.1, atol=0.1)
+    layer.eval()
+    reference_layer.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                     for k, v in layer.state_dict().items()})
+    reference_layer.eval()
+    out = layer(f.detach()[:3], g[:3])[0]
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.float(), reference_layer(f.detach()[:3].float(),
+                                                            g[:3].float())[0],
+                               rtol=0.05, atol=0.05)
+
+
+def test_an_output_norm_failure_changes_no_buffer(monkeypatch):
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, **OFFICIAL)
+    layer(*batch(8, fs, gs, dtype=torch.float32))
+    before = buffers(layer)
+    real = RegBN._norm
+
+    def failing(self, norm, x, training):
+        if norm is self.norm_f_out:
+            raise RuntimeError("simulated output-norm failure")
+        return real(self, norm, x, training)
+
+    monkeypatch.setattr(RegBN, "_norm", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        layer(*batch(8, fs, gs, seed=1, dtype=torch.float32))
+    assert_same_buffers(before, buffers(layer))
+
+
+@pytest.mark.parametrize("name", ["vector", "map2d"])
+def test_huge_finite_inputs_give_finite_outputs(name):
+    """The output LayerNorm is scale-invariant, so 1e20·(f, g) must give what (f, g) gives; a
+    float32 LayerNorm squares 1e20 into infinity (NaN outputs before)."""
+    fs, gs = LAYER_SHAPES[name]
+    f, g = batch(8, fs, gs, dtype=torch.float32)
+    small, huge = make(fs, gs), make(fs, gs)
+    a, _ = small(f, g)
+    b, g_b = huge(1e20 * f, 1e20 * g)
+    assert bool(torch.isfinite(b).all() and torch.isfinite(g_b).all())
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    small.eval()
+    huge.eval()
+    torch.testing.assert_close(huge(1e20 * f, 1e20 * g)[0], small(f, g)[0], rtol=1e-3,
+                               atol=1e-3)
+
+
+def test_layer_norm_matches_torch_and_survives_extremes():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    w, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(regbn.layer.layer_norm(x, 2, w, b, 1e-5),
+                               TF.layer_norm(x, [3, 5], w, b, 1e-5), rtol=1e-12, atol=1e-12)
+    x32 = x.float()
+    for scale in (1e-30, 1e25, 3e38):
+        y = regbn.layer.layer_norm(x32 / x32.abs().max() * scale, 2, None, None, 1e-5)
+        assert bool(torch.isfinite(y).all()), scale
+    const = torch.full((2, 7), 1e30)
+    assert torch.equal(regbn.layer.layer_norm(const, 1, None, None, 1e-5), torch.zeros(2, 7))
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: regbn.layer.layer_norm(t, 2, w, b, 1e-5), (x,))
+
+
+def test_input_statistics_that_overflow_are_rejected_without_touching_buffers():
+    fs, gs = LAYER_SHAPES["map2d"]  # the input norm is a BatchNorm2d: its variance overflows
+    layer = make(fs, gs, normalize_input=True)
+    layer(*batch(8, fs, gs, dtype=torch.float32))
+    before = buffers(layer)
+    f, g = batch(8, fs, gs, seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="not finite.*no buffer changed"):
+        layer(1e20 * f, 1e20 * g)
+    assert_same_buffers(before, buffers(layer))
+
+
+# ----------------------------------------------------------------------------- resets, lazy, modes
+def test_reset_running_stats_and_reset_parameters():
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, **OFFICIAL)
+
+    def stats(m):
+        return {k: v for k, v in buffers(m).items() if k not in dict(m.named_parameters())}
+
+    fresh = stats(make(fs, gs, **OFFICIAL))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for seed in range(2):
+        f_r, g_out = layer(*batch(8, fs, gs, seed=seed, dtype=torch.float32))
+        (f_r.square().sum() + g_out.square().sum()).backward()
+        opt.step()
+    assert not torch.equal(layer.norm_f_out.weight, torch.ones_like(layer.norm_f_out.weight))
+    weight = layer.norm_f_out.weight.detach().clone()
+    layer.reset_running_stats()
+    assert_same_buffers(fresh, stats(layer))
+    assert layer.last_lambda is None
+    assert torch.equal(layer.norm_f_out.weight, weight)  # parameters untouched
+    layer(*batch(8, fs, gs, dtype=torch.float32))
+    layer.reset_parameters()
+    assert_same_buffers(fresh, stats(layer))
+    for norm in (layer.norm_f, layer.norm_g, layer.norm_f_out, layer.norm_g_out):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    RegBN().reset_parameters()  # a lazy layer has nothing to reset but must not fail
+
+
+def test_a_lazy_layer_stays_lazy_after_a_rejected_first_batch():
+    layer = RegBN(normalize_input=True)
+    with pytest.raises(ValueError, match="at most 3 spatial dims"):
+        layer(torch.randn(6, 2, 2, 2, 2, 2), torch.randn(6, 3))
+    assert layer.has_uninitialized_params() and layer.f_shape is None
+    assert not hasattr(layer, "norm_f") and "lazy" in repr(layer)
+    f_r, _ = layer(torch.randn(6, 4), torch.randn(6, 3))
+    assert layer.f_shape == (4,) and f_r.shape == (6, 4)
+
+
+def test_training_after_inference_mode_works():
+    fs, gs = LAYER_SHAPES["vector"]
+    for layer in (make(fs, gs), RegBN()):
+        with torch.inference_mode():
+            layer(*batch(8, fs, gs, dtype=torch.float32))
+        layer(*batch(8, fs, gs, seed=1, dtype=torch.float32))
+        f = batch(8, fs, gs, seed=2, dtype=torch.float32)[0].requires_grad_()
+        layer(f, batch(8, fs, gs, seed=2, dtype=torch.float32)[1])[0].sum().backward()
+        assert int(layer.num_batches_tracked) == 3 and not layer.W.is_inference()
+
+
+def test_state_dict_of_a_lazy_layer_saves_and_loads():
+    model = torch.nn.ModuleDict({"rb": RegBN(), "lin": torch.nn.LazyLinear(3)})
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    other = torch.nn.ModuleDict({"rb": RegBN(), "lin": torch.nn.LazyLinear(3)})
+    other.load_state_dict(state)
+    assert other["rb"].has_uninitialized_params()
+    fs, gs = LAYER_SHAPES["vector"]
+    other["rb"](*batch(6, fs, gs, dtype=torch.float32))
+    assert other["rb"].f_shape == fs
+    with pytest.raises(RuntimeError, match="lazy RegBN that never saw a batch"):
+        make(fs, gs).load_state_dict(RegBN().state_dict())
+
+
+def test_an_old_dict_extra_state_still_loads():
+    fs, gs = LAYER_SHAPES["map1d"]
+    layer = make(fs, gs)
+    state = layer.state_dict()
+    state["_extra_state"] = {"f_shape": fs, "g_shape": gs}
+    lazy = RegBN()
+    lazy.load_state_dict(state)
+    assert lazy.f_shape == fs and lazy.g_shape == gs
+
+
+@pytest.mark.parametrize("normalize_input", [False, True])
+def test_an_empty_eval_batch_gives_empty_outputs(normalize_input):
+    for name in ("vector", "map2d"):
+        fs, gs = LAYER_SHAPES[name]
+        layer = make(fs, gs, normalize_input=normalize_input).eval()
+        f_r, g_out = layer(torch.empty(0, *fs), torch.empty(0, *gs))
+        assert f_r.shape == (0, *fs) and g_out.shape == (0, *gs)
+
+
+# ----------------------------------------------------------------------------- autograd, torch.func
+def test_second_derivatives_are_refused_in_training_and_exact_in_eval():
+    fs, gs = LAYER_SHAPES["vector"]
+    f, g = batch(6, fs, gs, g_scale=0.5)
+    f.requires_grad_()
+    g.requires_grad_()
+    layer = make(fs, gs).double()
+    weights = torch.randn(6, *fs, dtype=torch.float64)
+    # a constant incoming gradient: once_differentiable let the Hessian-vector product through
+    # without the layer's terms (norm 12.2 where finite differences give 6.0)
+    with pytest.raises(RuntimeError, match="exact to first order only"):
+        torch.autograd.grad((layer(f, g)[0] * weights).sum(), f, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        (layer(f, g)[0] * weights).sum().backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.gradgradcheck(lambda f, g: layer(f, g)[0], (f, g))
+    (gf,) = torch.autograd.grad((layer(f, g)[0] * weights).sum(), f)  # first order still fine
+    assert gf.shape == f.shape
+    layer.eval()
+    assert torch.autograd.gradgradcheck(lambda f, g: layer(f, g), (f, g))
+
+
+def test_torch_func_transforms_in_eval_and_a_clear_error_in_training():
+    fs, gs = LAYER_SHAPES["map1d"]
+    layer = make(fs, gs, normalize_input=True).double()
+    layer(*batch(8, fs, gs))
+    layer.eval()
+    f, g = batch(4, fs, gs, seed=1)
+    stacked = torch.stack([f, 2 * f]), torch.stack([g, -g])
+    out = torch.func.vmap(lambda a, b: layer(a, b)[0])(*stacked)
+    torch.testing.assert_close(out[1], layer(2 * f, -g)[0])
+    grad = torch.func.grad(lambda a: layer(a, g)[0].square().sum())(f)
+    x = f.clone().requires_grad_()
+    layer(x, g)[0].square().sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+    jac = torch.func.jacrev(lambda a: layer(a, g)[0])(f)
+    assert jac.shape == (*f.shape, *f.shape)
+    layer.train()
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(ValueError, match="cannot run under torch.func transforms"):
+            transform(lambda a: layer(a, g)[0].sum())(f if transform is torch.func.grad
+                                                      else stacked[0])
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_shape_only_training_call_on_fake_tensors_changes_nothing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fs, gs = LAYER_SHAPES["map2d"]
+    layer = make(fs, gs, normalize_input=True)
+    before = buffers(layer)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        f_r, g_out = layer(torch.empty(5, *fs), torch.empty(5, *gs))
+    assert f_r.shape == (5, *fs) and g_out.shape == (5, *gs)
+    assert_same_buffers(before, buffers(layer))
