@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layer import RegBN
-from .analysis import Analysis, analyse
+from .analysis import Analysis, analyse, auto_pairs
 from .modality import build_graph
 from .names import INSPECT_HINT, entry_name, is_ambiguous, resolve_name
 from .tracing import (
@@ -483,14 +483,12 @@ def _analyse_modes(
         return train, _analyse(traced, example_inputs, options, " in eval mode")
 
 
-def _auto_pairs(analysis: Analysis) -> list[tuple[str, str]]:
-    pairs = [tuple(fu.pair) for fu in analysis.fusions if fu.pair is not None]
-    if not pairs:
-        raise ValueError(
-            "pairs='auto': found no fusion (no node whose tensor operands come from disjoint "
-            "sets of inputs), so there is nowhere to insert RegBN. Name the pairs explicitly; "
-            f"{INSPECT_HINT}"
-        )
+def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[str, str]]:
+    """One pair per fusion; a fusion whose W would pass ``max_projection_bytes`` is skipped with
+    a ``UserWarning`` naming smaller tensors of the same branches to pair instead."""
+    pairs, skipped = auto_pairs(analysis.fusions, regbn_kwargs.get("max_projection_bytes"))
+    for message in skipped:
+        warnings.warn(message, UserWarning, stacklevel=3)
     return pairs
 
 
@@ -579,7 +577,7 @@ def insert(
     )
     train, ev = _analyse_modes(model, example_inputs, options)
     if wanted == "auto":
-        wanted = _auto_pairs(train)
+        wanted = _auto_pairs(train, regbn_kwargs)
     plans = _plan(train.gm, wanted, model, train.graph)
     eval_plans = []
     if ev is not None:
