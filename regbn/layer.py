@@ -660,7 +660,13 @@ class RegBN(nn.Module):
 
     def _validate(self, f: Tensor, g: Tensor, training: bool) -> None:
         """Check the inputs before anything else runs (SyncRegBN agrees on it across ranks)."""
-        self._check(f, g)
+        if not torch.jit.is_tracing():
+            return self._check(f, g)
+        # The shape checks hold for the traced example; a trace cannot record them, and its
+        # warning that they become constants is about them alone, not about the maths.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            self._check(f, g)
 
     def __prepare_scriptable__(self):
         raise TypeError(
