@@ -135,14 +135,35 @@ def find_fusions(
 
 
 def with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
-    """``fusion`` with its pair (and pooled names) spelled for `regbn.insert`: ``node:`` only
-    where the bare name would be ambiguous."""
+    """``fusion`` with its pair (and pooled names) spelled for `regbn.insert`.
+
+    A function or method result that is the output of a module called once is named by the
+    outermost such module's dotted path (``"text"`` for the last add of a text tower traced
+    through); any other tensor by its fx node name (a module call's node name is its path).
+    A prefix (``module:``, ``node:``) is added only where the bare name would be ambiguous.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
 
     def spell(name: str) -> str:
+        path = _module_path(gm, by_name[name])
+        if path is not None:
+            return f"module:{path}" if is_ambiguous(gm, path) else path
         return f"node:{name}" if is_ambiguous(gm, name) else name
 
     pooled = tuple(tuple((spell(n), s) for n, s in side) for side in fusion.pooled)
     return replace(fusion, pair=(spell(fusion.pair[0]), spell(fusion.pair[1])), pooled=pooled)
+
+
+def _module_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    calls = node.meta.get("regbn_output_of") or ()
+    counts: dict[str, int] = {}
+    for other in gm.graph.nodes:
+        for path, _ in other.meta.get("regbn_output_of") or ():
+            counts[path] = counts.get(path, 0) + 1
+    once = [path for path, _ in calls if counts.get(path) == 1]
+    return min(once, key=lambda p: (p.count("."), len(p))) if once else None
 
 
 def auto_pairs(
@@ -167,7 +188,8 @@ def auto_pairs(
         if nbytes is not None and nbytes > limit:
             skipped.append(_skip_message(fusion, nbytes, limit, projection))
             continue
-        pair = (_node_name(fusion.pair[0]), _node_name(fusion.pair[1]))
+        nodes = fusion.pair_nodes or fusion.pair
+        pair = (_node_name(nodes[0]), _node_name(nodes[1]))
         if pair not in pairs:
             pairs.append(pair)
     if not pairs:
@@ -185,7 +207,8 @@ def auto_pairs(
 
 
 def _node_name(name: str) -> str:
-    return name if name.startswith("node:") else f"node:{name}"
+    # Names from find_fusions may carry a prefix already; bare ones are fx node names.
+    return name if name.partition(":")[0] in ("input", "module", "node") else f"node:{name}"
 
 
 def _features(shape: tuple[int, ...], projection: str) -> int:
@@ -224,13 +247,20 @@ def _skip_message(fusion: Fusion, nbytes: int, limit: int, projection: str) -> s
 
 
 def _smaller_pair(fusion: Fusion, limit: int) -> tuple[str, str] | None:
-    """The largest pair of pooled/CLS tensors (or one side kept) whose W fits ``limit``."""
-    f_options = [(fusion.pair[0], fusion.pair_shapes[0]), *fusion.pooled[0]]
-    g_options = [(fusion.pair[1], fusion.pair_shapes[1]), *fusion.pooled[1]]
-    best: tuple[int, tuple[str, str]] | None = None
-    for f_name, f_shape in f_options:
-        for g_name, g_shape in g_options:
-            size = math.prod(f_shape[1:]) * math.prod(g_shape[1:]) * fusion.pair_itemsize
-            if size <= limit and (best is None or size > best[0]):
-                best = (size, (f_name, g_name))
-    return None if best is None else best[1]
+    """The pair of pooled/CLS tensors with the largest W that fits ``limit``; pooled on both
+    sides where possible, else one side pooled and the other kept."""
+    f_kept = (fusion.pair[0], fusion.pair_shapes[0])
+    g_kept = (fusion.pair[1], fusion.pair_shapes[1])
+    for f_options, g_options in (
+        (fusion.pooled[0], fusion.pooled[1]),
+        ((f_kept, *fusion.pooled[0]), (g_kept, *fusion.pooled[1])),
+    ):
+        best: tuple[int, tuple[str, str]] | None = None
+        for f_name, f_shape in f_options:
+            for g_name, g_shape in g_options:
+                size = math.prod(f_shape[1:]) * math.prod(g_shape[1:]) * fusion.pair_itemsize
+                if size <= limit and (best is None or size > best[0]):
+                    best = (size, (f_name, g_name))
+        if best is not None:
+            return best[1]
+    return None

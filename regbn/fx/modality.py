@@ -44,7 +44,8 @@ the fusion's own ops, the nodes whose every use leads into the fusion (or past i
 
 - layout ops: views, reshapes, transposes, permutes, (un)squeezes, head splits, ``chunk`` and
   ``split`` parts, ``expand``, ``contiguous``, dtype casts, dropout, a scale or shift by a
-  constant (``q * self.scale``, ``1 + gamma``);
+  constant (``q * self.scale``, ``1 + gamma``), a concatenation with constants only (a CLS
+  token in front, the column of ones of a tensor-fusion network);
 - gate functions: ``sigmoid``, ``tanh``, ``softmax``, ``hardsigmoid`` (``sigmoid(a) * b``);
 - for an elementwise fusion (mul, add, sub, div), one linear projection when its input feeds the
   fusion along two or more paths: FiLM's γ and β projections of one conditioning tensor.
@@ -109,6 +110,7 @@ class Fusion:
     pair_shapes: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
     pooled: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ((), ())
     pair_itemsize: int = 4
+    pair_nodes: tuple[str, str] | None = None  # the pair's fx node names (``pair`` may be paths)
 
     @property
     def projection_bytes(self) -> int | None:
@@ -384,9 +386,21 @@ def annotate_modalities(
             deps[name] = frozenset().union(*(deps[p.name] for p in value_inputs(node)))
     for name, mods in deps.items():
         by_name[name].meta["regbn_modalities"] = mods
+    _mark_constants(gm, labels)
     for node in gm.graph.nodes:
         node.meta["regbn_fusion"] = _fusion_at(gm, node)
     return graph
+
+
+def _mark_constants(gm: fx.GraphModule, labels: dict[str, str]) -> None:
+    """``node.meta["regbn_constant"]``: no input's value reaches the node (parameters, literals,
+    shapes: a CLS token expanded to the batch size, a column of ones)."""
+    for node in gm.graph.nodes:
+        node.meta["regbn_constant"] = (
+            node.op != "placeholder"
+            and node.name not in labels
+            and all(src.meta.get("regbn_constant", False) for src in value_inputs(node))
+        )
 
 
 def _container_modalities(
@@ -445,6 +459,7 @@ def _fusion_at(gm: fx.GraphModule, node: fx.Node) -> Fusion | None:
         modalities=tuple(mods),
         shapes=tuple(op.meta.get("regbn_shape") for op in ops),
         pair=(f.name, g.name),
+        pair_nodes=(f.name, g.name),
         module=node.meta.get("regbn_module"),
         output_shape=node.meta.get("regbn_shape"),
         pair_shapes=(f.meta.get("regbn_shape"), g.meta.get("regbn_shape")),
@@ -490,7 +505,8 @@ _LAYOUT_FUNCTIONS = frozenset(
     {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
      torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t, torch.chunk,
      torch.split, torch.tensor_split, torch.unbind, operator.getitem, F.dropout, torch.sigmoid,
-     torch.tanh, torch.softmax, F.softmax, F.sigmoid, F.tanh, F.hardsigmoid}
+     torch.tanh, torch.softmax, F.softmax, F.sigmoid, F.tanh, F.hardsigmoid, torch.cat,
+     torch.concat, F.pad}
 )  # fmt: skip
 _LAYOUT_METHODS = frozenset(
     {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
@@ -530,8 +546,10 @@ class _BranchWalk:
     def _past_glue(self, node: fx.Node) -> fx.Node:
         while _is_glue(node) and self.own(node):
             source = _single_value_input(node)
-            if source is None or _is_integral(source) or _is_tensor_node(source) is False:
-                break  # never onto ids, masks or a tuple/dict (a leaf's whole output)
+            if source is None or _is_integral(source):
+                break  # never onto ids or masks
+            if _is_tensor_node(source) is False and not _is_split(source):
+                break  # nor onto a tuple or dict (a leaf's whole output)
             node = source
         return node
 
@@ -594,15 +612,53 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
 
 
 def _single_value_input(node: fx.Node) -> fx.Node | None:
-    """The one input carrying ``node``'s modalities (a scale or shift by a constant allowed)."""
+    """The one input carrying ``node``'s modalities, every other one a constant (a scale or
+    shift by a parameter or literal, a CLS token); None otherwise (dividing by lengths pools)."""
     mods = node.meta.get("regbn_modalities")
-    carriers = [n for n in value_inputs(node) if n.meta.get("regbn_modalities")]
+    carriers = []
+    for src in value_inputs(node):
+        if src.meta.get("regbn_modalities"):
+            carriers.append(src)
+        elif not src.meta.get("regbn_constant", False):
+            return None
     if len(carriers) != 1 or carriers[0].meta.get("regbn_modalities") != mods:
         return None
     return carriers[0]
 
 
+def _is_getitem(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem) or (
+        node.op == "call_method" and node.target == "__getitem__"
+    )
+
+
+def _is_layout_index(node: fx.Node) -> bool:
+    """``parts[i]`` of a split, or an index of full slices, None and ... only (a reshape); not
+    ``x[:, 0]`` (a CLS token) nor ``x[:, :4]`` (a selection), which are features of their own."""
+    src = node.args[0] if node.args else None
+    if isinstance(src, fx.Node) and _is_split(src):
+        return True
+    index = node.args[1] if len(node.args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return all(
+        i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items
+    )
+
+
+_SPLIT_FUNCTIONS = frozenset({torch.chunk, torch.split, torch.tensor_split, torch.unbind})
+_SPLIT_METHODS = frozenset({"chunk", "split", "tensor_split", "unbind"})
+
+
+def _is_split(node: fx.Node) -> bool:
+    """A node that returns the parts of one tensor (walked through to the tensor it splits)."""
+    if node.op == "call_function":
+        return node.target in _SPLIT_FUNCTIONS
+    return node.op == "call_method" and node.target in _SPLIT_METHODS
+
+
 def _is_glue(node: fx.Node) -> bool:
+    if _is_getitem(node):
+        return _is_layout_index(node)
     if node.op == "call_function":
         return node.target in _LAYOUT_FUNCTIONS or node.target in _SCALE_FUNCTIONS
     if node.op == "call_method":

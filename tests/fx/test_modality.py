@@ -8,6 +8,7 @@ from torch import nn
 
 import regbn
 from regbn.fx import Fusion, annotate_modalities, build_graph, find_fusions, insert, trace
+from regbn.fx.analysis import auto_pairs
 
 from .conftest import AdditiveMaps, B, Case, DictInput, ThreeModal
 
@@ -193,3 +194,240 @@ def test_analysis_leaves_a_caller_graph_module_untouched():
     (fusion,) = find_fusions(gm, inputs)
     assert fusion.name == "cat"
     assert {n.name: dict(n.meta) for n in gm.graph.nodes} == before
+
+
+# ------------------------------------------------------------------------- modalities as meant
+
+
+class MiniEncoder(nn.Module):
+    """An HF-style text encoder: token ids and an attention mask in, hidden states out."""
+
+    def __init__(self, vocab: int = 50, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        bias = (1.0 - attention_mask[:, None, :].to(h.dtype)) * -1e4
+        a = (q @ k.transpose(-2, -1) / 8**0.5 + bias).softmax(-1)
+        return h + self.out(a @ v)
+
+
+class TextImage(nn.Module):
+    """The text tower's mask is reused by the cross-attention (key_padding_mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = MiniEncoder()
+        self.image = nn.Linear(12, 8)
+        self.xattn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask, patches):
+        t = self.text(input_ids, attention_mask)
+        v = self.image(patches)
+        x, _ = self.xattn(v, t, t, key_padding_mask=attention_mask == 0)
+        return self.head(x.mean(1))
+
+
+def _text_image_inputs():
+    mask = torch.ones(B, 5, dtype=torch.long)
+    mask[:, 3:] = 0
+    return torch.randint(0, 50, (B, 5)), mask, torch.randn(B, 4, 12)
+
+
+@pytest.mark.parametrize("leaf", [None, [MiniEncoder]], ids=["traced", "leaf"])
+def test_ids_and_mask_are_one_modality_and_the_reused_mask_makes_no_fusion(leaf):
+    model, inputs = TextImage(), _text_image_inputs()
+    (fusion,) = find_fusions(model, inputs, leaf_modules=leaf)
+    assert fusion.kind == "attention" and fusion.name == "xattn"
+    assert fusion.modalities == (frozenset({"patches"}), frozenset({"input_ids"}))
+    assert fusion.pair == ("image", "text")
+    report = regbn.inspect(model, inputs, leaf_modules=leaf)
+    assert [(i.name, i.modality) for i in report.inputs] == [
+        ("input_ids", "input_ids"),
+        ("attention_mask", None),
+        ("patches", "patches"),
+    ]
+    assert report.pairs == [("image", "text")]
+    patched = insert(model, "auto", inputs, leaf_modules=leaf)
+    (call,) = [n for n in patched.graph.nodes if n.target == "regbn_0"]
+    assert tuple(a.name for a in call.args) == fusion.pair_nodes
+    assert patched(*inputs).shape == (B, 2)
+
+
+def test_named_modalities_group_inputs_and_name_the_report():
+    groups = {"text": ["input_ids", "attention_mask"], "image": ["patches"]}
+    model, inputs = TextImage(), _text_image_inputs()
+    (fusion,) = find_fusions(model, inputs, modalities=groups)
+    assert fusion.modalities == (frozenset({"image"}), frozenset({"text"}))
+    report = regbn.inspect(model, inputs, modalities=groups)
+    assert [(i.name, i.modality) for i in report.inputs] == [
+        ("input_ids", "text"),
+        ("attention_mask", "text"),
+        ("patches", "image"),
+    ]
+    assert report.modality_names == ["text", "image"]
+    assert "modality text" in report.summary()
+    assert {r.name: r.modalities for r in report.rows}["xattn"] == {"text", "image"}
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ({"text": ["input_idz"]}, r"'input_idz' is not an input of this model; its inputs are "
+         r"\['input_ids', 'attention_mask', 'patches'\]"),
+        ({"a": ["patches"], "b": ["patches"]}, r"'patches' is listed under both 'a' and 'b'"),
+    ],
+)  # fmt: skip
+def test_bad_modality_names(groups, message):
+    with pytest.raises(ValueError, match=message):
+        find_fusions(TextImage(), _text_image_inputs(), modalities=groups)
+
+
+def test_modalities_of_dict_entries():
+    groups = {"sound": ["batch['audio']"], "picture": ["batch['image']"]}
+    (fusion,) = find_fusions(DictInput(), modalities=groups)
+    assert fusion.modalities == (frozenset({"sound"}), frozenset({"picture"}))
+
+
+class TwoVocabularies(nn.Module):
+    """Text tokens and audio codes, each through its own embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = nn.Embedding(30, 8)
+        self.audio = nn.Embedding(20, 8)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, text_ids, audio_codes, lengths):
+        t = self.text(text_ids).sum(1) / lengths[:, None]
+        return self.head(torch.cat([t, self.audio(audio_codes).mean(1)], 1))
+
+
+def test_two_id_inputs_are_two_modalities_and_lengths_none():
+    inputs = (torch.randint(0, 30, (B, 6)), torch.randint(0, 20, (B, 9)), torch.full((B,), 6))
+    (fusion,) = find_fusions(TwoVocabularies(), inputs)
+    assert fusion.kind == "cat"
+    assert fusion.modalities == (frozenset({"text_ids"}), frozenset({"audio_codes"}))
+    assert fusion.pair == ("truediv", "mean")
+
+
+class IntegerGate(nn.Module):
+    """A bool mask (not named as one) gates the text features: no modality of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = nn.Linear(4, 6)
+        self.image = nn.Linear(5, 6)
+
+    def forward(self, text, keep, image):
+        t = self.text(text).masked_fill(~keep[:, :, None], 0.0).sum(1)
+        return t * self.image(image)
+
+
+def test_an_integer_input_not_read_as_ids_joins_what_it_gates():
+    inputs = (torch.randn(B, 3, 4), torch.rand(B, 3) > 0.3, torch.randn(B, 5))
+    (fusion,) = find_fusions(IntegerGate(), inputs)
+    assert fusion.modalities == (frozenset({"text"}), frozenset({"image"}))
+    report = regbn.inspect(IntegerGate(), inputs)
+    assert [(i.name, i.modality) for i in report.inputs][1] == ("keep", None)
+
+
+class ShapeReads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 4))
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        ones = y.new_ones(y.shape[0], 1)
+        zeros = torch.zeros((x.size(0), 4), dtype=y.dtype, device=y.device)
+        like = torch.ones_like(y)
+        cls = self.cls.expand(y.shape[0], -1, -1)
+        h = self.a(x).view(y.size(0), -1).type_as(y)
+        return ones, zeros, like, cls, h
+
+
+def test_shape_reads_carry_no_modality():
+    gm = trace(ShapeReads())
+    annotate_modalities(gm)
+    mods = {n.name: n.meta["regbn_modalities"] for n in gm.graph.nodes}
+    assert mods["new_ones"] == mods["zeros"] == mods["ones_like"] == mods["expand"] == set()
+    assert mods["type_as"] == {"x"}
+    assert find_fusions(ShapeReads(), (torch.randn(B, 4), torch.randn(B, 4))) == []
+
+
+class Gather(nn.Module):
+    """Ids of one modality gathered at another's argmax: an int64 tensor of both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, ids, x):
+        chosen = torch.gather(ids, 1, self.fc(x).argmax(-1, keepdim=True))
+        return self.embed(chosen).squeeze(1) * self.embed(ids).mean(1), self.fc(x)
+
+
+@pytest.mark.parametrize(
+    "make, inputs",
+    [
+        (TextImage, _text_image_inputs),
+        (IntegerGate, lambda: (torch.randn(B, 3, 4), torch.rand(B, 3) > 0.3, torch.randn(B, 5))),
+        (Gather, lambda: (torch.randint(0, 10, (B, 5)), torch.randn(B, 3))),
+    ],
+    ids=["text_image", "integer_gate", "gather"],
+)
+def test_pairs_never_name_integer_tensors_or_tensors_without_modality(make, inputs):
+    report = regbn.inspect(make(), inputs())
+    by_node = {r.name: r for r in report.rows}
+    for fusion in report.fusions:
+        for name in fusion.pair_nodes:
+            assert by_node[name].dtype.is_floating_point and by_node[name].modalities
+    assert "gather" not in {f.name for f in report.fusions}  # int64 operands are no features
+
+
+# ------------------------------------------------------------------------- auto and big W
+
+
+class TokenTowers(nn.Module):
+    """Token-level cross-attention between two towers, plus a pooled concat."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.text = nn.Linear(6, d)
+        self.image = nn.Linear(5, d)
+        self.xattn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(2 * d, 2)
+
+    def forward(self, tokens, pixels):
+        t, v = self.text(tokens), self.image(pixels)
+        x, _ = self.xattn(t, v, v)
+        return self.head(torch.cat([x[:, 0], v.mean(1)], 1)) + self.head(
+            torch.cat([t[:, 0], v[:, 0]], 1)
+        )
+
+
+def test_auto_pairs_skip_a_projection_past_the_limit_and_name_pooled_tensors():
+    inputs = (torch.randn(B, 10, 6), torch.randn(B, 12, 5))
+    fusions = find_fusions(TokenTowers(), inputs)
+    xattn = next(f for f in fusions if f.name == "xattn")
+    assert xattn.pair_shapes == ((B, 10, 16), (B, 12, 16))
+    assert xattn.projection_bytes == 160 * 192 * 4
+    pairs, skipped = auto_pairs(fusions)
+    assert ("node:text", "node:image") in pairs and not skipped
+    pairs, skipped = auto_pairs(fusions, max_projection_bytes=160 * 192 * 4 - 1)
+    assert ("node:text", "node:image") not in pairs
+    (message,) = skipped
+    assert "skipped fusion 'xattn' [attention]" in message
+    assert "160·192·4" in message and "max_projection_bytes=122879" in message
+    assert "pairs=[('getitem_3', 'mean')]" in message  # t[:, 0] (CLS) and v.mean(1) (pooled)
+    with pytest.raises(ValueError, match=r"every fusion was skipped.*skipped fusion 'xattn'"):
+        auto_pairs(fusions[:1], max_projection_bytes=1000)
+    with pytest.raises(ValueError, match=r"pairs='auto': found no fusion"):
+        auto_pairs([])
