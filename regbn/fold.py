@@ -45,6 +45,13 @@ def fold(model: nn.Module) -> fx.GraphModule:
         ValueError: a lazy RegBN that has seen no batch, a call forced into training mode
             (``is_training=True``), or a model that cannot be traced.
     """
+    for path, module in model.named_modules():
+        if isinstance(module, RegBN) and module.f_shape is None:
+            where = f"at {path!r} " if path else ""
+            raise ValueError(
+                f"regbn.fold: the RegBN {where}is lazy and has seen no batch, so it has no W "
+                f"yet; train it (or load its checkpoint) before folding"
+            )
     gm = _graph_module(model)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), RegBN):
@@ -91,13 +98,8 @@ def _call_inputs(node: fx.Node) -> tuple:
     return bound["f"], bound["g"]
 
 
-def _container(layer: RegBN, path: str, dtype: torch.dtype) -> nn.Module:
+def _container(layer: RegBN, dtype: torch.dtype) -> nn.Module:
     """A plain module with the layer's W and norms, in the compute dtype."""
-    if layer.f_shape is None:
-        raise ValueError(
-            f"regbn.fold: the RegBN at {path!r} is lazy and has seen no batch, so it has no W "
-            f"yet; train it (or load its checkpoint) before folding"
-        )
     box = nn.Module()
     box.register_buffer("W", layer.W.detach().to(dtype).clone())
     for name in _NORMS:
@@ -120,9 +122,8 @@ def _fold_call(gm: fx.GraphModule, node: fx.Node) -> None:
     path = str(node.target)
     layer = gm.get_submodule(path)
     f_node, g_node = _call_inputs(node)
-    w_dtype = layer.W.dtype if layer.f_shape is not None else torch.float32
-    dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
-    box = _container(layer, path, dtype)
+    dtype = layer.W.dtype if layer.W.dtype in (torch.float32, torch.float64) else torch.float32
+    box = _container(layer, dtype)
     gm.set_submodule(path, box)
     graph = gm.graph
     tracer = fx.proxy.GraphAppendingTracer(graph)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -431,6 +432,14 @@ class RegBN(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {**state, "_work": None}
+
+    def __deepcopy__(self, memo: dict) -> RegBN:
+        """copy.deepcopy, also of a lazy layer: torch's UninitializedBuffer has no deep copy of
+        its own, so the copy's is created here and the rest is copied as usual."""
+        w = self._buffers.get("W")
+        if isinstance(w, nn.parameter.UninitializedTensorMixin) and id(w) not in memo:
+            memo[id(w)] = nn.parameter.UninitializedBuffer(device=w.device, dtype=w.dtype)
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     def has_uninitialized_params(self) -> bool:
         """True for a lazy layer that has seen neither a batch nor a checkpoint."""

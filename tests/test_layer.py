@@ -769,3 +769,12 @@ def test_shape_only_training_call_on_fake_tensors_changes_nothing():
         f_r, g_out = layer(torch.empty(5, *fs), torch.empty(5, *gs))
     assert f_r.shape == (5, *fs) and g_out.shape == (5, *gs)
     assert_same_buffers(before, buffers(layer))
+
+
+def test_a_lazy_layer_deep_copies():
+    layer = RegBN()
+    twin = copy.deepcopy(layer)
+    assert twin.has_uninitialized_params() and twin.W is not layer.W
+    fs, gs = LAYER_SHAPES["vector"]
+    twin(*batch(6, fs, gs, dtype=torch.float32))
+    assert twin.f_shape == fs and layer.has_uninitialized_params()
