@@ -230,6 +230,15 @@ class RegBN(nn.Module):
     follows the paper's Adam-like rule (eq. 6), W ← (1 − η) W + η W(λ⁺); eval mode returns
     f_r = F − G W with the running W and never changes a buffer.
 
+    Deployment: in eval mode the layer is plain torch ops (:func:`eval_maths`), and that is what
+    it computes under ``torch.export``, the ONNX exporters, ``torch.jit.trace`` and
+    ``torch.func``, on real, fake and meta tensors; :func:`regbn.fold` writes those ops into the
+    model's graph so that it runs without regbn. Under any torch.fx tracer the layer is one
+    ``call_module`` leaf. A training-mode layer refuses to be exported or traced (λ⁺ comes from
+    a data-dependent solve) and refuses second derivatives (its gradient is exact to first
+    order). ``reset_running_stats()`` and ``reset_parameters()`` work as on ``nn.BatchNorm``,
+    e.g. after ``to_empty()`` of a model built on the meta device.
+
     Shapes:
         f: (B, f_num_channels, *f_layer_dim); g: (B, g_num_channels, *g_layer_dim).
         Outputs ``(f_r, g_out)`` have the inputs' shapes. ``W`` is (Dg, Df).
@@ -242,12 +251,13 @@ class RegBN(nn.Module):
         gpu: accepted for compatibility with the official module and ignored; use ``.to()``.
         beta1: decay of the first moment in the running update (paper eq. 6).
         beta2: decay of the second moment in the running update.
-        momentum: step size of the running update.
+        momentum: step size of the running update, in (0, 1].
         normalize_input: normalise f and g before the solve (BatchNorm{k}d for k ≥ 2 spatial dims,
             else LayerNorm over [C, *spatial]).
         normalize_output: LayerNorm over [C, *spatial] on f_r and on g.
         affine: learnable scale and shift in those normalisations.
-        sigma_THR: singular values of G at or below ``sigma_THR * max(s)`` become ``sigma_MIN``.
+        sigma_THR: singular values of G at or below ``sigma_THR * max(s)`` become ``sigma_MIN``;
+            in [0, 1).
         sigma_MIN: the value that replaces them (0 drops the direction).
         verbose: print λ⁺ and ‖W_batch‖²_F after every training batch.
         lambda_rule: ``"paper"`` (‖W‖_F = 1) or ``"official"`` (the published code's condition).
