@@ -47,7 +47,7 @@ from .tracing import (
     in_mode,
     is_regbn,
     same_graph,
-    trace,
+    trace_graph,
     unwrap,
 )
 
@@ -477,10 +477,10 @@ def _analyse_modes(
     with in_mode(model, True):
         train = _analyse(model, example_inputs, options, "")
     with in_mode(model, False):
-        traced = trace(model, **tracing)
+        traced = trace_graph(model, **tracing)  # no GraphModule (no code compiled) unless needed
         if same_graph(traced.graph, train.gm.graph):
             return train, None
-        return train, _analyse(traced, example_inputs, options, " in eval mode")
+        return train, _analyse(traced.graph_module(), example_inputs, options, " in eval mode")
 
 
 def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[str, str]]:

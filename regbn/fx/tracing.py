@@ -35,6 +35,7 @@ import os
 import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ __all__ = [
     "is_regbn",
     "same_graph",
     "trace",
+    "trace_graph",
     "unwrap",
 ]
 
@@ -295,11 +297,57 @@ def trace(
     reads; the model itself gets no attribute. Raises `TraceError` (a ``ValueError``) when the
     model is not traceable.
     """
+    traced = trace_graph(
+        model,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+    )
+    return traced.graph_module()
+
+
+@dataclass
+class Traced:
+    """A graph and what it reads: `trace_graph`'s result, before any ``GraphModule`` is made.
+
+    ``model``: the traced module (wrappers removed); ``graph``: its graph; ``constants``: tensors
+    fx made while tracing (``_tensor_constant0``), which the graph reads but the model does not
+    hold.
+    """
+
+    model: nn.Module
+    graph: fx.Graph
+    constants: dict[str, Any]
+
+    def graph_module(self) -> fx.GraphModule:
+        """The annotated ``GraphModule`` (the model itself where it is one already)."""
+        if isinstance(self.model, fx.GraphModule) and self.graph is self.model.graph:
+            return self.model
+        targets = {}
+        for node in self.graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                name = str(node.target)
+                value = self.constants[name] if name in self.constants else None
+                targets[name] = _lookup(self.model, name) if value is None else value
+        gm = fx.GraphModule(targets, self.graph, type(self.model).__name__)
+        carry_missing_state(self.model, gm)
+        return gm
+
+
+def trace_graph(
+    model: nn.Module,
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+) -> Traced:
+    """`trace` without building the ``GraphModule`` (which compiles its code): the graph alone,
+    e.g. to compare two traces. ``Traced.graph_module()`` finishes the job."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace expects an nn.Module; got {type(model).__name__}")
     model, _ = unwrap(model)
     if isinstance(model, fx.GraphModule):
-        return model
+        return Traced(model, model.graph, {})
     if autowrap_functions is not None and not all(callable(f) for f in autowrap_functions):
         raise TypeError("autowrap_functions must be a sequence of Python functions")
     classes, paths = _split_leaf_modules(model, leaf_modules)
@@ -308,18 +356,17 @@ def trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
         _name_placeholders(graph, model, concrete_args)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
         if isinstance(e, TraceError):
             raise
         raise _trace_error(e, model, tracer) from e
     finally:
         # fx stores tensors made while tracing (``_tensor_constant0``) on the model it traces;
-        # gm holds its own reference, and the caller's model stays as it was.
-        for name in set(vars(model)) - before:
+        # they move to the result, and the caller's model stays as it was.
+        constants = {name: vars(model)[name] for name in set(vars(model)) - before}
+        for name in constants:
             delattr(model, name)
-    carry_missing_state(model, gm)
-    return gm
+    return Traced(model, graph, constants)
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
