@@ -7,10 +7,11 @@ from .insertion import insert, remove
 from .modality import Fusion, annotate_modalities, build_graph, detect_fusions
 from .report import Report, Row, inspect
 from .shapes import ShapeFailure, propagate_shapes
-from .tracing import TraceError, trace
+from .tracing import ModeGraphModule, TraceError, trace
 
 __all__ = [
     "Fusion",
+    "ModeGraphModule",
     "Report",
     "Row",
     "ShapeFailure",
