@@ -261,8 +261,11 @@ class Report:
         if all_nodes:
             return self._fold(None)
         if depth is not None:
-            if depth < 1:
-                raise ValueError(f"depth must be >= 1 (or None for automatic), got {depth}")
+            if not isinstance(depth, int) or depth < 0:
+                raise ValueError(
+                    f"depth must be an int >= 0 (0: top-level calls folded; None: automatic), "
+                    f"got {depth!r}"
+                )
             return self._fold(depth)
         return self._fold(self.auto_depth(max_rows))
 
@@ -557,13 +560,14 @@ class Report:
         Parameter reads (get_attr) are left out: they are sources that would crowd the top.
         """
         lines = self.lines(depth, all_nodes)
-        owner = {member: line.name for line in lines for member in line.members}
+        ids = _unique_ids(lines)
+        owner = {m: key for line, key in zip(lines, ids, strict=True) for m in line.members}
         by_name = {row.name: row for row in self.rows}
         g = nx.DiGraph()
-        for line in lines:
+        for line, key in zip(lines, ids, strict=True):
             if all(by_name[m].op == "get_attr" for m in line.members):
                 continue
-            g.add_node(line.name, line=line)
+            g.add_node(key, line=line)
         for row in self.rows:
             head = owner[row.name]
             for src in row.inputs:
@@ -899,6 +903,19 @@ def _node_params(node: fx.Node, gm: fx.GraphModule) -> int:
 # --------------------------------------------------------------------------------------------
 # Layout (networkx) and formatting helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _unique_ids(lines: list[Line]) -> list[str]:
+    """One graph key per line. A module that computes both before and after a child call (an
+    encoder that transposes, runs a GRU, then pools) folds into two lines with one name; they
+    stay two graph nodes (one key would close a cycle through the child)."""
+    seen: dict[str, int] = {}
+    ids = []
+    for line in lines:
+        count = seen.get(line.name, 0)
+        seen[line.name] = count + 1
+        ids.append(line.name if count == 0 else f"{line.name} ({count + 1})")
+    return ids
 
 
 def _layered_positions(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], int, int]:

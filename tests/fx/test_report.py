@@ -6,6 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
+import networkx as nx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,7 +359,7 @@ def test_long_models_fold_and_all_nodes_shows_every_node():
     full = report.table(all_nodes=True)
     assert all(row.name in full for row in report.rows)
     with pytest.raises(ValueError):
-        report.lines(depth=0)
+        report.lines(depth=-1)
 
 
 def test_folding_keeps_two_calls_of_a_shared_module_apart():
@@ -480,3 +481,54 @@ def test_tracing_options_and_keyword_inputs():
     assert rows["gray_net"].layer == "ConvBranch"
     assert rows["gray_net"].params == sum(p.numel() for p in model.gray_net.parameters())
     assert "colored_net_conv" in rows  # the other branch is still traced through
+
+
+class AudioGRU(nn.Module):
+    """A module that computes before and after a child call: transpose, GRU, then pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, 6, batch_first=True)
+
+    def forward(self, x):
+        out, _ = self.gru((x * 2.0).transpose(1, 2))
+        return out.mean(1)
+
+
+class AudioText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio = AudioGRU()
+        self.text = nn.Linear(5, 6)
+        self.xattn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, wave, words):
+        a = self.audio(wave)
+        t = self.text(words)
+        x, _ = self.xattn(a[:, None], t[:, None], t[:, None])
+        return self.head(x.squeeze(1) * a)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3, None])
+def test_draw_at_every_depth_when_a_module_computes_around_a_child_call(tmp_path, depth):
+    report = inspect(AudioText(), input_shapes=[(2, 4, 7), (2, 5)])
+    graph = report.graph(depth=depth)
+    assert nx.is_directed_acyclic_graph(graph)
+    if depth == 2:  # audio before and after its GRU: two lines, two graph nodes
+        assert [n for n in graph if n.startswith("audio")] == ["audio", "audio_gru", "audio (2)"]
+    path = report.draw(tmp_path / f"d{depth}.svg", depth=depth)
+    ET.parse(path)
+    assert "digraph" in report.to_dot(depth=depth)
+
+
+def test_parameters_inside_leaf_modules_count_under_their_modality():
+    model = AudioText()
+    report = inspect(model, input_shapes=[(2, 4, 7), (2, 5)])
+    assert report.unused_params == 0
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # MultiheadAttention's out_proj is a child of the leaf xattn: counted with it.
+    assert report.params_by_modality[frozenset({"wave", "words"})] == count(model.xattn) + count(
+        model.head
+    )
+    assert "unused" not in report.summary()

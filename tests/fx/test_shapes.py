@@ -204,3 +204,68 @@ def test_default_dtype_follows_the_model_and_bare_shape():
     gm = trace(nn.Sequential(nn.Linear(4, 3)).double())
     assert propagate_shapes(gm, input_shapes=(2, 4)) is None  # one bare shape, one input
     assert all(n.meta["regbn_dtype"] == torch.float64 for n in gm.graph.nodes if n.op != "output")
+
+
+class UpdatesItsDict(nn.Module):
+    """Updates the dict it receives, as sentence-transformers' SentenceTransformer.forward does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, features):
+        features.update({"embedding": self.fc(features["x"])})
+        return features
+
+
+class BuildsADict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = UpdatesItsDict()
+
+    def forward(self, x, y):
+        return self.enc({"x": x})["embedding"] * y
+
+
+class PassesItsDict(BuildsADict):
+    def forward(self, batch, y):
+        return self.enc(batch)["embedding"] * y
+
+
+@pytest.mark.parametrize("real", [True, False], ids=["real", "fake"])
+def test_a_leaf_that_updates_its_dict_argument(real):
+    gm = trace(BuildsADict(), leaf_modules=[UpdatesItsDict])
+    if real:
+        failure = propagate_shapes(gm, (torch.randn(2, 4), torch.randn(2, 3)))
+    else:
+        failure = propagate_shapes(gm, input_shapes=[(2, 4), (2, 3)])
+    assert failure is None
+    assert {n.name: n.meta["regbn_shape"] for n in gm.graph.nodes}["mul"] == (2, 3)
+
+
+def test_a_leaf_updating_a_dict_input_leaves_the_callers_dict_alone():
+    gm = trace(PassesItsDict(), leaf_modules=[UpdatesItsDict])
+    batch = {"x": torch.randn(2, 4)}
+    assert propagate_shapes(gm, (batch, torch.randn(2, 3))) is None
+    assert list(batch) == ["x"]
+
+
+def test_failure_message_is_whole():
+    class Refuses(nn.Module):
+        def forward(self, x):
+            raise ValueError("the tower wants 4 channels.\nGot 3; pass pixel_values with 4.")
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = Refuses()
+
+        def forward(self, x):
+            return self.tower(x)
+
+    gm = trace(Outer(), leaf_modules=[Refuses])
+    failure = propagate_shapes(gm, input_shapes=[(2, 3)])
+    assert failure.message == (
+        "ValueError: the tower wants 4 channels. Got 3; pass pixel_values with 4."
+    )
+    assert str(failure).endswith("Got 3; pass pixel_values with 4.")
