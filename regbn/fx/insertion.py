@@ -504,6 +504,46 @@ def _result(model: nn.Module, train: fx.GraphModule, ev: fx.GraphModule | None) 
     return out
 
 
+def _mode_dependent(train: fx.GraphModule, ev: fx.GraphModule) -> set[str | None]:
+    """Module paths (``None``: the top level) whose code computes differently in the two modes:
+    the innermost module call of every node one graph has and the other lacks or calls with
+    other arguments."""
+    match = _align(train, ev)
+    out = {n.meta.get("regbn_module") for n in ev.graph.nodes if n not in match.values()}
+    for node, other in match.items():
+        try:
+            mapped = fx.node.map_arg((node.args, node.kwargs), match.get)
+            same = bool(mapped == (other.args, other.kwargs))
+        except (RuntimeError, TypeError, ValueError):  # tensor arguments: no plain ==
+            same = False
+        if not same:
+            out.add(node.meta.get("regbn_module"))
+    out |= {n.meta.get("regbn_module") for n in train.graph.nodes if n not in match}
+    return out
+
+
+def _warn_mixed_modes(model: nn.Module, train: fx.GraphModule, ev: fx.GraphModule) -> None:
+    """Warn where a module whose code reads ``self.training`` is not in the model's mode: the
+    result runs the graph of the model's mode until ``train()``/``eval()`` sets every module."""
+    other = []
+    for path in _mode_dependent(train, ev) - {None}:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # a GraphModule keeps only the modules its graph calls
+            continue
+        if module.training is not model.training:
+            other.append(path)
+    if other:
+        mode = "training" if model.training else "eval"
+        warnings.warn(
+            f"insert: the model is in {mode} mode but {sorted(other)} are not, and their code "
+            f"reads self.training; the result runs it as in {mode} mode until patched.train() "
+            "or patched.eval() sets every module",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _copy_flags(model: nn.Module, out: fx.GraphModule) -> None:
     # The traces ran with every module in one mode: modules fx made take the model's flags again
     # (the model's own modules, shared with ``out``, got theirs back from `in_mode`).
@@ -595,6 +635,8 @@ def insert(
             _splice(gm, mode_plans, names)
             reorder_topologically(gm)
             _finish(gm)
+    if ev is not None:
+        _warn_mixed_modes(model, train.gm, ev.gm)
     out = _result(model, train.gm, ev.gm if ev else None)
     _record(out, [*added_layers(model), *names])
     return out

@@ -206,7 +206,7 @@ def test_patched_follows_train_and_eval_like_a_hand_edit(name: str, at_insert: s
     model = make()
     model.train(at_insert == "train")
     if name == "two_towers":
-        model.rgb.eval()  # mixed flags must come back as they were
+        model.rgb_stem.train(at_insert != "train")  # mixed flags must come back as they were
     flags = _flags(model)
     patched = regbn.insert(model, pairs, inputs_fn())
     hand = _hand(model, patched)
@@ -319,3 +319,15 @@ def test_tracing_leaves_no_tensor_constant_on_the_model():
         patched = regbn.insert(model, [("a", "b")], (torch.randn(B, 4), torch.randn(B, 4)))
     assert not [k for k in vars(model) if k.startswith("_tensor_constant")]
     assert not isinstance(patched, ModeGraphModule)  # both traces name the constant alike
+
+
+def test_mixed_modes_with_mode_dependent_code_warn():
+    model = TwoTowers().train()
+    model.rgb[1].eval()  # InlineDropPath, traced through: its branch follows the model's mode
+    with pytest.warns(UserWarning, match=r"training mode but \['rgb.1'\] are not.*patched.eval"):
+        regbn.insert(model, [("rgb_fc", "depth_fc")], _towers_inputs())
+    model.rgb[1].train()
+    model.rgb_stem.eval()  # leaves (BatchNorm) read their own flag at run time: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        regbn.insert(model, [("rgb_fc", "depth_fc")], _towers_inputs())
