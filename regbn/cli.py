@@ -63,6 +63,25 @@ def _parser() -> argparse.ArgumentParser:
         help="one per forward argument, in order, or all by argument name (NAME=SHAPE; "
         "NAME.KEY=SHAPE for an entry of a dict argument), e.g. 2x1x28x28 or 2x16:int64",
     )
+    p.add_argument(
+        "--modality",
+        "-m",
+        dest="modalities",
+        action="append",
+        default=[],
+        metavar="NAME=INPUT[,INPUT...]",
+        help="group inputs into a named modality, e.g. text=input_ids,attention_mask "
+        "(an entry of a dict argument as batch.audio); repeat per modality",
+    )
+    p.add_argument(
+        "--leaf",
+        dest="leaves",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="keep a submodule as one call: its dotted path (text_encoder) or its class name "
+        "(BertModel, for every submodule of that class); repeatable",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--draw", metavar="FILE", help="write the graph picture (.svg or .png)")
     p.add_argument(
@@ -132,6 +151,53 @@ def _input_shapes(specs: Sequence[str]) -> list[Any] | dict[str, Any]:
         else:
             shapes[arg] = parse_shape(shape.strip())
     return shapes
+
+
+def parse_modalities(specs: Sequence[str]) -> dict[str, list[str]] | None:
+    """``["text=input_ids,attention_mask", "image=pixel_values"]`` -> a ``modalities`` dict.
+
+    ``batch.audio`` names the entry ``batch['audio']`` of a dict argument, as ``--input`` does.
+    """
+    if not specs:
+        return None
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, inputs = spec.partition("=")
+        names = [i.strip() for i in inputs.split(",") if i.strip()]
+        if not sep or not name.strip() or not names:
+            raise UserError(
+                f"--modality: expected NAME=INPUT[,INPUT...], e.g. "
+                f"text=input_ids,attention_mask; got {spec!r}"
+            )
+        groups.setdefault(name.strip(), []).extend(_entry(i) for i in names)
+    return groups
+
+
+def _entry(name: str) -> str:
+    arg, sep, key = name.partition(".")
+    return f"{arg}[{key!r}]" if sep else name
+
+
+def leaf_modules(model: nn.Module, specs: Sequence[str]) -> list[Any] | None:
+    """``--leaf`` values as ``leaf_modules``: dotted paths as they are, class names as classes."""
+    if not specs:
+        return None
+    paths = {name for name, _ in model.named_modules() if name}
+    classes = {type(m).__name__: type(m) for m in model.modules()}
+    out: list[Any] = []
+    for spec in specs:
+        if spec in paths:
+            out.append(spec)
+        elif spec in classes:
+            out.append(classes[spec])
+        else:
+            close = difflib.get_close_matches(spec, sorted(paths | set(classes)), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(
+                f"--leaf: {spec!r} is neither a submodule path nor the class name of a "
+                f"submodule of {type(model).__name__}{hint}"
+            )
+    return out
 
 
 def _import_module(name: str) -> ModuleType:
@@ -205,9 +271,11 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.draw is not None and Path(args.draw).suffix.lower() not in (".svg", ".png"):
         raise UserError(f"--draw writes .svg or .png, got {args.draw!r}")
     shapes = _input_shapes(args.inputs)
+    modalities = parse_modalities(args.modalities)
     model = load_model(args.model)
+    leaves = leaf_modules(model, args.leaves)
     try:
-        report = inspect(model, input_shapes=shapes)
+        report = inspect(model, input_shapes=shapes, modalities=modalities, leaf_modules=leaves)
     # TraceError is a ValueError; the others are inputs that do not fit the forward's arguments.
     except (ValueError, TypeError) as e:
         raise UserError(_one_line(e)) from None

@@ -97,3 +97,32 @@ class DictBatch(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.audio(batch["audio"]) + self.video(batch["video"])
+
+
+class TextEncoder(nn.Module):
+    """Token ids and an attention mask in, mean-pooled features out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m = attention_mask[:, :, None].to(torch.float32)
+        return (self.embed(input_ids) * m).sum(1) / m.sum(1)
+
+
+class TextImage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = TextEncoder()
+        self.image = nn.Linear(12, 8)
+        self.head = nn.Linear(16, 2)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor
+    ) -> torch.Tensor:
+        return self.head(torch.cat([self.text(input_ids, attention_mask), self.image(pixels)], 1))
+
+
+def text_image() -> nn.Module:
+    return TextImage()

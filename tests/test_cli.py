@@ -237,3 +237,52 @@ def test_main_returns_the_exit_status(capsys):
     assert err.startswith("regbn: error: bad shape") and err.count("\n") == 1
     assert main(["--help"]) == 0
     assert main([]) == 2
+
+
+TEXT_IMAGE = [
+    "inspect",
+    f"{MODELS}:text_image",
+    "-i",
+    "input_ids=2x5:int64",
+    "-i",
+    "attention_mask=2x5:int64",
+    "-i",
+    "pixels=2x12",
+]
+
+
+@pytest.mark.parametrize("leaf", [[], ["--leaf", "TextEncoder"], ["--leaf", "text"]])
+def test_modalities_and_leaves(capsys, leaf):
+    groups = ["--modality", "text=input_ids,attention_mask", "-m", "image=pixels"]
+    assert main([*TEXT_IMAGE, *groups, *leaf, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(i["name"], i["modality"]) for i in report["inputs"]] == [
+        ("input_ids", "text"),
+        ("attention_mask", "text"),
+        ("pixels", "image"),
+    ]
+    (fusion,) = report["fusions"]
+    assert fusion["modalities"] == [["text"], ["image"]]
+    rows = {r["name"]: r for r in report["rows"]}
+    assert ("text" in rows and rows["text"]["op"] == "call_module") == bool(leaf)
+
+
+def test_without_modalities_the_mask_joins_the_text(capsys):
+    assert main([*TEXT_IMAGE]) == 0
+    out = capsys.readouterr().out
+    assert "attention_mask  (2, 5)   int64    no modality of its own" in out
+    assert "pairs=[('text', 'image')]" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--modality", "text"], "expected NAME=INPUT"),
+        (["--modality", "text=input_idz"], "'input_idz' is not an input of this model"),
+        (["--leaf", "TextEncodr"], "did you mean TextEncoder"),
+    ],
+)
+def test_bad_modalities_and_leaves(capsys, extra, message):
+    assert main([*TEXT_IMAGE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regbn: error: ") and message in err and len(err.splitlines()) == 1

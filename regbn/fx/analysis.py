@@ -27,9 +27,9 @@ from .tracing import carry_missing_state, trace
 __all__ = ["DEFAULT_MAX_PROJECTION_BYTES", "Analysis", "analyse", "auto_pairs", "find_fusions"]
 
 # The layer's own default, so that "auto" skips exactly what the layer would refuse.
-DEFAULT_MAX_PROJECTION_BYTES: int = inspect.signature(RegBN).parameters[
-    "max_projection_bytes"
-].default
+DEFAULT_MAX_PROJECTION_BYTES: int = (
+    inspect.signature(RegBN).parameters["max_projection_bytes"].default
+)
 
 
 @dataclass

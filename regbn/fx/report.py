@@ -803,9 +803,7 @@ def _inputs(gm: fx.GraphModule, rows: list[Row]) -> list[InputInfo]:
         return next(iter(mods)) if len(mods) == 1 else None
 
     ordered = sorted(labels, key=key)
-    return [
-        InputInfo(labels[n], by_name[n].shape, by_name[n].dtype, modality(n)) for n in ordered
-    ]
+    return [InputInfo(labels[n], by_name[n].shape, by_name[n].dtype, modality(n)) for n in ordered]
 
 
 def _params_by_modality(model: nn.Module, rows: list[Row]) -> tuple[dict[frozenset[str], int], int]:

@@ -238,7 +238,6 @@ class ShapeInterpreter(fx.Interpreter):
         n.meta["regbn_nested"] = nested
         return result
 
-
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
         # fx hands dicts and lists in as immutable_dict/immutable_list; a module that updates
         # the dict it receives (sentence-transformers' SentenceTransformer.forward) needs a
