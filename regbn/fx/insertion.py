@@ -547,12 +547,10 @@ def _warn_mixed_modes(model: nn.Module, train: fx.GraphModule, ev: fx.GraphModul
 def _copy_flags(model: nn.Module, out: fx.GraphModule) -> None:
     # The traces ran with every module in one mode: modules fx made take the model's flags again
     # (the model's own modules, shared with ``out``, got theirs back from `in_mode`).
-    for path, mod in model.named_modules():
-        try:
-            sub = out.get_submodule(path)
-        except AttributeError:
-            continue
-        if sub is not mod:
+    original = dict(model.named_modules())
+    for path, sub in out.named_modules():
+        mod = original.get(path)
+        if mod is not None and sub is not mod:
             sub.training = mod.training
 
 

@@ -496,6 +496,10 @@ def in_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     A `ModeGraphModule` also gets the graph of its original mode back.
     """
     flags = [(m, m.training) for m in model.modules()]
+    current = not isinstance(model, ModeGraphModule) or model.graph is model.mode_graphs[training]
+    if current and all(flag is training for _, flag in flags):  # nothing to switch or restore
+        yield model
+        return
     model.train(training)
     try:
         yield model
