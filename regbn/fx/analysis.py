@@ -24,7 +24,14 @@ from .names import is_ambiguous
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import carry_missing_state, trace
 
-__all__ = ["DEFAULT_MAX_PROJECTION_BYTES", "Analysis", "analyse", "auto_pairs", "find_fusions"]
+__all__ = [
+    "DEFAULT_MAX_PROJECTION_BYTES",
+    "Analysis",
+    "analyse",
+    "auto_pairs",
+    "find_fusions",
+    "split_by_projection",
+]
 
 # The layer's own default, so that "auto" skips exactly what the layer would refuse.
 DEFAULT_MAX_PROJECTION_BYTES: int = (
@@ -180,14 +187,9 @@ def auto_pairs(
     the pooled or CLS tensors of the same branches to pair instead. Names are ``node:``-prefixed.
     Raises ``ValueError`` when no fusion is left (none found, or every one skipped).
     """
-    limit = DEFAULT_MAX_PROJECTION_BYTES if max_projection_bytes is None else max_projection_bytes
+    kept, skipped = split_by_projection(fusions, max_projection_bytes, projection)
     pairs: list[tuple[str, str]] = []
-    skipped: list[str] = []
-    for fusion in fusions:
-        nbytes = _projection_bytes(fusion, projection)
-        if nbytes is not None and nbytes > limit:
-            skipped.append(_skip_message(fusion, nbytes, limit, projection))
-            continue
+    for fusion in kept:
         nodes = fusion.pair_nodes or fusion.pair
         pair = (_node_name(nodes[0]), _node_name(nodes[1]))
         if pair not in pairs:
@@ -204,6 +206,23 @@ def auto_pairs(
             "run regbn.inspect(model, ...) to list the tensors"
         )
     return pairs, skipped
+
+
+def split_by_projection(
+    fusions: list[Fusion], max_projection_bytes: int | None = None, projection: str = "full"
+) -> tuple[list[Fusion], list[str]]:
+    """The fusions whose RegBN W fits ``max_projection_bytes`` (default: the layer's), and a
+    message for each one that does not (see `auto_pairs`)."""
+    limit = DEFAULT_MAX_PROJECTION_BYTES if max_projection_bytes is None else max_projection_bytes
+    kept: list[Fusion] = []
+    skipped: list[str] = []
+    for fusion in fusions:
+        nbytes = _projection_bytes(fusion, projection)
+        if nbytes is not None and nbytes > limit:
+            skipped.append(_skip_message(fusion, nbytes, limit, projection))
+        else:
+            kept.append(fusion)
+    return kept, skipped
 
 
 def _node_name(name: str) -> str:

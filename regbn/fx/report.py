@@ -25,7 +25,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from .analysis import analyse
+from .analysis import analyse, split_by_projection
 from .modality import Fusion, input_labels
 from .shapes import ShapeFailure
 from .tracing import is_regbn
@@ -153,7 +153,15 @@ class Report:
         A fusion at an inserted RegBN layer (a patched model) is already normalised: no pair.
         """
         regbn = {row.name for row in self.rows if row.is_regbn}
-        return [tuple(f.pair) for f in self.fusions if f.name not in regbn]
+        kept, _ = split_by_projection([f for f in self.fusions if f.name not in regbn])
+        return [tuple(f.pair) for f in kept]
+
+    @property
+    def skipped(self) -> list[str]:
+        """Why ``pairs="auto"`` would skip a fusion: its W would pass the layer's default
+        ``max_projection_bytes`` (token-level features); each names smaller tensors to pair."""
+        regbn = {row.name for row in self.rows if row.is_regbn}
+        return split_by_projection([f for f in self.fusions if f.name not in regbn])[1]
 
     @property
     def total_params(self) -> int:
@@ -208,6 +216,8 @@ class Report:
             lines += _align(operands, indent=6)
         if self.pairs:
             lines += ["Suggested pairs for regbn.insert", f"  pairs={self.pairs!r}"]
+        if self.skipped:
+            lines += ["Left out of the suggested pairs"] + [f"  {m}" for m in self.skipped]
         if self.failure is not None:
             lines.append(self.failure_text())
         return "\n".join(lines)
@@ -530,7 +540,9 @@ class Report:
         summary.append(
             "Inputs: "
             + ", ".join(
-                f"{tags(frozenset([i.name]))}{esc(_fmt_shape(i.shape))}" for i in self.inputs
+                f"{esc(i.name)} {tags(frozenset([i.modality] if i.modality else []))}"
+                f"{esc(_fmt_shape(i.shape))}"
+                for i in self.inputs
             )
         )
         summary.append(
@@ -1096,6 +1108,8 @@ def _fusion_to_dict(fusion: Fusion) -> dict[str, Any]:
         "modalities": [sorted(m) for m in fusion.modalities],
         "shapes": [_shape_to_json(s) for s in fusion.shapes],
         "pair": list(fusion.pair),
+        "pair_shapes": [_shape_to_json(s) for s in fusion.pair_shapes],
+        "projection_bytes": fusion.projection_bytes,
         "module": fusion.module,
         "output_shape": _shape_to_json(fusion.output_shape),
     }

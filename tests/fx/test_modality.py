@@ -431,3 +431,14 @@ def test_auto_pairs_skip_a_projection_past_the_limit_and_name_pooled_tensors():
         auto_pairs(fusions[:1], max_projection_bytes=1000)
     with pytest.raises(ValueError, match=r"pairs='auto': found no fusion"):
         auto_pairs([])
+
+
+def test_report_suggests_only_what_auto_would_insert():
+    # W of the token-level cross-attention: (130·128)² floats = 1.1 GiB > the layer's 1 GiB.
+    report = regbn.inspect(TokenTowers(d=128), input_shapes=[(2, 130, 6), (2, 130, 5)])
+    assert [f.name for f in report.fusions] == ["xattn", "cat_1"]
+    assert report.pairs == [report.fusions[1].pair]  # the CLS tokens' concat, not xattn
+    (message,) = report.skipped
+    assert "skipped fusion 'xattn'" in message and "max_projection_bytes=1073741824" in message
+    assert "Left out of the suggested pairs" in report.summary()
+    assert report.to_dict()["fusions"][0]["projection_bytes"] == (130 * 128) ** 2 * 4
