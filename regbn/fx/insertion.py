@@ -617,24 +617,22 @@ def insert(
     if wanted == "auto":
         wanted = _auto_pairs(train, regbn_kwargs)
     plans = _plan(train.gm, wanted, model, train.graph)
-    eval_plans = []
+    per_mode = [(train.gm, plans)]
     if ev is not None:
         eval_pairs = _eval_pairs(plans, train.gm, ev.gm)
-        eval_plans = _plan(ev.gm, eval_pairs, model, ev.graph, " (eval-mode graph)")
+        per_mode.append((ev.gm, _plan(ev.gm, eval_pairs, model, ev.graph, " (eval-mode graph)")))
+        _warn_mixed_modes(model, train.gm, ev.gm)
+    layers = _build_layers(plans, regbn_kwargs)  # may raise: still before any edit
+    for layer in layers:
+        layer.train(model.training)
     start = _next_layer_index(train.gm)
     names = [f"regbn_{start + i}" for i in range(len(plans))]
-    for plan, layer in zip(plans, _build_layers(plans, regbn_kwargs), strict=True):
-        layer.train(model.training)
-        plan.layer = layer
-    for plan, same in zip(eval_plans, plans, strict=False):
-        plan.layer = same.layer  # one module object in both graphs: shared state_dict keys
-    for gm, mode_plans in ((train.gm, plans), (ev.gm if ev else None, eval_plans)):
-        if gm is not None:
-            _splice(gm, mode_plans, names)
-            reorder_topologically(gm)
-            _finish(gm)
-    if ev is not None:
-        _warn_mixed_modes(model, train.gm, ev.gm)
+    for gm, mode_plans in per_mode:
+        for plan, layer in zip(mode_plans, layers, strict=True):
+            plan.layer = layer  # one module object in every graph: shared state_dict keys
+        _splice(gm, mode_plans, names)
+        reorder_topologically(gm)
+        _finish(gm)
     out = _result(model, train.gm, ev.gm if ev else None)
     _record(out, [*added_layers(model), *names])
     return out

@@ -239,11 +239,8 @@ def test_layers_and_state_dict_shared_between_modes():
     for graph in graphs.values():
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target == "regbn_0"]
         assert len(calls) == 1
-    keys = list(patched.state_dict())
-    assert len(keys) == len(set(keys))
-    assert set(keys) == set(model.state_dict()) | {
-        k for k in keys if k.startswith("regbn_0.")
-    }
+    keys = list(patched.state_dict())  # no key twice, no copy of a module for the eval graph
+    assert set(keys) == set(model.state_dict()) | {k for k in keys if k.startswith("regbn_0.")}
     assert [k for k in keys if k.startswith("regbn_0.")]
     assert sum(isinstance(m, regbn.RegBN) for m in patched.modules()) == 1
     # what re-tracing sees is the current mode's graph
