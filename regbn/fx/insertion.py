@@ -46,7 +46,7 @@ from .tracing import (
     carry_missing_state,
     in_mode,
     is_regbn,
-    same_graph,
+    same_trace,
     trace_graph,
     unwrap,
 )
@@ -478,7 +478,7 @@ def _analyse_modes(
         train = _analyse(model, example_inputs, options, "")
     with in_mode(model, False):
         traced = trace_graph(model, **tracing)  # no GraphModule (no code compiled) unless needed
-        if same_graph(traced.graph, train.gm.graph):
+        if same_trace(traced, train.gm):
             return train, None
         return train, _analyse(traced.graph_module(), example_inputs, options, " in eval mode")
 

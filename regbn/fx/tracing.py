@@ -54,6 +54,7 @@ __all__ = [
     "input_name",
     "is_regbn",
     "same_graph",
+    "same_trace",
     "trace",
     "trace_graph",
     "unwrap",
@@ -332,6 +333,28 @@ class Traced:
         gm = fx.GraphModule(targets, self.graph, type(self.model).__name__)
         carry_missing_state(self.model, gm)
         return gm
+
+
+def same_trace(traced: Traced, gm: fx.GraphModule) -> bool:
+    """True when ``traced`` runs what ``gm`` runs: the same graph, and every tensor constant fx
+    made while tracing equal to ``gm``'s (a constant may depend on ``self.training``)."""
+    if not same_graph(traced.graph, gm.graph):
+        return False
+    for name, value in traced.constants.items():
+        mine = _lookup(gm, name)
+        try:
+            equal = (
+                isinstance(mine, torch.Tensor)
+                and isinstance(value, torch.Tensor)
+                and mine.shape == value.shape
+                and mine.dtype == value.dtype
+                and bool(torch.equal(mine, value))
+            )
+        except (RuntimeError, NotImplementedError):  # meta or fake tensors hold no values
+            equal = False
+        if not equal:
+            return False
+    return True
 
 
 def trace_graph(

@@ -159,6 +159,21 @@ class NoModeCode(HandEditable):
         return self.head(torch.cat([fa, fb], 1))
 
 
+class ModeConstant(HandEditable):
+    """A tensor made in forward from self.training: both graphs alike, their constants not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_a = nn.Linear(6, 5)
+        self.enc_b = nn.Linear(7, 4)
+        self.head = nn.Linear(9, 2)
+
+    def forward(self, a, b):
+        scale = torch.tensor(2.0 if self.training else 0.5)
+        fa, fb = self._rb(0, self.enc_a(a) * scale, self.enc_b(b))
+        return self.head(torch.cat([fa, fb], 1))
+
+
 def _towers_inputs():
     return (torch.randn(B, 3, 8, 8), torch.randn(B, 1, 8, 8))
 
@@ -171,6 +186,7 @@ MODELS = {
     "two_towers": (TwoTowers, _towers_inputs, [("rgb_fc", "depth_fc")]),
     "functional_dropout": (FunctionalDropout, _linear_inputs, [("dropout", "relu_1")]),
     "no_mode_code": (NoModeCode, _linear_inputs, [("enc_a", "enc_b")]),
+    "mode_constant": (ModeConstant, _linear_inputs, [("mul", "enc_b")]),
 }
 
 
