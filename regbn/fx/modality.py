@@ -200,7 +200,7 @@ def value_inputs(node: fx.Node) -> list[fx.Node]:
 
 _AUX_NAME = re.compile(
     r"(^|_)(mask|masks|length|lengths|lens|seq_len|seq_lens|position_ids|positions|pos_ids|"
-    r"token_type_ids|segment_ids)($|_)|mask",
+    r"token_type_ids|segment_ids)($|_)",
     re.IGNORECASE,
 )
 _ID_PRESERVING_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.reshape,
@@ -274,8 +274,10 @@ def _canonical_input(name: Any) -> str:
     return name.replace('"', "'")
 
 
-def _reads_ids(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """True when ``node``'s values reach an embedding's indices or a leaf module's first input."""
+def _reads_ids(node: fx.Node, gm: fx.GraphModule, aux: set[fx.Node]) -> bool:
+    """True when ``node``'s values reach an embedding's indices or a leaf module's first input
+    (masks and other ``aux`` inputs passed before it, ``leaf(attention_mask=m, input_ids=i)``,
+    do not count as first)."""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
@@ -284,17 +286,17 @@ def _reads_ids(node: fx.Node, gm: fx.GraphModule) -> bool:
             continue
         seen.add(cur)
         for user in cur.users:
-            if _indexes_with(user, cur, gm):
+            if _indexes_with(user, cur, gm, aux):
                 return True
             if _preserves_ids(user) and user.all_input_nodes[:1] == [cur]:
                 stack.append(user)
     return False
 
 
-def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
+def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule, aux: set[fx.Node]) -> bool:
     if user.op == "call_function":
         if user.target is F.embedding:
-            return _first_node(user) is src
+            return _first_node(user, aux) is src
         if user.target is torch.embedding:  # torch.embedding(weight, indices)
             return len(user.args) > 1 and user.args[1] is src
         return False
@@ -307,11 +309,11 @@ def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
     builtin = type(module).__module__.startswith("torch.nn")
     if builtin and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return False
-    return _first_node(user) is src
+    return _first_node(user, aux) is src
 
 
-def _first_node(node: fx.Node) -> fx.Node | None:
-    found = _nodes_in((node.args, node.kwargs))
+def _first_node(node: fx.Node, aux: set[fx.Node]) -> fx.Node | None:
+    found = [n for n in _nodes_in((node.args, node.kwargs)) if n not in aux]
     return found[0] if found else None
 
 
@@ -341,13 +343,14 @@ def modality_sources(gm: fx.GraphModule, modalities: Any = None) -> dict[str, st
     grouping = _grouping(gm, modalities, labels)
     sources: dict[str, str] = {}
     by_name = {n.name: n for n in gm.graph.nodes}
+    aux = {by_name[n] for n, label in labels.items() if _AUX_NAME.search(_own_name(label))}
     for name, label in labels.items():
         node = by_name[name]
         if label in grouping:
             sources[name] = grouping[label]
-        elif _AUX_NAME.search(_own_name(label)):
+        elif node in aux:
             continue
-        elif _reads_ids(node, gm):
+        elif _reads_ids(node, gm, aux):
             sources[name] = label
         elif not _is_integral(node):
             sources[name] = label

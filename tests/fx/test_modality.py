@@ -442,3 +442,22 @@ def test_report_suggests_only_what_auto_would_insert():
     assert "skipped fusion 'xattn'" in message and "max_projection_bytes=1073741824" in message
     assert "Left out of the suggested pairs" in report.summary()
     assert report.to_dict()["fusions"][0]["projection_bytes"] == (130 * 128) ** 2 * 4
+
+
+class MaskFirst(nn.Module):
+    """The mask passed before the ids to a leaf tower; an image input whose name holds 'mask'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = MiniEncoder()
+        self.image = nn.Linear(12, 8)
+
+    def forward(self, input_ids, attention_mask, masked_patches):
+        t = self.text(attention_mask=attention_mask, input_ids=input_ids).mean(1)
+        return t * self.image(masked_patches).mean(1)
+
+
+def test_ids_after_a_mask_in_a_leaf_call_and_a_masked_image_are_modalities():
+    ids, mask, patches = _text_image_inputs()
+    (fusion,) = find_fusions(MaskFirst(), (ids, mask, patches), leaf_modules=[MiniEncoder])
+    assert fusion.modalities == (frozenset({"input_ids"}), frozenset({"masked_patches"}))
