@@ -8,9 +8,11 @@ on a copy of its graph (its nodes' ``meta`` stay as they were).
 
 from __future__ import annotations
 
+import builtins
 import copy
 import inspect
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,7 +24,7 @@ from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
 from .names import is_ambiguous
 from .shapes import ShapeFailure, propagate_shapes
-from .tracing import carry_missing_state, trace
+from .tracing import carry_missing_state, input_name, trace
 
 __all__ = [
     "DEFAULT_MAX_PROJECTION_BYTES",
@@ -158,7 +160,46 @@ def with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
         return f"node:{name}" if is_ambiguous(gm, name) else name
 
     pooled = tuple(tuple((spell(n), s) for n, s in side) for side in fusion.pooled)
-    return replace(fusion, pair=(spell(fusion.pair[0]), spell(fusion.pair[1])), pooled=pooled)
+    raw = [*fusion.pair, *(n for side in fusion.pooled for n, _ in side)]
+    expressions = tuple(
+        (spell(n), expr) for n in dict.fromkeys(raw) if (expr := expression(by_name[n])) != n
+    )
+    return replace(
+        fusion,
+        pair=(spell(fusion.pair[0]), spell(fusion.pair[1])),
+        pooled=pooled,
+        expressions=expressions,
+    )
+
+
+def expression(node: fx.Node, depth: int = 4) -> str:
+    """A short Python expression for an attribute or item read: ``text.pooler_output``,
+    ``text['sentence_embedding']``, ``image.last_hidden_state[:, 0]``; else the node name."""
+    if depth == 0 or node.op == "placeholder":
+        return input_name(node) if node.op == "placeholder" else node.name
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+        src, key = node.args
+        if node.target is builtins.getattr and isinstance(key, str):
+            return f"{expression(src, depth - 1)}.{key}"
+        if node.target is operator.getitem:
+            return f"{expression(src, depth - 1)}[{_index(key)}]"
+    return node.name
+
+
+def _index(key: Any) -> str:
+    items = key if isinstance(key, tuple) else (key,)
+    parts = []
+    for item in items:
+        if isinstance(item, slice):
+            text = ":".join("" if v is None else str(v) for v in (item.start, item.stop))
+            parts.append(text + (f":{item.step}" if item.step is not None else ""))
+        elif item is Ellipsis:
+            parts.append("...")
+        else:
+            parts.append(repr(item) if not isinstance(item, fx.Node) else item.name)
+    return ", ".join(parts)
 
 
 def _module_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -244,16 +285,20 @@ def _projection_bytes(fusion: Fusion, projection: str) -> int | None:
 def _skip_message(fusion: Fusion, nbytes: int, limit: int, projection: str) -> str:
     f_shape, g_shape = fusion.pair_shapes
     df, dg = _features(f_shape, projection), _features(g_shape, projection)
+    exprs = dict(fusion.expressions)
+    what = ", ".join(exprs.get(n, n) for n in fusion.pair)
     text = (
         f"pairs='auto' skipped fusion {fusion.name!r} [{fusion.kind}]: a RegBN layer on "
-        f"{fusion.pair!r} (shapes {tuple(f_shape)} and {tuple(g_shape)}) would hold a W of "
+        f"{fusion.pair!r} ({what}; shapes {tuple(f_shape)} and {tuple(g_shape)}) would hold a W of "
         f"Df·Dg·{fusion.pair_itemsize} = {df}·{dg}·{fusion.pair_itemsize} bytes "
         f"({nbytes / 2**20:.1f} MiB), more than max_projection_bytes={limit} "
         f"({limit / 2**20:.1f} MiB)."
     )
     better = _smaller_pair(fusion, limit)
     if better is not None:
-        text += f" Pair pooled or CLS features instead, e.g. pairs=[{better!r}],"
+        where = [f"{n} = {exprs[n]}" for n in better if n in exprs]
+        text += f" Pair pooled or CLS features instead, e.g. pairs=[{better!r}]"
+        text += f" ({', '.join(where)})," if where else ","
     else:
         sides = [
             repr(name) for name, side in zip(fusion.pair, fusion.pooled, strict=True) if not side

@@ -111,6 +111,8 @@ class Fusion:
     pooled: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ((), ())
     pair_itemsize: int = 4
     pair_nodes: tuple[str, str] | None = None  # the pair's fx node names (``pair`` may be paths)
+    # (name, expression) for names of pair and pooled that read an output: text.pooler_output
+    expressions: tuple[tuple[str, str], ...] = ()
 
     @property
     def projection_bytes(self) -> int | None:

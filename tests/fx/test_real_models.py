@@ -149,6 +149,20 @@ def test_two_hf_towers_auto_equals_hand_edit(towers):
     _train_and_compare(patched, hand, _inputs, steps=2)
 
 
+def test_auto_skips_the_token_level_fusion_past_max_projection_bytes(towers):
+    model, leaves = towers
+    # Token-level W: (5·32)·(6·32)·4 bytes; pooled: 32·32·4. The limit lies between.
+    with pytest.warns(UserWarning, match=r"skipped fusion 'xattn' \[attention\]") as caught:
+        patched = regbn.insert(
+            model, "auto", _inputs(), leaf_modules=leaves, max_projection_bytes=5000
+        )
+    message = next(str(w.message) for w in caught if "skipped" in str(w.message))
+    assert "image.last_hidden_state, text.last_hidden_state" in message
+    assert "= image.pooler_output" in message and "= text.pooler_output" in message
+    (call,) = [n for n in patched.graph.nodes if n.op == "call_module" and "regbn" in n.target]
+    assert patched.get_submodule(call.target).f_shape == (32,)
+
+
 def test_two_hf_towers_on_fake_tensors_and_draw(towers, tmp_path):
     model, leaves = towers
     shapes = [((B, N), torch.int64), ((B, N), torch.int64), (B, 3, 16, 16)]
