@@ -43,9 +43,10 @@ another branch (in argument order; a fusion with more than two operands gets one
 the fusion's own ops, the nodes whose every use leads into the fusion (or past it):
 
 - layout ops: views, reshapes, transposes, permutes, (un)squeezes, head splits, ``chunk`` and
-  ``split`` parts, ``expand``, ``contiguous``, dtype casts, dropout, a scale or shift by a
-  constant (``q * self.scale``, ``1 + gamma``), a concatenation with constants only (a CLS
-  token in front, the column of ones of a tensor-fusion network);
+  ``split`` parts, ``expand``, ``contiguous``, dtype casts, dropout, a scale by a constant
+  (``q * self.scale``), a shift by a literal (``1 + gamma``; ``x + self.pos_embedding`` stays
+  in the branch), a concatenation with constants only (a CLS token in front, the column of
+  ones of a tensor-fusion network);
 - gate functions: ``sigmoid``, ``tanh``, ``softmax``, ``hardsigmoid`` (``sigmoid(a) * b``);
 - for an elementwise fusion (mul, add, sub, div), one linear projection when its input feeds the
   fusion along two or more paths: FiLM's γ and β projections of one conditioning tensor.
@@ -664,11 +665,19 @@ def _is_split(node: fx.Node) -> bool:
 def _is_glue(node: fx.Node) -> bool:
     if _is_getitem(node):
         return _is_layout_index(node)
+    if node.target in _SHIFTS:
+        # 1 + gamma is FiLM's; x + self.pos_embedding belongs to the branch that adds it.
+        return node.op in ("call_function", "call_method") and len(_nodes_in(node.args)) == 1
     if node.op == "call_function":
         return node.target in _LAYOUT_FUNCTIONS or node.target in _SCALE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _LAYOUT_METHODS or node.target in _SCALE_METHODS
     return False
+
+
+_SHIFTS = frozenset(
+    {operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
+)
 
 
 _FUNCTION_KINDS: dict[Any, str] = {

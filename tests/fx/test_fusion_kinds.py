@@ -44,6 +44,18 @@ class CatTokens(HandEditable):
         return self.head(torch.cat([ta, tb], dim=1).mean(1))
 
 
+class CatPositions(CatTokens):
+    """A position embedding added to one branch's tokens: part of that branch, not the fusion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 3, 8))
+
+    def forward(self, a, b):
+        ta, tb = self._rb(0, self.proj_a(a) + self.pos, self.proj_b(b))
+        return self.head(torch.cat([ta, tb], dim=1).mean(1))
+
+
 class Stack(CatFeatures):
     def __init__(self) -> None:
         super().__init__()
@@ -223,6 +235,7 @@ MAP = ((B, 5), (B, 2, 6, 6))
 KINDS = {
     "cat_features": Kind(CatFeatures, VEC, "cat", ("enc_a", "enc_b")),
     "cat_tokens": Kind(CatTokens, TOK, "cat", ("proj_a", "proj_b")),
+    "cat_tokens_with_positions": Kind(CatPositions, TOK, "cat", ("add", "proj_b")),
     "stack": Kind(Stack, VEC, "stack", ("enc_a", "enc_b")),
     "add": Kind(Add, VEC, "add", ("enc_a", "enc_b")),
     "mul": Kind(Mul, VEC, "mul", ("enc_a", "enc_b")),
