@@ -59,37 +59,38 @@ def _check_range(name: str, value, lo: float, hi: float, text: str, why: str) ->
 # ---------------------------------------------------------------------- the eval maths, functional
 # A norm as plain tensors, so that the same function serves the layer, the fx graph that
 # regbn.fold writes (where the tensors are fx Proxies) and every exporter:
-#   ("layer", ndim, weight, bias, eps)               LayerNorm over the last ndim dims
+#   ("layer", shape, weight, bias, eps)              LayerNorm over the last dims, of sizes shape
 #   ("batch", running_mean, running_var, weight, bias, eps)   BatchNorm with running statistics
 NormSpec = tuple | None
 
-_TINY = 1e-30  # a floor for the scaled variance, which is >= 1/numel unless the sample is constant
+_TINY = 1e-30  # far below any variance of values in [-1, 1] on a float32 grid, unless all equal
 
 
-def layer_norm(x: Tensor, ndim: int, weight, bias, eps: float) -> Tensor:
-    """LayerNorm over the last ``ndim`` dims, safe from overflow and underflow.
+def layer_norm(x: Tensor, shape: Sequence[int], weight, bias, eps: float) -> Tensor:
+    """LayerNorm over the last dims, of sizes ``shape`` (as nn.LayerNorm), safe from overflow.
 
-    (x − μ)/√(σ² + ε) equals (x' − μ')/√(σ'² + ε/c²) for x' = x/c, exactly. Here c = s0·s1 with
-    s0 = max|x| and s1 = max|x/s0 − μ'| per sample, so every square stays in [0, 1] and a finite
-    input (say 1e20 in float32, whose σ² overflows) gives a finite output. c is a constant for
+    (x − μ)/√(σ² + ε) equals (x' − μ')/√(σ'² + ε/t²) for x' = x/t, exactly. With t = max(1,
+    max|x|) per sample every x' lies in [−1, 1], so a finite input (1e20 in float32, whose σ²
+    overflows) gives a finite output; for |x| ≤ 1 it is the usual formula. t is a constant for
     autograd: the result does not depend on it, so the gradient is exact.
     """
-    dims = tuple(range(-ndim, 0))
-    s0 = x.detach().abs().amax(dim=dims, keepdim=True)
-    s0 = torch.where(s0 > 0, s0, 1.0)
-    x = x / s0
-    c = x - x.mean(dim=dims, keepdim=True)
-    s1 = c.detach().abs().amax(dim=dims, keepdim=True)
-    s1 = torch.where(s1 > 0, s1, 1.0)
-    c = c / s1
-    scale = s0 * s1
-    var = c.square().mean(dim=dims, keepdim=True)
-    y = c * torch.rsqrt((var + eps / scale.square()).clamp_min(_TINY))
+    dims = tuple(range(-len(shape), 0))
+    # max|x| as max(max x, −min x): two reductions, no temporary the size of x.
+    xd = x.detach()
+    t = torch.maximum(xd.amax(dim=dims, keepdim=True), -xd.amin(dim=dims, keepdim=True))
+    t = t.clamp_min(1.0)
+    # Two passes, the mean and then ‖x − μ‖₂ (torch.var_mean's Welford loop is several times
+    # slower on the CPU). x/t is a fresh tensor that no backward reads: centred in place.
+    c = x / t
+    c = c.sub_(c.mean(dim=dims, keepdim=True))
+    var = torch.linalg.vector_norm(c, 2, dim=dims, keepdim=True).square() / math.prod(shape)
+    # The floor only matters for a constant sample (x − μ = 0) whose ε/t² underflowed.
+    y = c * torch.rsqrt((var + eps / t.square()).clamp_min(_TINY))
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, y, weight)
     if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+        return y * weight
+    return y if bias is None else y + bias
 
 
 def _apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -98,8 +99,8 @@ def _apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
         return x
     cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
     if spec[0] == "layer":
-        _, ndim, weight, bias, eps = spec
-        return layer_norm(x, ndim, cast(weight), cast(bias), eps)
+        _, shape, weight, bias, eps = spec
+        return layer_norm(x, shape, cast(weight), cast(bias), eps)
     _, mean, var, weight, bias, eps = spec
     return TF.batch_norm(x, cast(mean), cast(var), cast(weight), cast(bias), False, 0.0, eps)
 
@@ -107,7 +108,7 @@ def _apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
 def norm_spec(norm: nn.Module) -> NormSpec:
     """The eval-mode :data:`NormSpec` of one of RegBN's norm modules."""
     if isinstance(norm, nn.LayerNorm):
-        return ("layer", len(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
+        return ("layer", tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         return ("batch", norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
     return None

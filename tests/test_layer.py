@@ -606,16 +606,16 @@ def test_huge_finite_inputs_give_finite_outputs(name):
 def test_layer_norm_matches_torch_and_survives_extremes():
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     w, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    torch.testing.assert_close(regbn.layer.layer_norm(x, 2, w, b, 1e-5),
+    torch.testing.assert_close(regbn.layer.layer_norm(x, (3, 5), w, b, 1e-5),
                                TF.layer_norm(x, [3, 5], w, b, 1e-5), rtol=1e-12, atol=1e-12)
     x32 = x.float()
     for scale in (1e-30, 1e25, 3e38):
-        y = regbn.layer.layer_norm(x32 / x32.abs().max() * scale, 2, None, None, 1e-5)
+        y = regbn.layer.layer_norm(x32 / x32.abs().max() * scale, (3, 5), None, None, 1e-5)
         assert bool(torch.isfinite(y).all()), scale
     const = torch.full((2, 7), 1e30)
-    assert torch.equal(regbn.layer.layer_norm(const, 1, None, None, 1e-5), torch.zeros(2, 7))
+    assert torch.equal(regbn.layer.layer_norm(const, (7,), None, None, 1e-5), torch.zeros(2, 7))
     x.requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: regbn.layer.layer_norm(t, 2, w, b, 1e-5), (x,))
+    assert torch.autograd.gradcheck(lambda t: regbn.layer.layer_norm(t, (3, 5), w, b, 1e-5), (x,))
 
 
 def test_input_statistics_that_overflow_are_rejected_without_touching_buffers():
