@@ -21,6 +21,8 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from .fx.report import inspect
+
 __all__ = ["main"]
 
 _PROG = "regbn"
@@ -266,8 +268,6 @@ def load_model(spec: str) -> nn.Module:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .fx.report import inspect
-
     if args.draw is not None and Path(args.draw).suffix.lower() not in (".svg", ".png"):
         raise UserError(f"--draw writes .svg or .png, got {args.draw!r}")
     shapes = _input_shapes(args.inputs)
