@@ -7,7 +7,7 @@ argument that holds several tensors, read with a constant key (``"batch['audio']
 "image": ["pixel_values"]}`` names them: every listed input carries its group's name. An input not
 listed follows these rules, in order:
 
-1. An input named like a mask, lengths, positions or token types (``attention_mask``,
+1. An input whose name has a word for a mask, lengths, positions or token types (``attention_mask``,
    ``key_padding_mask``, ``lengths``, ``seq_lens``, ``position_ids``, ``token_type_ids``,
    ``segment_ids``) carries no modality of its own.
 2. An input whose values are read as token ids starts a modality named after it: through casts,
@@ -26,7 +26,7 @@ operands, so an attention mask neither makes a fusion nor hides one.
 operands whose *values* it reads. Shape reads carry none: ``x.shape``, ``x.size()``, ``x.dtype``,
 ``x.device``, ``x.dim()``, the ``self`` of ``x.new_ones(...)`` and the other ``new_*``, the first
 argument of ``torch.zeros_like`` and the other ``*_like``, and the second tensor of
-``view_as``/``reshape_as``/``expand_as``/``type_as``/``to``. So ``torch.zeros(x.shape[0], 4)``
+``view_as``/``reshape_as``/``expand_as``/``type_as``/``to``. So ``torch.zeros((x.shape[0], 4))``
 and a CLS token ``expand``-ed to the batch size belong to no modality.
 
 **Fusion.** A *fusion* (``node.meta["regbn_fusion"]``) is a node whose operands depend on
@@ -48,8 +48,9 @@ the fusion's own ops, the nodes whose every use leads into the fusion (or past i
   in the branch), a concatenation with constants only (a CLS token in front, the column of
   ones of a tensor-fusion network);
 - gate functions: ``sigmoid``, ``tanh``, ``softmax``, ``hardsigmoid`` (``sigmoid(a) * b``);
-- for an elementwise fusion (mul, add, sub, div), one linear projection when its input feeds the
-  fusion along two or more paths: FiLM's γ and β projections of one conditioning tensor.
+- for an elementwise fusion (mul, add, sub, div), one linear projection when it or its input
+  feeds the fusion along two or more paths: FiLM's γ and β, split from one projection or
+  projected separately from one conditioning tensor.
 
 Attention's q/k/v projections and a branch's own last layer are kept (they are features a user
 would name), so ``q @ k.transpose(-2, -1)`` pairs the q and k projections.
