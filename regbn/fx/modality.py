@@ -93,8 +93,10 @@ class Fusion:
     tensor read; see the module docstring). ``pair`` is the ``(f, g)`` that
     ``regbn.insert(..., pairs="auto")`` uses: the branch tensors of the first operand and of the
     first operand from another branch. A fusion with more than two operands therefore gets one
-    RegBN layer; pass explicit pairs to normalise the others. Each name is an fx node name,
-    prefixed with ``node:`` only where the bare name would be ambiguous for ``insert``.
+    RegBN layer; pass explicit pairs to normalise the others. Each name is an fx node name
+    (from `regbn.find_fusions`: the module path for the last op of a module traced through),
+    prefixed only where the bare name would be ambiguous for ``insert``; ``pair_nodes`` holds
+    the node names.
     ``pair_shapes`` are the shapes of the pair's tensors; ``pooled`` lists, for each of them,
     ``(name, shape)`` of smaller 2-D tensors ``(batch, features)`` of the same branch (pooled or
     CLS features, largest first) to pair instead when the projection W would be too large
