@@ -660,6 +660,13 @@ class RegBN(nn.Module):
         self._validate(f, g, training)
         if self.f_shape is not None:
             return self._forward(f, g, training)
+        if _is_symbolic(f) or _is_symbolic(g) or torch.compiler.is_exporting():
+            raise ValueError(
+                "RegBN: a lazy layer takes its shapes and its W from a first real batch, and "
+                f"this one has seen none (f {_shape_str(f.shape)}, g {_shape_str(g.shape)} came "
+                "as fake, meta or exported tensors). Run one batch or load a checkpoint first, "
+                "or build the layer with its dims"
+            )
         declared = self._declared
         self._materialize(f, g)
         try:

@@ -778,3 +778,16 @@ def test_a_lazy_layer_deep_copies():
     fs, gs = LAYER_SHAPES["vector"]
     twin(*batch(6, fs, gs, dtype=torch.float32))
     assert twin.f_shape == fs and layer.has_uninitialized_params()
+
+
+def test_a_lazy_layer_refuses_fake_and_meta_first_batches():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = RegBN()
+    with pytest.raises(ValueError, match="lazy layer takes its shapes.*from a first real batch"):
+        layer(torch.empty(4, 3, device="meta"), torch.empty(4, 2, device="meta"))
+    with FakeTensorMode(), pytest.raises(ValueError, match="lazy layer"):
+        layer(torch.empty(4, 3), torch.empty(4, 2))
+    assert layer.has_uninitialized_params()
+    layer(torch.randn(4, 3), torch.randn(4, 2))
+    assert layer.f_shape == (3,) and not layer.W.is_meta
