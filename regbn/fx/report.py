@@ -216,6 +216,7 @@ class Report:
             lines += _align(operands, indent=6)
         if self.pairs:
             lines += ["Suggested pairs for regbn.insert", f"  pairs={self.pairs!r}"]
+            lines += [f"    {text}" for text in self._pair_lines()]
         if self.skipped:
             lines += ["Left out of the suggested pairs"] + [f"  {m}" for m in self.skipped]
         if self.failure is not None:
@@ -227,6 +228,20 @@ class Report:
         if info.modality is None:
             return "no modality of its own (joins what it gates)"
         return "" if info.modality == info.name else f"modality {info.modality}"
+
+    def _pair_lines(self) -> list[str]:
+        """'f (modality) with respect to g (modality), at fusion' for each suggested pair."""
+        out = []
+        for fusion in self.fusions:
+            if tuple(fusion.pair) not in self.pairs:
+                continue
+            first = fusion.modalities[0]
+            second = next(m for m in fusion.modalities if m != first)
+            out.append(
+                f"{fusion.pair[0]} ({self.modality_label(first)}) with respect to "
+                f"{fusion.pair[1]} ({self.modality_label(second)}), at {fusion.name}"
+            )
+        return list(dict.fromkeys(out))
 
     def failure_text(self) -> str:
         """One sentence naming where shape propagation stopped, or '' when it did not."""

@@ -272,6 +272,7 @@ def test_named_modalities_group_inputs_and_name_the_report():
     ]
     assert report.modality_names == ["text", "image"]
     assert "modality text" in report.summary()
+    assert "image (image) with respect to text (text), at xattn" in report.summary()
     assert {r.name: r.modalities for r in report.rows}["xattn"] == {"text", "image"}
 
 
