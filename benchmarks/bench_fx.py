@@ -1,8 +1,16 @@
-"""Time ``regbn.insert`` on a large two-stream model built on the meta device.
+"""Time ``regbn.insert`` on large multimodal models built on the meta device.
 
-Two ResNet-50-sized convolutional trunks (RGB and depth, 23.5 M parameters each) fuse by concat
-of their pooled features. Shapes come from ``input_shapes`` (fake tensors), so no weights or
-activations are ever allocated. The same run times plain ``torch.fx.symbolic_trace`` of the model.
+1. Two ResNet-50-sized convolutional trunks (RGB and depth, 23.5 M parameters each) fuse by
+   concat of their pooled features. The same run times plain ``torch.fx.symbolic_trace``.
+2. Two transformer towers, HF ``BertModel`` (BERT-base) and ``ViTModel`` (ViT-B/16), kept whole as
+   leaves (transformers 5 has no fx tracer), fuse twice: a concat of their pooled features and a
+   token-level cross-attention (image tokens attend to text tokens, the attention mask reused).
+   ``pairs="auto"`` must pair the pooled features and skip the token-level fusion, whose W
+   (151296 x 98304 floats) would pass ``max_projection_bytes``, with a message. Needs
+   transformers; skipped without it.
+
+Shapes come from ``input_shapes`` (+ ``input_dtypes`` for token ids), on fake tensors, so no
+weights or activations are ever allocated.
 
     python benchmarks/bench_fx.py [--batch 32] [--repeats 5]
 
@@ -14,12 +22,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
 import sys
 import time
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,7 @@ from torch import nn
 from regbn.fx import insert
 
 TARGETS = {"wall_s": 5.0, "peak_mb_above_model": 200.0, "ratio_to_symbolic_trace": 3.0}
+TOWERS_TARGET_S = 5.0
 
 
 class Bottleneck(nn.Module):
@@ -94,6 +105,80 @@ class TwoStream(nn.Module):
 
     def forward(self, rgb, depth):
         return self.fc(torch.cat([self.rgb(rgb), self.depth(depth)], 1))
+
+
+class Towers(nn.Module):
+    """A text tower and an image tower kept whole, fused by the wrapping model (twice)."""
+
+    def __init__(self, text: nn.Module, image: nn.Module, dim: int = 768) -> None:
+        super().__init__()
+        self.text, self.image = text, image
+        self.xattn = nn.MultiheadAttention(dim, 12, batch_first=True)
+        self.head = nn.Linear(2 * dim, 10)
+        self.out = nn.Linear(dim, 10)
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        t = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        v = self.image(pixel_values=pixel_values)
+        pooled = self.head(torch.cat([t.pooler_output, v.pooler_output], 1))
+        tokens = t.last_hidden_state
+        mask = attention_mask == 0
+        x, _ = self.xattn(v.last_hidden_state, tokens, tokens, key_padding_mask=mask)
+        return pooled + self.out(x.mean(1))
+
+
+def bench_towers(batch: int, repeats: int) -> dict[str, Any] | None:
+    """``pairs="auto"`` on BERT-base + ViT-B/16 towers as leaves, on the meta device."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers  # optional: only this case needs it
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        model = Towers(
+            transformers.BertModel(transformers.BertConfig()),
+            transformers.ViTModel(transformers.ViTConfig(), add_pooling_layer=True),
+        )
+    shapes = [(batch, 128), (batch, 128), (batch, 3, 224, 224)]
+    dtypes = [torch.int64, torch.int64, None]
+    leaves = [transformers.BertModel, transformers.ViTModel]
+    caught: list[str] = []
+
+    def do_auto() -> fx.GraphModule:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = insert(
+                model, "auto", input_shapes=shapes, input_dtypes=dtypes, leaf_modules=leaves
+            )
+        caught[:] = [str(w.message) for w in seen if "skipped" in str(w.message)]
+        return out
+
+    cold = _untimed_wall(do_auto)
+    walls = [_untimed_wall(do_auto) for _ in range(repeats)]
+    patched = do_auto()
+    layers = [n for n in patched.graph.nodes if n.op == "call_module" and n.target == "regbn_0"]
+    pairs = [(n.args[0].name, n.args[1].name) for n in layers]
+    shapes_in = [patched.get_submodule(n.target).f_shape for n in layers]
+    median = statistics.median(walls)
+    return {
+        "benchmark": "regbn.insert(pairs='auto') on BERT-base + ViT-B/16 towers (HF "
+        "transformers, leaves) built on torch.device('meta')",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "input_shapes": shapes,
+        "input_dtypes": [str(d) if d is not None else None for d in dtypes],
+        "fusions": ["cat of the pooled features", "token-level cross-attention (xattn)"],
+        "auto_pairs": pairs,
+        "pooled_f_shape": shapes_in,
+        "skipped": caught,
+        "cold_first_call_wall_s": cold,
+        "median_wall_s": median,
+        "target_wall_s": TOWERS_TARGET_S,
+        "meets_target": median <= TOWERS_TARGET_S
+        and len(pairs) == 1
+        and len(caught) == 1
+        and "xattn" in caught[0],
+    }
 
 
 def _measure(fn: Callable[[], Any]) -> dict[str, float]:
@@ -171,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         <= TARGETS["peak_mb_above_model"],
         "ratio_to_symbolic_trace": ratio <= TARGETS["ratio_to_symbolic_trace"],
     }
+    towers = bench_towers(args.batch, args.repeats)
     result = {
         "benchmark": "regbn.insert on two ResNet-50 trunks built on torch.device('meta')",
         "model": {
@@ -192,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "meets_targets": checks,
         "memory_note": "tracemalloc peak counts Python-level allocations during the call; the "
         "meta model holds no storage, so this is all memory above the model",
+        "towers": towers,
         "env": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -217,6 +304,13 @@ def _print_table(result: dict[str, Any]) -> None:
         print(
             f"{label:<22}{m['wall_s']:>10.3f}{m['tracemalloc_peak_mb']:>24.1f}"
             f"{m['maxrss_delta_mb']:>20.1f}"
+        )
+    towers = result["towers"]
+    if towers is not None:
+        print(
+            f"{'towers: insert (auto)':<22}{towers['median_wall_s']:>10.3f}   pairs "
+            f"{towers['auto_pairs']}; skipped {len(towers['skipped'])} (target met: "
+            f"{towers['meets_target']})"
         )
     cold = result["cold_first_call_wall_s"]
     print(
