@@ -53,9 +53,16 @@ def fold(model: nn.Module) -> fx.GraphModule:
                 f"yet; train it (or load its checkpoint) before folding"
             )
     gm = _graph_module(model)
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), RegBN):
-            _fold_call(gm, node)
+    calls = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RegBN)
+    ]
+    layers = {str(n.target): gm.get_submodule(n.target) for n in calls}
+    for path, layer in layers.items():  # once per layer, however often it is called
+        gm.set_submodule(path, _container(layer, _fold_dtype(layer)))
+    for node in calls:
+        _fold_call(gm, node, layers[str(node.target)])
     graph = gm.graph
     # The tracer class may be regbn's; a pickled GraphModule would then import regbn to load.
     graph._tracer_cls = None
@@ -117,14 +124,18 @@ def _spec_proxies(spec, prefix: str, norm: nn.Module, attr) -> tuple | None:
     )
 
 
-def _fold_call(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Replace one RegBN ``call_module`` node by the eval maths, written as graph nodes."""
+def _fold_dtype(layer: RegBN) -> torch.dtype:
+    """The compute dtype of the folded ops: W's, float32 for a float16/bfloat16 layer."""
+    return layer.W.dtype if layer.W.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _fold_call(gm: fx.GraphModule, node: fx.Node, layer: RegBN) -> None:
+    """Replace one RegBN ``call_module`` node by the eval maths, written as graph nodes that
+    read the tensors of the plain module now at the layer's path."""
     path = str(node.target)
-    layer = gm.get_submodule(path)
+    box = gm.get_submodule(path)
+    dtype = _fold_dtype(layer)
     f_node, g_node = _call_inputs(node)
-    dtype = layer.W.dtype if layer.W.dtype in (torch.float32, torch.float64) else torch.float32
-    box = _container(layer, dtype)
-    gm.set_submodule(path, box)
     graph = gm.graph
     tracer = fx.proxy.GraphAppendingTracer(graph)
 

@@ -168,3 +168,22 @@ def test_meta_device_build_then_reset_matches_a_cpu_build():
     reference.eval()
     x = inputs(3, seed=9)
     torch.testing.assert_close(patched(*x), reference(*x), rtol=0, atol=0)
+
+
+def test_fold_of_a_layer_called_twice():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rb = RegBN(4, 3, [], [])
+
+        def forward(self, f, g):
+            a, _ = self.rb(f, g)
+            b, g_out = self.rb(2 * f, g)
+            return a + b + g_out.sum(1, keepdim=True)
+
+    model = Shared()
+    f, g = torch.randn(8, 4), torch.randn(8, 3)
+    model(f, g)
+    folded = regbn.fold(model)
+    model.eval()
+    torch.testing.assert_close(folded(f, g), model(f, g), rtol=0, atol=0)
