@@ -474,6 +474,7 @@ class Report:
             "rows": [row.to_dict() for row in self.rows],
             "fusions": [_fusion_to_dict(f) for f in self.fusions],
             "pairs": [list(p) for p in self.pairs],
+            "skipped": list(self.skipped),
             "parameters": {
                 "total": self.total_params,
                 "by_modality": {label: n for label, n in self._param_items()},

@@ -443,6 +443,7 @@ def test_report_suggests_only_what_auto_would_insert():
     assert "skipped fusion 'xattn'" in message and "max_projection_bytes=1073741824" in message
     assert "Left out of the suggested pairs" in report.summary()
     assert report.to_dict()["fusions"][0]["projection_bytes"] == (130 * 128) ** 2 * 4
+    assert report.to_dict()["skipped"] == [message]
 
 
 class MaskFirst(nn.Module):
