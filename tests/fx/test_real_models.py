@@ -236,7 +236,7 @@ def minilm():
     return model, features, st.SentenceTransformer
 
 
-def test_pretrained_minilm_as_a_leaf(minilm):
+def test_pretrained_minilm_as_a_leaf(minilm, tmp_path):
     sentence, features, leaf = minilm
     torch.manual_seed(0)
     model = SentenceImage(sentence)
@@ -261,6 +261,8 @@ def test_pretrained_minilm_as_a_leaf(minilm):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert report.params_by_modality[frozenset({"text"})] == count(sentence)
     assert report.pairs == [("getitem", "image_4")]
+    for depth in (0, 1, 2, 3):
+        ET.parse(report.draw(tmp_path / f"d{depth}.svg", depth=depth))
     model.train()
     patched = regbn.insert(
         model, pairs="auto", example_inputs=(features, images), leaf_modules=[leaf]
