@@ -1,14 +1,27 @@
-"""Colored digits: an offline stand-in for the seed's gray + colored MNIST pair.
+"""Colored digits: an offline stand-in for the official example's gray + colored MNIST pair.
 
-The seed's PMR example trains on MNIST (gray) paired with the 10-colour "colored MNIST" of
-Kim et al. (Learning Not to Learn, CVPR 2019): each digit is painted with its class colour plus
-Gaussian jitter in training, while in the test split the colour is random. The colour is thus a
-confounder: a shortcut that predicts the label in training and carries no label information at
-test time.
+The official RegBN PMR example (mogvision/regbn, ``example_PMR``) trains on MNIST (gray) paired
+with the 10-colour "colored MNIST" of Kim et al. (Learning Not to Learn, CVPR 2019): each digit
+is painted with its class colour plus Gaussian jitter (variance 0.02 per channel) in training,
+while in the test split the colour is random. The colour is thus a confounder: a shortcut that
+predicts the label in training and carries no label information at test time.
 
-Neither dataset can be downloaded here, so by default we build the same pair from the 1,797
-8x8 digits that ship inside scikit-learn (``load_digits``), upsampled to 28x28. ``--mnist DIR``
-(or ``mnist_dir=``) reads a local MNIST in its IDX files instead, with plain numpy.
+Neither dataset can be downloaded here, so by default we grow the 1,797 8x8 digits that ship
+inside scikit-learn (``load_digits``) into an MNIST-like set:
+
+1. each digit is upsampled (bicubic) to 20x20 and centred in 28x28, as MNIST's are;
+2. the originals are split by class into train (75 %) and test (25 %) *before* anything else,
+   so no test digit is a transform of a training digit;
+3. each split is grown on its own to ``n_train`` (default 10,000) and ``n_test`` (2,000)
+   digits, each a random label-preserving transform of one original: affine (rotation,
+   scale, shear, shift), a smooth elastic displacement and a thicker or thinner stroke
+   (``Augmentation``). Pure torch on the CPU with one seeded generator: bit-identical output
+   for a given ``split_seed``.
+
+How it differs from MNIST: about 1,350 distinct training writers' digits instead of 60,000, all
+drawn from 8x8 bitmaps (blurrier strokes, less variety in style), and 10,000 training images
+instead of 60,000. ``--mnist DIR`` (or ``mnist_dir=``) reads a local MNIST in its IDX files
+instead, with plain numpy.
 
 Run ``python examples/colored_digits.py`` for a summary, ``--preview grid.png`` for a picture.
 """
@@ -18,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +149,138 @@ def load_mnist_idx(mnist_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
+# Growing scikit-learn's digits into an MNIST-sized set
+# --------------------------------------------------------------------------------------------
+# MNIST draws each digit in a 20x20 box centred in 28x28; we place the upsampled 8x8 digits the
+# same way, so that rotations and shifts keep the whole digit on the canvas.
+_DIGIT_BOX = 20
+# Default sizes of the grown set: enough distinct training digits, and enough steps per epoch,
+# for the baseline's gray branch to learn the digits despite the colour shortcut (as on MNIST).
+DEFAULT_N_TRAIN = 10_000
+DEFAULT_N_TEST = 2_000
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Strength of the label-preserving transforms that grow the digits.
+
+    Every digit gets one random affine map (rotation in ±``rotate_deg``, isotropic scale in
+    ``scale``, a shear of ±``shear`` (tan of the angle), a shift of ±``shift_px`` pixels per
+    axis), a smooth elastic displacement (Simard et al. 2003: uniform noise blurred by a Gaussian
+    of ``elastic_sigma_px``, scaled to at most about ``elastic_px`` pixels) and a stroke-width
+    change (a blend towards the 3x3 max-pool, thicker, or the 3x3 min-pool, thinner, by a
+    uniform weight in ±``stroke``).
+    """
+
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.8, 1.15)
+    shear: float = 0.25
+    shift_px: float = 2.0
+    elastic_px: float = 1.5
+    elastic_sigma_px: float = 4.0
+    stroke: float = 1.0
+
+
+def sklearn_digits_28() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits as (N, 1, 28, 28) float32 in [0, 1], and the labels.
+
+    Bicubic upsampling to 20x20 (clipped to [0, 1]), padded to 28x28 as MNIST is.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixels 0..16
+    x = F.interpolate(x, size=(_DIGIT_BOX, _DIGIT_BOX), mode="bicubic", align_corners=False)
+    pad = (IMAGE_SIZE - _DIGIT_BOX) // 2
+    x = F.pad(x.clamp_(0.0, 1.0), (pad, pad, pad, pad))
+    return x.contiguous(), torch.as_tensor(digits.target, dtype=torch.int64)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W), zero padding, radius 2 sigma."""
+    radius = max(1, round(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, radius), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(radius, 0), groups=c)
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def _affine_theta(n: int, aug: Augmentation, gen: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) ``affine_grid`` matrices: output coordinates -> input coordinates.
+
+    The forward map is shift ∘ rotation ∘ shear ∘ scale; its inverse is what grid_sample needs.
+    Built in float64, returned as float32.
+    """
+    angle = torch.deg2rad(_uniform(n, -aug.rotate_deg, aug.rotate_deg, gen))
+    scale = _uniform(n, *aug.scale, gen)
+    shear = _uniform(n, -aug.shear, aug.shear, gen)
+    shift = _uniform(2 * n, -aug.shift_px, aug.shift_px, gen).view(n, 2) * 2 / IMAGE_SIZE
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
+    shr = torch.eye(2, dtype=torch.float64).repeat(n, 1, 1)
+    shr[:, 0, 1] = shear
+    forward = rot @ shr * scale[:, None, None]
+    inverse = torch.linalg.inv(forward)
+    offset = -(inverse @ shift.unsqueeze(-1))
+    return torch.cat([inverse, offset], dim=2).float()
+
+
+def _stroke(x: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Thicker strokes for amount > 0 (towards a 3x3 dilation), thinner for amount < 0."""
+    thick = F.max_pool2d(x, 3, stride=1, padding=1)
+    thin = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    a = amount.view(-1, 1, 1, 1)
+    return torch.where(a >= 0, x + a * (thick - x), x + a * (x - thin))
+
+
+def augment(
+    images: torch.Tensor, gen: torch.Generator, aug: Augmentation = Augmentation()
+) -> torch.Tensor:
+    """One random label-preserving transform of each (N, 1, 28, 28) digit (see Augmentation).
+
+    Pure torch on the CPU, so the result depends on ``gen``'s state alone.
+    """
+    n = len(images)
+    x = _stroke(images, _uniform(n, -aug.stroke, aug.stroke, gen).float())
+    grid = F.affine_grid(
+        _affine_theta(n, aug, gen), [n, 1, IMAGE_SIZE, IMAGE_SIZE], align_corners=False
+    )
+    if aug.elastic_px > 0:
+        noise = torch.rand(n, 2, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 2 - 1
+        field = _gaussian_blur(noise, aug.elastic_sigma_px)
+        # Blurred uniform noise has a small spread; scale its largest value to elastic_px.
+        field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        grid = grid + field.permute(0, 2, 3, 1) * (aug.elastic_px * 2 / IMAGE_SIZE)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.clamp_(0.0, 1.0)
+
+
+def grow(
+    originals: torch.Tensor,
+    labels: torch.Tensor,
+    n: int,
+    gen: torch.Generator,
+    aug: Augmentation = Augmentation(),
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` transformed digits, each original used ⌊n/N⌋ or ⌈n/N⌉ times, in random order.
+
+    Returns the (n, 1, 28, 28) digits, their (n,) labels and the (n,) row of ``originals``
+    each was made from.
+    """
+    source = torch.arange(n) % len(originals)
+    source = source[torch.randperm(n, generator=gen)]
+    parts = [augment(originals[source[i : i + chunk]], gen, aug) for i in range(0, n, chunk)]
+    return torch.cat(parts).contiguous(), labels[source].contiguous(), source
+
+
+# --------------------------------------------------------------------------------------------
 # Building the pair
 # --------------------------------------------------------------------------------------------
 def _to_28(images: np.ndarray, max_value: float) -> torch.Tensor:
@@ -154,8 +300,8 @@ def colorize(
     """Paint each (1, H, W) digit with ``PALETTE[colour_index]`` plus Gaussian jitter.
 
     The jitter is one colour offset per image (variance ``jitter_var`` per channel, as in the
-    colored MNIST of Kim et al.), clipped to [0, 1]. Returns the (N, 3, H, W) images and the
-    (N, 3) colours used.
+    colored MNIST of Kim et al. that the official example loads as ``jitter_var_0.020``),
+    clipped to [0, 1]. Returns the (N, 3, H, W) images and the (N, 3) colours used.
     """
     base = PALETTE[colour_index]
     jitter = torch.randn(base.shape, generator=generator) * jitter_var**0.5
@@ -180,64 +326,103 @@ def _stratified_split(
     return train_idx, test_idx
 
 
+def _check_size(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def _digits_splits(
+    gen: torch.Generator,
+    n_train: int | None,
+    n_test: int | None,
+    test_fraction: float,
+    aug: Augmentation | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """scikit-learn's digits split by original digit, then each split grown on its own.
+
+    Each split is (digits, labels, the index in ``load_digits`` of each digit's original).
+    """
+    gray_all, labels_all = sklearn_digits_28()
+    train_idx, test_idx = _stratified_split(labels_all, test_fraction, gen)
+    splits = {}
+    for split, idx, n, default in (
+        ("train", train_idx, n_train, DEFAULT_N_TRAIN),
+        ("test", test_idx, n_test, DEFAULT_N_TEST),
+    ):
+        if aug is None:  # the originals themselves, capped at n
+            idx = idx[:n]
+            splits[split] = (gray_all[idx], labels_all[idx], idx)
+        else:
+            gray, labels, rows = grow(gray_all[idx], labels_all[idx], n or default, gen, aug)
+            splits[split] = (gray, labels, idx[rows])
+    return splits
+
+
+def _mnist_splits(
+    mnist_dir: str | Path, gen: torch.Generator, n_train: int | None, n_test: int | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    raw = load_mnist_idx(mnist_dir)
+    splits = {}
+    for split, cap in (("train", n_train), ("test", n_test)):
+        gray = _to_28(raw[f"{split}_images"], 255.0)
+        labels = torch.as_tensor(raw[f"{split}_labels"].astype(np.int64))
+        keep = torch.arange(len(labels))
+        if cap is not None and cap < len(labels):
+            keep = torch.randperm(len(labels), generator=gen)[:cap]
+        splits[split] = (gray[keep], labels[keep], keep)
+    return splits
+
+
 def build_colored_digits(
     split_seed: int = 0,
     mnist_dir: str | Path | None = None,
     *,
+    n_train: int | None = None,
+    n_test: int | None = None,
     test_fraction: float = 0.25,
     jitter_var: float = 0.02,
-    max_train: int | None = None,
-    max_test: int | None = None,
+    augmentation: Augmentation | None = Augmentation(),
 ) -> dict[str, torch.Tensor]:
     """Build the gray / colored digit pair.
 
     Args:
-        split_seed: seeds the train/test split (scikit-learn digits) and the colours; the same
-            seed always gives bit-identical tensors.
-        mnist_dir: a directory with the four MNIST IDX files (raw or .gz). ``None`` uses
-            scikit-learn's ``load_digits`` upsampled to 28x28.
-        test_fraction: share of each class held out for test (digits only; MNIST keeps its own
-            split).
-        jitter_var: variance of the per-image colour jitter.
-        max_train, max_test: optional caps (random subsets), handy for a quick MNIST run.
+        split_seed: seeds the split, the transforms and the colours (one ``torch.Generator``);
+            the same seed always gives bit-identical tensors.
+        mnist_dir: a directory with the four MNIST IDX files (raw or .gz). ``None`` grows
+            scikit-learn's digits (see ``grow``): they are split by original digit first
+            (``test_fraction`` of each class to test), so no test digit is a transform of a
+            training digit.
+        n_train, n_test: how many digits each split has. scikit-learn's digits: how many are
+            grown (default 10,000 and 2,000), or a cap on the originals when ``augmentation`` is
+            None. MNIST: a cap (a random subset; default all).
+        test_fraction: share of each class's original digits held out for test.
+        jitter_var: variance of the per-image colour jitter (0.02, as the official example).
+        augmentation: the transforms' strength; None keeps scikit-learn's 1,797 originals.
 
     Returns a dict of tensors: ``train_gray`` / ``test_gray`` (N, 1, 28, 28) float32 in [0, 1],
     ``train_colored`` / ``test_colored`` (N, 3, 28, 28) float32 in [0, 1], ``train_labels`` /
     ``test_labels`` (N,) int64, ``train_colour_index`` / ``test_colour_index`` (N,) int64 (the
-    palette entry painted: the label in training, random in test), and ``palette`` (10, 3).
+    palette entry painted: the label in training, random in test), ``train_source`` /
+    ``test_source`` (N,) int64 (the original each digit was made from: its index in
+    ``load_digits``, or in its MNIST split), and ``palette`` (10, 3).
 
-    Raises ValueError for a missing or malformed ``mnist_dir``.
+    Raises ValueError for a bad size or fraction and for a missing or malformed ``mnist_dir``.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ValueError(
+            f"test_fraction must be in (0, 1), got {test_fraction}; 0.25 holds out a quarter"
+        )
+    _check_size("n_train", n_train)
+    _check_size("n_test", n_test)
     gen = torch.Generator().manual_seed(split_seed)
     if mnist_dir is None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        gray_all = _to_28(digits.images, 16.0)  # load_digits pixels are 0..16
-        labels_all = torch.as_tensor(digits.target, dtype=torch.int64)
-        train_idx, test_idx = _stratified_split(labels_all, test_fraction, gen)
-        splits = {
-            "train": (gray_all[train_idx], labels_all[train_idx]),
-            "test": (gray_all[test_idx], labels_all[test_idx]),
-        }
+        splits = _digits_splits(gen, n_train, n_test, test_fraction, augmentation)
     else:
-        raw = load_mnist_idx(mnist_dir)
-        splits = {
-            split: (
-                _to_28(raw[f"{split}_images"], 255.0),
-                torch.as_tensor(raw[f"{split}_labels"].astype(np.int64)),
-            )
-            for split in ("train", "test")
-        }
+        splits = _mnist_splits(mnist_dir, gen, n_train, n_test)
 
     out: dict[str, torch.Tensor] = {"palette": PALETTE.clone()}
-    for split, cap in (("train", max_train), ("test", max_test)):
-        gray, labels = splits[split]
-        if cap is not None and cap < len(labels):
-            keep = torch.randperm(len(labels), generator=gen)[:cap]
-            gray, labels = gray[keep], labels[keep]
+    for split in ("train", "test"):
+        gray, labels, source = splits[split]
         if split == "train":
             colour_index = labels.clone()  # the colour follows the label: a shortcut
         else:
@@ -247,6 +432,7 @@ def build_colored_digits(
         out[f"{split}_colored"] = colored.contiguous()
         out[f"{split}_labels"] = labels.contiguous()
         out[f"{split}_colour_index"] = colour_index
+        out[f"{split}_source"] = source.contiguous()
     return out
 
 
@@ -300,16 +486,26 @@ def main(argv: list[str] | None = None) -> int:
         "--mnist",
         metavar="DIR",
         help="directory with the four MNIST IDX files (raw or .gz) to use instead of "
-        "scikit-learn's 8x8 digits",
+        "scikit-learn's digits, grown",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and colour seed (default 0)")
     parser.add_argument(
         "--jitter-var", type=float, default=0.02, help="colour jitter variance (default 0.02)"
     )
+    parser.add_argument(
+        "--n-train", type=int, help=f"training digits (default {DEFAULT_N_TRAIN:,} grown)"
+    )
+    parser.add_argument("--n-test", type=int, help=f"test digits (default {DEFAULT_N_TEST:,})")
     parser.add_argument("--preview", metavar="PNG", help="also save a grid of examples here")
     args = parser.parse_args(argv)
     try:
-        data = build_colored_digits(args.seed, args.mnist, jitter_var=args.jitter_var)
+        data = build_colored_digits(
+            args.seed,
+            args.mnist,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            jitter_var=args.jitter_var,
+        )
     except ValueError as exc:
         # One clear line, no traceback: this is a user error, not a bug.
         print(f"colored_digits: error: {exc}", file=sys.stderr)

@@ -1,62 +1,80 @@
-"""The seed's PMR example, offline: gray + colored digits, with and without RegBN.
+"""The official RegBN PMR example, offline: gray + colored digits, with and without RegBN.
 
-A two-branch classifier (a CNN on the gray digit, a CNN on the colored digit, features
-concatenated, one linear head) is trained with and without RegBN. The colour follows the label
-in training and is random at test time, so it is a confounder. As in the seed, each modality's
-test accuracy is read from its half of the head's weight.
+The official example (mogvision/regbn, ``example_PMR``; RegBN, NeurIPS 2023) trains a
+two-branch classifier (a CNN on the gray digit, a CNN on the colored digit, features
+concatenated, one linear head) with and without RegBN. The colour follows the label in
+training and is random at test time, so it is a confounder. As in the official example, each
+modality's test accuracy is read from its half of the head's weight.
 
-RegBN enters only through ``regbn.insert``; the model class below is the seed's, minus the
-RegBN call the seed hard-wired into its forward:
+RegBN enters only through ``regbn.insert``; the model class below is the official example's,
+minus the RegBN call it hard-wires into its forward:
 
-* ``--placement input`` (default, the seed's placement): the raw inputs, pair
+* ``--placement input`` (default, the official placement): the raw inputs, pair
   ``("gray", "colored")``.
 * ``--placement late``: the branch features before the concat,
   pair ``("gray_net.fc", "colored_net.fc")``.
-* ``--placement both``: the two RegBN arms side by side, with the baseline.
+* ``--placement both``: the two RegBN arms side by side, with the baseline;
+  ``--placement none``: the baseline alone.
+* ``--lambda-rule paper|official|both``: ||W||_F = 1 (the paper), the published code's
+  condition, or one arm of each per placement.
 
 Which modality is f? ``RegBN(f, g)`` removes from f the part that g explains linearly and
-passes g on (layer-normalised only). The seed calls ``RegBN_(gray, colored)``, so f = gray and
-g = colored, and we keep that choice. The colored image is the gray one times a colour that
-names the label in training, so what the colored image explains of the gray one is exactly what
-the colour shortcut already supplies; the gray branch is left with the rest. The opposite choice
-(``--f-modality colored``: strip the shape out of the colored image, leaving mostly the colour)
-is there for comparison.
+passes g on (layer-normalised only). The official example calls ``RegBN_(gray, colored)``, so
+f = gray and g = colored, and we keep that choice (``--f-modality colored`` swaps them).
 
-Data: scikit-learn's 8x8 digits upsampled to 28x28 (see ``colored_digits.py``), or a local MNIST
-with ``--mnist DIR``. Outputs in ``--out`` (default ``out/pmr``): ``pmr_colored_digits.png``
-(test accuracy and training loss per modality against epoch, mean +- std over seeds) and
-``pmr_colored_digits.json`` (every curve of every seed); the final accuracies are printed.
+Data: scikit-learn's digits grown to 10,000 training and 2,000 test digits by random affine,
+elastic and stroke-width transforms (see ``colored_digits.py``), or a local MNIST with
+``--mnist DIR``. Every run is deterministic: deterministic algorithms, seeded generators for
+the data, the initialisation and the batch order, and a fixed thread count (``--threads``,
+default 2), so the same command on the same machine prints the same numbers.
 
-    python examples/pmr_colored_digits.py            # full run, 3 seeds (a few minutes on 2 CPUs)
+Outputs in ``--out`` (default ``out/pmr``): ``pmr_colored_digits.png`` (test accuracy and
+training loss per modality against epoch, mean ± std over seeds) and
+``pmr_colored_digits.json`` (the configuration, versions and every curve of every seed); the
+tables are printed as Markdown.
+
+    python examples/pmr_colored_digits.py            # baseline + RegBN on the inputs, 3 seeds
+    python examples/pmr_colored_digits.py --placement both --lambda-rule both   # four arms
     python examples/pmr_colored_digits.py --quick    # smoke test, < 1 minute
+    python examples/pmr_colored_digits.py --full --device cuda   # 60,000 digits, 75 epochs
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from colored_digits import build_colored_digits
+from colored_digits import DEFAULT_N_TEST, DEFAULT_N_TRAIN, build_colored_digits
 from tqdm import tqdm
 
 import regbn
 
-# The seed's RegBN settings for this example (example_PMR/regbn/RegBN_kwargs.py), minus the
-# shapes, which regbn.insert infers.
-SEED_REGBN_KWARGS = dict(
+# The official example's RegBN settings (example_PMR/regbn/RegBN_kwargs.py), minus the shapes,
+# which regbn.insert infers.
+OFFICIAL_REGBN_KWARGS = dict(
     normalize_input=True,
     normalize_output=True,
     affine=True,
     sigma_THR=0.0,
     sigma_MIN=1e-8,
 )
+SEED_REGBN_KWARGS = OFFICIAL_REGBN_KWARGS  # older name, imported by the notebook
+
+# The official example's reported values (MNIST, 75 epochs): final test accuracy per modality.
+OFFICIAL_REPORTED = {
+    "baseline": {"gray": 0.93, "colored": 0.15},
+    "regbn-input": {"gray": 0.93, "colored": 0.26},
+}
 
 # Where RegBN goes: (f, g) pairs in regbn.insert's naming, with f = the gray modality.
 PLACEMENTS: dict[str, tuple[str, str]] = {
@@ -67,7 +85,7 @@ MODALITIES = ("fused", "gray", "colored")
 
 
 # --------------------------------------------------------------------------------------------
-# The seed's model (example_PMR/basic_model.py), without its hard-wired RegBN call
+# The official example's model (example_PMR/basic_model.py), without its RegBN call
 # --------------------------------------------------------------------------------------------
 class ConvNet(nn.Module):
     """One branch: four convolutions, global average pooling, a linear feature layer."""
@@ -97,8 +115,8 @@ class ConvNet(nn.Module):
 class CGClassifier(nn.Module):
     """Colored-and-gray classifier: two branches, concatenated features, a linear head.
 
-    Returns the gray features, the colored features and the logits, as the seed's does; the
-    per-modality accuracies are computed from the features and the head's weight halves.
+    Returns the gray features, the colored features and the logits, as the official one does;
+    the per-modality accuracies come from the features and the head's weight halves.
     """
 
     def __init__(self, n_classes: int = 10, latent_channels: int = 96) -> None:
@@ -130,7 +148,7 @@ def modality_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits from one modality alone: its half of the head's weight plus half the bias.
 
-    The concat is (gray, colored), so the gray half is the first. This is the seed's formula.
+    The concat is (gray, colored), so the gray half is the first. The official formula.
     """
     half = head.weight.size(1) // 2
     out_gray = g @ head.weight[:, :half].T + head.bias / 2
@@ -144,8 +162,8 @@ def modality_logits(
 def standardise(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-channel standardisation with training statistics.
 
-    The seed normalises its inputs (MNIST mean/std for gray, CIFAR's for colored); we use this
-    data's own training statistics instead of those constants.
+    The official example normalises its inputs (MNIST mean/std for gray, CIFAR's for colored);
+    we use this data's own training statistics instead of those constants.
     """
     out = dict(data)
     for name in ("gray", "colored"):
@@ -157,6 +175,22 @@ def standardise(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def arm_name(placement: str, lambda_rule: str) -> str:
+    """``regbn-<placement>`` for the paper's λ rule, ``regbn-<placement>-official`` else."""
+    return f"regbn-{placement}" + ("-official" if lambda_rule == "official" else "")
+
+
+def parse_arm(arm: str) -> tuple[str, str]:
+    """Inverse of ``arm_name``: (placement, lambda_rule) of a RegBN arm."""
+    placement = arm.removeprefix("regbn-").removesuffix("-official")
+    if not arm.startswith("regbn-") or placement not in PLACEMENTS:
+        raise ValueError(
+            f"arm {arm!r} is not 'baseline' nor 'regbn-<placement>[-official]' with a placement "
+            f"in {sorted(PLACEMENTS)}; e.g. 'regbn-input' or 'regbn-late-official'"
+        )
+    return placement, "official" if arm.endswith("-official") else "paper"
+
+
 def build_model(
     arm: str,
     seed: int,
@@ -165,19 +199,21 @@ def build_model(
     f_modality: str = "gray",
     regbn_kwargs: dict | None = None,
 ) -> nn.Module:
-    """The seed's classifier, initialised from ``seed``; RegBN spliced in by ``regbn.insert``.
+    """The official classifier, initialised from ``seed``; RegBN spliced in by ``regbn.insert``.
 
-    ``arm`` is ``"baseline"`` or ``"regbn-<placement>"``.
+    ``arm`` is ``"baseline"`` or ``"regbn-<placement>[-official]"`` (see ``arm_name``); the
+    official example's RegBN settings apply, updated by ``regbn_kwargs``.
     """
     torch.manual_seed(seed)
     model = CGClassifier()
     model.apply(weight_init)
     if arm == "baseline":
         return model
-    pair = PLACEMENTS[arm.removeprefix("regbn-")]
+    placement, lambda_rule = parse_arm(arm)
+    pair = PLACEMENTS[placement]
     if f_modality == "colored":
         pair = pair[::-1]
-    kwargs = {**SEED_REGBN_KWARGS, **(regbn_kwargs or {})}
+    kwargs = {**OFFICIAL_REGBN_KWARGS, "lambda_rule": lambda_rule, **(regbn_kwargs or {})}
     return regbn.insert(model, pairs=[pair], example_inputs=example_inputs, **kwargs)
 
 
@@ -224,13 +260,19 @@ def train_run(
     f_modality: str = "gray",
     regbn_kwargs: dict | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, list[float]]:
-    """Train one arm with one seed; return per-epoch curves (``<metric>_<modality>``)."""
+    """Train one arm with one seed; return per-epoch curves (``<metric>_<modality>``).
+
+    ``seed`` fixes the initialisation and the batch order (a generator of its own), so a run
+    does not depend on which other runs the process made before it.
+    """
     x_gray, x_col, y = data["train_gray"], data["train_colored"], data["train_labels"]
-    example = (x_gray[:batch_size], x_col[:batch_size])
+    example = (x_gray[:batch_size].cpu(), x_col[:batch_size].cpu())
     model = build_model(arm, seed, example, f_modality=f_modality, regbn_kwargs=regbn_kwargs)
+    model = model.to(device)
     head = model.get_submodule("fc_out")
-    # The seed's optimiser: Adam with betas (0.9, 0.99). RegBN's affine parameters, if any,
+    # The official optimiser: Adam with betas (0.9, 0.99). RegBN's affine parameters, if any,
     # are part of model.parameters() and train with the rest.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     order = torch.Generator().manual_seed(10_000 + seed)
@@ -241,16 +283,17 @@ def train_run(
     has_regbn = bool(_regbn_layers(model))
     curves: dict[str, list[float]] = {"lambda": []} if has_regbn else {}
     bar = tqdm(
-        range(1, epochs + 1),
-        desc=f"{arm:12s} seed {seed}",
+        total=epochs * n_batches,
+        desc=f"{arm} seed {seed}",
+        unit="step",
         disable=not progress,
         leave=False,
         dynamic_ncols=True,
     )
-    for _epoch in bar:
+    for _epoch in range(epochs):
         model.train()
-        perm = torch.randperm(n, generator=order)
-        sums = dict.fromkeys(MODALITIES, 0.0)
+        perm = torch.randperm(n, generator=order).to(y.device)
+        sums = torch.zeros(len(MODALITIES), dtype=torch.float64, device=y.device)
         lambdas: list[float] = []
         for b in range(n_batches):
             idx = perm[b * batch_size : (b + 1) * batch_size]
@@ -260,15 +303,16 @@ def train_run(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                sums["fused"] += float(loss)
-                sums["gray"] += float(F.cross_entropy(out_gray, y[idx]))
-                sums["colored"] += float(F.cross_entropy(out_colored, y[idx]))
+            with torch.no_grad():  # the per-modality losses the official example plots
+                sums += torch.stack(
+                    [loss, F.cross_entropy(out_gray, y[idx]), F.cross_entropy(out_colored, y[idx])]
+                ).double()
             lambdas += [
                 float(m.last_lambda) for m in _regbn_layers(model) if m.last_lambda is not None
             ]
-        for k, v in sums.items():
-            curves.setdefault(f"train_loss_{k}", []).append(v / n_batches)
+            bar.update()
+        for k, v in zip(MODALITIES, (sums / n_batches).tolist(), strict=True):
+            curves.setdefault(f"train_loss_{k}", []).append(v)
         if has_regbn:  # mean lambda+ of the epoch's batches: how hard the constraint binds
             curves["lambda"].append(sum(lambdas) / len(lambdas))
         for k, v in evaluate(
@@ -276,7 +320,6 @@ def train_run(
         ).items():
             curves.setdefault(k, []).append(v)
         bar.set_postfix(
-            acc=f"{curves['test_acc_fused'][-1]:.3f}",
             gray=f"{curves['test_acc_gray'][-1]:.3f}",
             colored=f"{curves['test_acc_colored'][-1]:.3f}",
         )
@@ -287,29 +330,75 @@ def train_run(
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
+# (key in the summary, curve, modality, column title) of the printed tables.
+COLUMNS = (
+    ("acc_fused", "test_acc", "fused", "fused acc."),
+    ("acc_gray", "test_acc", "gray", "gray-half acc."),
+    ("acc_colored", "test_acc", "colored", "colored-half acc."),
+    ("loss_gray", "train_loss", "gray", "gray-half train loss"),
+    ("loss_colored", "train_loss", "colored", "colored-half train loss"),
+)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value), in float64."""
     t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
-def summarise(results: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """Final-epoch test accuracies, mean and std over seeds, per arm and modality."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
+def summarise(results: dict) -> dict[str, dict[str, dict]]:
+    """Final-epoch values per arm and column: mean, std (n − 1) and the per-seed list."""
+    table: dict[str, dict[str, dict]] = {}
     for arm, runs in results["arms"].items():
         table[arm] = {}
-        for mod in MODALITIES:
-            finals = [run[f"test_acc_{mod}"][-1] for run in runs["per_seed"]]
+        for key, metric, mod, _title in COLUMNS:
+            finals = [run[f"{metric}_{mod}"][-1] for run in runs["per_seed"]]
             mean, std = _mean_std(finals)
-            table[arm][mod] = {"mean": mean, "std": std, "per_seed": finals}
+            table[arm][key] = {"mean": mean, "std": std, "per_seed": finals}
     return table
 
 
-def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'arm':14s}" + "".join(f"{m:>18s}" for m in MODALITIES)]
+def format_table(table: dict[str, dict[str, dict]]) -> str:
+    """Two Markdown tables: mean ± std over seeds, then every seed's value."""
+    head = "| arm | " + " | ".join(c[3] for c in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    means = [head, rule]
+    seeds = ["| arm, per seed | " + " | ".join(c[3] for c in COLUMNS) + " |", rule]
     for arm, row in table.items():
-        cells = "".join(f"{row[m]['mean']:>11.3f} ± {row[m]['std']:.3f}" for m in MODALITIES)
-        lines.append(f"{arm:14s}{cells}")
-    return "\n".join(lines)
+        cells = [row[c[0]] for c in COLUMNS]
+        means.append(
+            f"| {arm} | " + " | ".join(f"{v['mean']:.3f} ± {v['std']:.3f}" for v in cells) + " |"
+        )
+        seeds.append(
+            f"| {arm} | "
+            + " | ".join(" / ".join(f"{x:.3f}" for x in v["per_seed"]) for v in cells)
+            + " |"
+        )
+    return "\n".join(means) + "\n\n" + "\n".join(seeds)
+
+
+ARM_COLOURS = {
+    "baseline": "tab:gray",
+    "regbn-input": "tab:red",
+    "regbn-input-official": "tab:orange",
+    "regbn-late": "tab:blue",
+    "regbn-late-official": "tab:cyan",
+}
+
+
+def _reference_lines(axes, arms: list[str]) -> None:
+    """The official example's reported final accuracies (MNIST), as dashed lines."""
+    for arm in arms:
+        for col, mod in ((1, "gray"), (2, "colored")):
+            value = OFFICIAL_REPORTED.get(arm, {}).get(mod)
+            if value is not None:
+                axes[0, col].axhline(
+                    value,
+                    color=ARM_COLOURS[arm],
+                    lw=1.2,
+                    ls="--",
+                    label=f"official example, MNIST: {arm} {value:.2f}",
+                )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -319,45 +408,53 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
-    colours = {"baseline": "tab:gray", "regbn-input": "tab:red", "regbn-late": "tab:blue"}
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
     for arm, runs in results["arms"].items():
         for row, metric in enumerate(("test_acc", "train_loss")):
             for col, mod in enumerate(MODALITIES):
                 curves = torch.tensor([r[f"{metric}_{mod}"] for r in runs["per_seed"]])
                 epochs = torch.arange(1, curves.shape[1] + 1)
                 mean = curves.mean(0)
-                std = curves.std(0, unbiased=False)
+                std = curves.std(0) if len(curves) > 1 else torch.zeros_like(mean)
                 ax = axes[row, col]
-                colour = colours.get(arm)
+                colour = ARM_COLOURS.get(arm)
                 ax.plot(epochs, mean, label=arm, color=colour)
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=colour)
+    _reference_lines(axes, list(results["arms"]))
     for col, mod in enumerate(MODALITIES):
         axes[0, col].axhline(0.1, color="k", lw=0.8, ls=":", label="chance")
         axes[0, col].set_title(f"test accuracy: {mod}")
+        axes[0, col].set_ylim(0, 1)
         axes[1, col].set_title(f"training loss: {mod}")
         axes[1, col].set_xlabel("epoch")
         axes[0, col].grid(alpha=0.3)
         axes[1, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
+    axes[0, 2].legend(fontsize=7)
     cfg = results["config"]
     fig.suptitle(
         f"Gray + colored digits ({cfg['dataset']}, {cfg['n_train']} train / {cfg['n_test']} "
         f"test; colour = label in train, random in test): mean ± std over "
-        f"{len(cfg['seeds'])} seed(s)"
+        f"{len(cfg['seeds'])} seeds; dashed: the official example's reported values on MNIST",
+        fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+QUICK = dict(epochs=2, seeds=2, n_train=300, n_test=100)
+FULL = dict(epochs=75, n_train=60_000, n_test=10_000)  # the official recipe's size and length
+DEFAULT_EPOCHS = 6
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Train the seed's gray + colored two-branch classifier with and without "
-        "RegBN (spliced in by regbn.insert) and plot per-modality test accuracy.",
+        description="Train the official example's gray + colored two-branch classifier with "
+        "and without RegBN (spliced in by regbn.insert) and plot per-modality test accuracy.",
     )
     p.add_argument(
         "--out",
@@ -365,118 +462,178 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="output directory for the figure and JSON (default: out/pmr)",
     )
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: small subset, 2 seeds, 2 epochs (< 1 minute on 2 CPUs)",
+        help="smoke test: 300 train / 100 test digits, 2 seeds, 2 epochs (< 1 minute)",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="the official recipe's length: 60,000 train / 10,000 test digits, 75 epochs "
+        "(hours on a CPU; meant for --device cuda)",
     )
     p.add_argument(
         "--placement",
-        choices=("input", "late", "both"),
+        choices=("input", "late", "both", "none"),
         default="input",
-        help="where RegBN goes: 'input' = the raw inputs (the seed's placement, "
+        help="where RegBN goes: 'input' = the raw inputs (the official placement, "
         "default), 'late' = the branch features before the concat, 'both' = two "
-        "RegBN arms",
+        "RegBN arms, 'none' = the baseline alone",
+    )
+    p.add_argument(
+        "--lambda-rule",
+        choices=("paper", "official", "both"),
+        default="paper",
+        help="RegBN's rule for lambda (default: paper; 'official' reproduces the published "
+        "code; 'both' runs one arm of each)",
     )
     p.add_argument(
         "--f-modality",
         choices=("gray", "colored"),
         default="gray",
-        help="which modality is f (normalised w.r.t. the other); the seed uses gray (default)",
+        help="which modality is f (normalised w.r.t. the other); the official example uses "
+        "gray (default)",
     )
     p.add_argument(
-        "--lambda-rule",
-        choices=("paper", "official"),
-        default="paper",
-        help="RegBN's rule for lambda (default: paper; 'official' reproduces the published code)",
+        "--epochs", type=int, help=f"epochs per run (default {DEFAULT_EPOCHS}; 75 with --full)"
     )
-    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    p.add_argument("--batch-size", type=int, default=50, help="batch size (default 50, the seed's)")
+    p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument(
+        "--batch-size", type=int, default=50, help="batch size (default 50, the official one)"
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument(
         "--mnist",
         metavar="DIR",
-        help="use the MNIST IDX files in DIR (raw or .gz) instead of scikit-learn's digits; "
-        "60,000 training images take about a minute an epoch per arm on 2 CPUs, so consider "
-        "--max-train",
+        help="use the MNIST IDX files in DIR (raw or .gz) instead of the grown scikit-learn digits",
     )
     p.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the data split and colours (default 0)"
-    )
-    p.add_argument("--max-train", type=int, help="cap on training samples (random subset)")
-    p.add_argument("--max-test", type=int, help="cap on test samples (random subset)")
-    p.add_argument(
-        "--threads",
+        "--split-seed",
         type=int,
-        help="torch CPU threads (default: 1 with --quick, else torch's choice)",
+        default=0,
+        help="seed of the data: split, transforms and colours (default 0)",
     )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        help=f"training digits (default {DEFAULT_N_TRAIN:,} grown; with --mnist a cap)",
+    )
+    p.add_argument(
+        "--n-test", type=int, help=f"test digits (default {DEFAULT_N_TEST:,}; with --mnist a cap)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; recorded)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     args = p.parse_args(argv)
-    if args.quick:
-        args.epochs = min(args.epochs, 2)
-        args.seeds = min(args.seeds, 2)
-        args.max_train = min(args.max_train or 300, 300)
-        args.max_test = min(args.max_test or 200, 200)
-    if args.epochs < 1 or args.seeds < 1 or args.batch_size < 2:
-        p.error("--epochs and --seeds must be >= 1 and --batch-size >= 2")
+    preset = QUICK if args.quick else FULL if args.full else {}
+    for key, default in (
+        ("epochs", DEFAULT_EPOCHS),
+        ("seeds", 3),
+        ("n_train", None),
+        ("n_test", None),
+    ):
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
+    if args.epochs < 1 or args.seeds < 1 or args.batch_size < 2 or args.threads < 1:
+        p.error("--epochs, --seeds and --threads must be >= 1 and --batch-size >= 2")
+    for key in ("n_train", "n_test"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is None and args.quick:
-        # Tiny batches gain little from a second thread, and on a busy 2-core machine two
-        # OpenMP threads per process can run ten times slower than one.
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def arms_of(placement: str, lambda_rule: str) -> list[str]:
+    """The baseline, then one RegBN arm per (placement, λ rule) asked for."""
+    placements = {"both": ("input", "late"), "none": ()}.get(placement, (placement,))
+    rules = ("paper", "official") if lambda_rule == "both" else (lambda_rule,)
+    return ["baseline", *(arm_name(p, r) for p in placements for r in rules)]
+
+
+def make_deterministic(threads: int, device: torch.device) -> None:
+    """Fixed thread count and deterministic kernels: equal numbers run to run."""
+    if device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def _package_version(name: str) -> str:
     try:
-        raw = build_colored_digits(
-            args.split_seed, args.mnist, max_train=args.max_train, max_test=args.max_test
-        )
-    except ValueError as exc:
-        print(f"pmr_colored_digits: error: {exc}", file=sys.stderr)
-        return 2
-    if len(raw["train_labels"]) < args.batch_size:
-        print(
-            f"pmr_colored_digits: error: {len(raw['train_labels'])} training samples are fewer "
-            f"than one batch of {args.batch_size}",
-            file=sys.stderr,
-        )
-        return 2
-    data = standardise(raw)
-    placements = ("input", "late") if args.placement == "both" else (args.placement,)
-    arms = ["baseline", *(f"regbn-{p}" for p in placements)]
-    seeds = list(range(args.seeds))
-    regbn_kwargs = {"lambda_rule": args.lambda_rule}
-    config = {
-        "dataset": "MNIST" if args.mnist else "sklearn digits 8x8 -> 28x28",
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _versions() -> dict[str, str]:
+    import matplotlib
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "matplotlib": matplotlib.__version__,
+        "regbn": _package_version("regbn"),
+    }
+
+
+def _numeric_argv(argv: list[str]) -> list[str]:
+    """The command-line arguments without those that cannot change a number (--out, bars)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not (a.startswith("--out=") or a == "--no-progress"):
+            kept.append(a)
+    return kept
+
+
+def make_config(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
+    pairs = {}
+    for arm in arms[1:]:
+        pair = PLACEMENTS[parse_arm(arm)[0]]
+        pairs[arm] = list(pair if args.f_modality == "gray" else pair[::-1])
+    return {
+        "command": " ".join(["python examples/pmr_colored_digits.py", *_numeric_argv(args.argv)]),
+        "dataset": f"MNIST ({args.mnist})" if args.mnist else "scikit-learn digits, grown",
         "n_train": len(data["train_labels"]),
         "n_test": len(data["test_labels"]),
         "epochs": args.epochs,
-        "seeds": seeds,
+        "seeds": list(range(args.seeds)),
         "batch_size": args.batch_size,
         "lr": args.lr,
         "optimizer": "Adam(betas=(0.9, 0.99))",
         "split_seed": args.split_seed,
         "f_modality": args.f_modality,
-        "pairs": {
-            f"regbn-{p}": list(PLACEMENTS[p] if args.f_modality == "gray" else PLACEMENTS[p][::-1])
-            for p in placements
-        },
-        "regbn_kwargs": {**SEED_REGBN_KWARGS, **regbn_kwargs},
+        "arms": arms,
+        "pairs": pairs,
+        "regbn_kwargs": OFFICIAL_REGBN_KWARGS,
         "quick": args.quick,
-        "torch": torch.__version__,
+        "full": args.full,
+        "versions": _versions(),
         "threads": torch.get_num_threads(),
+        "device": str(args.device),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "machine": platform.machine(),
+        "processor": platform.processor(),
     }
-    results: dict = {"config": config, "arms": {}}
+
+
+def run_all(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
+    """Every (arm, seed) run, in that order; per-run curves and seconds."""
+    results: dict = {"config": make_config(args, data, arms), "arms": {}}
     start = time.perf_counter()
-    runs = [(arm, seed) for arm in arms for seed in seeds]
-    outer = tqdm(runs, desc="runs", disable=args.no_progress, dynamic_ncols=True)
+    runs = [(arm, seed) for arm in arms for seed in range(args.seeds)]
+    outer = tqdm(runs, desc="runs", unit="run", disable=args.no_progress, dynamic_ncols=True)
     for arm, seed in outer:
-        outer.set_postfix_str(f"{arm} seed {seed}")
         t0 = time.perf_counter()
         curves = train_run(
             arm,
@@ -486,8 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             f_modality=args.f_modality,
-            regbn_kwargs=regbn_kwargs if arm != "baseline" else None,
             progress=not args.no_progress,
+            device=args.device,
         )
         curves["seconds"] = time.perf_counter() - t0
         entry = results["arms"].setdefault(arm, {"seeds": [], "per_seed": []})
@@ -495,18 +652,46 @@ def main(argv: list[str] | None = None) -> int:
         entry["per_seed"].append(curves)
     outer.close()
     results["wall_time_s"] = time.perf_counter() - start
-    results["final_test_accuracy"] = table = summarise(results)
+    results["final"] = summarise(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
+    device = torch.device(args.device)
+    make_deterministic(args.threads, device)
+    try:
+        raw = build_colored_digits(
+            args.split_seed, args.mnist, n_train=args.n_train, n_test=args.n_test
+        )
+    except ValueError as exc:
+        print(f"pmr_colored_digits: error: {exc}", file=sys.stderr)
+        return 2
+    if len(raw["train_labels"]) < args.batch_size:
+        print(
+            f"pmr_colored_digits: error: {len(raw['train_labels'])} training samples are fewer "
+            f"than one batch of {args.batch_size}; raise --n-train or lower --batch-size",
+            file=sys.stderr,
+        )
+        return 2
+    data = {k: v.to(device) for k, v in standardise(raw).items()}
+    arms = arms_of(args.placement, args.lambda_rule)
+    results = run_all(args, data, arms)
 
     args.out.mkdir(parents=True, exist_ok=True)
     fig_path = args.out / "pmr_colored_digits.png"
     json_path = args.out / "pmr_colored_digits.json"
     plot(results, fig_path)
     json_path.write_text(json.dumps(results, indent=1))
+    cfg = results["config"]
     print(
-        f"\nFinal test accuracy after {args.epochs} epochs, mean ± std over "
-        f"{len(seeds)} seeds ({config['n_train']} train / {config['n_test']} test):"
+        f"\nAfter {args.epochs} epochs, {len(cfg['seeds'])} seeds ({cfg['n_train']} train / "
+        f"{cfg['n_test']} test, {cfg['threads']} threads, torch {torch.__version__}); "
+        f"mean ± std (n − 1):\n"
     )
-    print(format_table(table))
+    print(format_table(results["final"]))
     print(f"\nwall time {results['wall_time_s']:.0f} s; wrote {fig_path} and {json_path}")
     return 0
 

@@ -1,21 +1,32 @@
-"""The PMR colored-digits experiment: the seed's model, the per-modality read-out, --quick."""
+"""The PMR colored-digits experiment: the official model, the read-out, the arms, --quick.
+
+The quick mode runs twice, in two separate processes, and must give the same numbers bit for
+bit; the README's tables must be the docs JSON's, produced by the command printed above them.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from conftest import EXAMPLES, needs_regbn, run_script
+from conftest import EXAMPLES, REPO, needs_regbn, run_script
 from pmr_colored_digits import (
     CGClassifier,
+    arms_of,
     build_model,
     format_table,
     modality_logits,
+    parse_args,
+    parse_arm,
+    summarise,
     weight_init,
 )
 
 import regbn
+
+SCRIPT = str(EXAMPLES / "pmr_colored_digits.py")
 
 
 def _inputs(batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +36,7 @@ def _inputs(batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def test_seed_model_and_modality_halves():
+def test_official_model_and_modality_halves():
     torch.manual_seed(0)
     model = CGClassifier()
     model.apply(weight_init)
@@ -41,26 +52,29 @@ def test_seed_model_and_modality_halves():
 
 @needs_regbn("insert")
 @pytest.mark.parametrize(
-    ("arm", "f_modality", "pair_shapes"),
+    ("arm", "f_modality", "pair_shapes", "rule"),
     [
-        ("regbn-input", "gray", ((1, 28, 28), (3, 28, 28))),
-        ("regbn-late", "gray", ((96,), (96,))),
-        ("regbn-input", "colored", ((3, 28, 28), (1, 28, 28))),
+        ("regbn-input", "gray", ((1, 28, 28), (3, 28, 28)), "paper"),
+        ("regbn-late", "gray", ((96,), (96,)), "paper"),
+        ("regbn-input-official", "gray", ((1, 28, 28), (3, 28, 28)), "official"),
+        ("regbn-late-official", "gray", ((96,), (96,)), "official"),
+        ("regbn-input", "colored", ((3, 28, 28), (1, 28, 28)), "paper"),
     ],
 )
-def test_build_model_splices_one_regbn(arm, f_modality, pair_shapes):
+def test_build_model_splices_one_regbn(arm, f_modality, pair_shapes, rule):
     example = _inputs(8)
     model = build_model(arm, 0, example, f_modality=f_modality)
     layers = [m for m in model.modules() if isinstance(m, regbn.RegBN)]
     assert len(layers) == 1
     assert model.get_submodule("regbn_0") is layers[0]
+    assert layers[0].lambda_rule == rule
     # W is (Dg x Df): f's and g's flattened sizes from the pair's shapes.
     f_shape, g_shape = pair_shapes
     assert tuple(layers[0].W.shape) == (
         torch.Size(g_shape).numel(),
         torch.Size(f_shape).numel(),
     )
-    # The seed's weights are still there under their own names, and the same seed gives the
+    # The official weights are still there under their own names, and the same seed gives the
     # same initialisation as the baseline.
     baseline = build_model("baseline", 0, example)
     state = model.state_dict()
@@ -71,40 +85,168 @@ def test_build_model_splices_one_regbn(arm, f_modality, pair_shapes):
     assert out.shape == (8, 10)
 
 
+def test_arms_and_their_names():
+    assert arms_of("input", "paper") == ["baseline", "regbn-input"]
+    assert arms_of("none", "both") == ["baseline"]
+    assert arms_of("both", "both") == [
+        "baseline",
+        "regbn-input",
+        "regbn-input-official",
+        "regbn-late",
+        "regbn-late-official",
+    ]
+    assert parse_arm("regbn-late-official") == ("late", "official")
+    assert parse_arm("regbn-input") == ("input", "paper")
+    with pytest.raises(ValueError, match="'regbn-middle' is not 'baseline'"):
+        parse_arm("regbn-middle")
+
+
+def test_presets():
+    quick, full, default = parse_args(["--quick"]), parse_args(["--full"]), parse_args([])
+    assert (quick.epochs, quick.seeds, quick.n_train, quick.n_test) == (2, 2, 300, 100)
+    assert (full.epochs, full.n_train, full.n_test, full.seeds) == (75, 60_000, 10_000, 3)
+    assert default.n_train is None and default.seeds == 3 and default.threads == 2
+    assert parse_args(["--quick", "--epochs", "1"]).epochs == 1  # explicit values win
+
+
+def test_summary_and_table_by_hand():
+    runs = [
+        {
+            "test_acc_fused": [0.0, a],
+            "test_acc_gray": [0.0, a / 2],
+            "test_acc_colored": [0.0, 0.1],
+            "train_loss_gray": [9.0, 1.0 + a],
+            "train_loss_colored": [9.0, 2.0],
+        }
+        for a in (0.2, 0.4, 0.9)
+    ]
+    table = summarise({"arms": {"baseline": {"per_seed": runs}}})
+    fused = table["baseline"]["acc_fused"]
+    assert fused["per_seed"] == [0.2, 0.4, 0.9]
+    assert fused["mean"] == pytest.approx(0.5)
+    # Sample standard deviation (n - 1): sqrt(((-.3)² + (-.1)² + .4²) / 2).
+    assert fused["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5)
+    assert table["baseline"]["loss_colored"]["std"] == 0.0
+    text = format_table(table)
+    assert "| baseline | 0.500 ± 0.361 | 0.250 ± 0.180 | 0.100 ± 0.000 |" in text
+    assert "| baseline | 0.200 / 0.400 / 0.900 |" in text
+
+
+def _numbers(results: dict) -> dict:
+    """Everything but the timings."""
+    arms = {
+        arm: [{k: v for k, v in run.items() if k != "seconds"} for run in runs["per_seed"]]
+        for arm, runs in results["arms"].items()
+    }
+    return {"arms": arms, "final": results["final"], "config": results["config"]}
+
+
+@pytest.fixture(scope="module")
+def quick_twice(tmp_path_factory):
+    """--quick with both placements, run twice in separate processes."""
+    outs = []
+    for i in range(2):
+        out = tmp_path_factory.mktemp(f"quick{i}")
+        proc = run_script(
+            SCRIPT,
+            "--quick",
+            "--placement",
+            "both",
+            "--out",
+            str(out),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append((out, proc))
+    return outs
+
+
 @needs_regbn("insert")
-def test_quick_end_to_end(tmp_path):
-    proc = run_script(
-        str(EXAMPLES / "pmr_colored_digits.py"),
-        "--quick",
-        "--placement",
-        "both",
-        "--out",
-        str(tmp_path),
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figure = tmp_path / "pmr_colored_digits.png"
-    assert figure.stat().st_size > 10_000
-    results = json.loads((tmp_path / "pmr_colored_digits.json").read_text())
-    assert set(results["arms"]) == {"baseline", "regbn-input", "regbn-late"}
-    epochs = results["config"]["epochs"]
+def test_quick_end_to_end(quick_twice):
+    out, proc = quick_twice[0]
+    assert (out / "pmr_colored_digits.png").stat().st_size > 10_000
+    results = json.loads((out / "pmr_colored_digits.json").read_text())
+    cfg = results["config"]
+    assert cfg["arms"] == arms_of("both", "paper") == list(results["arms"])
+    assert cfg["threads"] == 2 and cfg["deterministic"] is True
+    assert cfg["versions"]["torch"] == torch.__version__
+    assert (cfg["n_train"], cfg["n_test"], cfg["epochs"]) == (300, 100, 2)
     for arm, runs in results["arms"].items():
-        assert runs["seeds"] == results["config"]["seeds"] and len(runs["seeds"]) >= 2
+        assert runs["seeds"] == cfg["seeds"] and len(runs["seeds"]) >= 2
         for curves in runs["per_seed"]:
             for mod in ("fused", "gray", "colored"):
-                assert len(curves[f"test_acc_{mod}"]) == epochs
-                assert len(curves[f"train_loss_{mod}"]) == epochs
+                assert len(curves[f"test_acc_{mod}"]) == cfg["epochs"]
+                assert len(curves[f"train_loss_{mod}"]) == cfg["epochs"]
                 assert all(0.0 <= a <= 1.0 for a in curves[f"test_acc_{mod}"])
             assert ("lambda" in curves) == (arm != "baseline")
-    table = results["final_test_accuracy"]
-    assert set(table) == set(results["arms"])
-    # The printed table is the JSON's.
-    assert format_table(table) in proc.stdout
+    # The printed tables are the JSON's.
+    assert format_table(results["final"]) in proc.stdout
+    assert format_table(summarise(results)) == format_table(results["final"])
 
 
-@pytest.mark.parametrize("args", [["--epochs", "0"], ["--max-train", "20"]])
-def test_bad_arguments_exit_2(args):
-    proc = run_script(str(EXAMPLES / "pmr_colored_digits.py"), *args, timeout=60)
+@needs_regbn("insert")
+def test_quick_is_identical_in_two_processes(quick_twice):
+    (out_a, proc_a), (out_b, proc_b) = quick_twice
+    a = json.loads((out_a / "pmr_colored_digits.json").read_text())
+    b = json.loads((out_b / "pmr_colored_digits.json").read_text())
+    assert _numbers(a) == _numbers(b)  # floats compared exactly
+    assert format_table(a["final"]) in proc_b.stdout
+    # The RegBN arms really differ from the baseline (a broken splice would equal it).
+    assert a["arms"]["regbn-input"]["per_seed"][0] != a["arms"]["baseline"]["per_seed"][0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "--epochs, --seeds and --threads must be >= 1"),
+        (["--threads", "0"], "--epochs, --seeds and --threads must be >= 1"),
+        (["--n-test", "0"], "--n-test must be >= 1, got 0"),
+        (["--quick", "--full"], "not allowed with argument"),
+        (["--placement", "middle"], "invalid choice: 'middle'"),
+    ],
+)
+def test_bad_arguments_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_too_few_training_digits_is_one_line():
+    proc = run_script(SCRIPT, "--n-train", "20", timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "error" in proc.stderr.strip().splitlines()[-1]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "error: 20 training samples are fewer than one batch of 50" in line
+
+
+# --------------------------------------------------------------------------------------------
+# The README's tables are the docs JSON's, under the command that produced them
+# --------------------------------------------------------------------------------------------
+DOCS_RUNS = ["pmr_colored_digits.json", "pmr_four_arms.json"]
+
+
+@pytest.mark.parametrize("name", DOCS_RUNS)
+def test_readme_tables_are_the_docs_json(name):
+    path = REPO / "docs" / name
+    if not path.exists():
+        pytest.skip(f"docs/{name} not produced yet")
+    results = json.loads(path.read_text())
+    readme = (REPO / "README.md").read_text()
+    table = format_table(summarise(results))
+    assert table == format_table(results["final"])
+    assert table in readme, f"README lacks the table of docs/{name}"
+    # The command printed in the README above the table is the one recorded in the JSON.
+    command = results["config"]["command"]
+    before = readme[: readme.index(table)]
+    assert command in before, command
+    assert not results["config"]["quick"]
+    assert results["config"]["deterministic"] is True
+
+
+def test_readme_first_command_runs_the_experiment():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
+    first = next(line for line in block.splitlines() if line and not line.startswith("#"))
+    assert '".[examples]"' in first and "dev" not in first and "test" not in first
+    assert first.endswith("python examples/pmr_colored_digits.py")
