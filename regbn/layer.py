@@ -748,7 +748,6 @@ class RegBN(nn.Module):
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
         return f_r, g_n
 
-    @torch.compiler.disable
     def _train_forward(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         guard, autocast = self._autocast_off(f)
         out_dtype = f.dtype
