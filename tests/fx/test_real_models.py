@@ -143,7 +143,10 @@ def test_two_hf_towers_as_leaves(towers):
 def test_two_hf_towers_auto_equals_hand_edit(towers):
     model, leaves = towers
     model = copy.deepcopy(model)
-    patched = regbn.insert(model, pairs="auto", example_inputs=_inputs(), leaf_modules=leaves)
+    groups = {"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]}
+    patched = regbn.insert(
+        model, pairs="auto", example_inputs=_inputs(), leaf_modules=leaves, modalities=groups
+    )
     hand = copy.deepcopy(model)
     hand.hand = nn.ModuleList([copy.deepcopy(patched.regbn_0), copy.deepcopy(patched.regbn_1)])
     _train_and_compare(patched, hand, _inputs, steps=2)
