@@ -192,3 +192,14 @@ def test_a_second_insert_on_a_patched_model_works():
     assert out.shape == (EXAMPLE_B, 3) and bool(torch.isfinite(out).all())
     twice.eval()
     assert twice(*inputs(1, seed=41)).shape == (1, 3)
+
+
+def test_importing_regbn_does_not_import_dynamo():
+    """The export checks run at call time; importing torch._dynamo would cost seconds."""
+    import subprocess
+    import sys
+
+    code = "import sys, regbn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
