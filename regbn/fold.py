@@ -80,10 +80,12 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
         f, g = graph.placeholder("f"), graph.placeholder("g")
         graph.output(graph.call_module("regbn", (f, g)))
         return fx.GraphModule(root, graph, class_name="FoldedRegBN")
+    # In eval mode before anything reads a graph: a model patched by regbn.insert may hold one
+    # graph per mode, and a trace bakes in every Python branch on self.training.
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
+        return copy.deepcopy(model).eval()
     try:
-        return fx.symbolic_trace(copy.deepcopy(model))
+        return fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:
         raise ValueError(
             f"regbn.fold: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "

@@ -187,3 +187,26 @@ def test_fold_of_a_layer_called_twice():
     folded = regbn.fold(model)
     model.eval()
     torch.testing.assert_close(folded(f, g), model(f, g), rtol=0, atol=0)
+
+
+class ModeDependent(TwoBranch):
+    """Code that reads self.training: the patched model holds one graph per mode."""
+
+    def forward(self, image, vector):
+        out = super().forward(image, vector)
+        return out + 100.0 if self.training else out
+
+
+def test_fold_takes_the_eval_graph_of_a_model_in_training_mode():
+    torch.manual_seed(0)
+    patched = regbn.insert(ModeDependent(), pairs=[("conv", "fc")], example_inputs=inputs(8),
+                           **OFFICIAL)
+    patched.train()
+    patched(*inputs(8, seed=1))
+    folded = regbn.fold(patched)
+    assert patched.training
+    x = inputs(5, seed=2)
+    patched.eval()
+    torch.testing.assert_close(folded(*x), patched(*x), rtol=0, atol=0)
+    plain = ModeDependent().train()
+    torch.testing.assert_close(regbn.fold(plain)(*x), plain.eval()(*x), rtol=0, atol=0)
