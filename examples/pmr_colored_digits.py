@@ -388,17 +388,20 @@ ARM_COLOURS = {
 
 def _reference_lines(axes, arms: list[str]) -> None:
     """The official example's reported final accuracies (MNIST), as dashed lines."""
-    for arm in arms:
-        for col, mod in ((1, "gray"), (2, "colored")):
+    for col, mod in ((1, "gray"), (2, "colored")):
+        by_value: dict[float, list[str]] = {}
+        for arm in arms:
             value = OFFICIAL_REPORTED.get(arm, {}).get(mod)
             if value is not None:
-                axes[0, col].axhline(
-                    value,
-                    color=ARM_COLOURS[arm],
-                    lw=1.2,
-                    ls="--",
-                    label=f"official example, MNIST: {arm} {value:.2f}",
-                )
+                by_value.setdefault(value, []).append(arm)
+        for value, same in by_value.items():
+            axes[0, col].axhline(
+                value,
+                color=ARM_COLOURS[same[-1]],
+                lw=1.2,
+                ls="--",
+                label=f"official example (MNIST), {' and '.join(same)}: {value:.2f}",
+            )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -430,7 +433,9 @@ def plot(results: dict, path: Path) -> None:
         axes[0, col].grid(alpha=0.3)
         axes[1, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    axes[0, 2].legend(fontsize=7)
+    axes[0, 1].legend(fontsize=7, loc="center right")
+    axes[0, 2].legend(fontsize=7, loc="center right")
+    axes[1, 0].xaxis.get_major_locator().set_params(integer=True)
     cfg = results["config"]
     fig.suptitle(
         f"Gray + colored digits ({cfg['dataset']}, {cfg['n_train']} train / {cfg['n_test']} "
