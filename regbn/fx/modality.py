@@ -9,7 +9,10 @@ listed follows these rules, in order:
 
 1. An input whose name has a word for a mask, lengths, positions or token types (``attention_mask``,
    ``key_padding_mask``, ``lengths``, ``seq_lens``, ``position_ids``, ``token_type_ids``,
-   ``segment_ids``) carries no modality of its own.
+   ``segment_ids``) carries no modality of its own, unless it holds floating-point values that
+   a learned layer reads as its data (through reshapes and casts, the first tensor of a
+   ``nn.Linear``, ``nn.Conv2d``, ... or of ``F.linear``/``F.conv2d``): a segmentation mask fed
+   to its own encoder is a modality like any image.
 2. An input whose values are read as token ids starts a modality named after it: through casts,
    reshapes and indexing it reaches the indices of an embedding lookup (``nn.Embedding``,
    ``nn.EmbeddingBag``, ``F.embedding``) or the first tensor given to a leaf module (a tower kept
@@ -323,6 +326,46 @@ def _first_node(node: fx.Node, aux: set[fx.Node]) -> fx.Node | None:
     return found[0] if found else None
 
 
+_FEATURE_FUNCTIONS = frozenset({F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d,
+                                F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                                torch.conv1d, torch.conv2d, torch.conv3d})  # fmt: skip
+_FLOAT_CASTS = frozenset({"float", "double", "half", "bfloat16", "type_as"})
+
+
+def _reads_features(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when ``node``'s values, through reshapes and casts, are the data (first tensor) of a
+    learned layer: a built-in ``torch.nn`` module with parameters other than an embedding, or
+    ``F.linear``/``F.conv*d``. What a mask does not do: a mask gates another tensor."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for user in cur.users:
+            if _first_node(user, set()) is not cur:
+                continue
+            if user.op == "call_function" and user.target in _FEATURE_FUNCTIONS:
+                return True
+            if user.op == "call_module" and not is_regbn(gm, user):
+                try:
+                    module = gm.get_submodule(str(user.target))
+                except AttributeError:
+                    continue
+                if (
+                    type(module).__module__.startswith("torch.nn")
+                    and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+                    and any(True for _ in module.parameters())
+                ):
+                    return True
+            if _preserves_ids(user) or (
+                user.op == "call_method" and user.target in _FLOAT_CASTS
+            ):
+                stack.append(user)
+    return False
+
+
 def _preserves_ids(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ID_PRESERVING_FUNCTIONS
@@ -350,6 +393,8 @@ def modality_sources(gm: fx.GraphModule, modalities: Any = None) -> dict[str, st
     sources: dict[str, str] = {}
     by_name = {n.name: n for n in gm.graph.nodes}
     aux = {by_name[n] for n, label in labels.items() if _AUX_NAME.search(_own_name(label))}
+    # A "mask" that a learned layer reads as data is features (a segmentation mask's encoder).
+    aux -= {n for n in aux if not _is_integral(n) and _reads_features(n, gm)}
     for name, label in labels.items():
         node = by_name[name]
         if label in grouping:

@@ -463,3 +463,42 @@ def test_ids_after_a_mask_in_a_leaf_call_and_a_masked_image_are_modalities():
     ids, mask, patches = _text_image_inputs()
     (fusion,) = find_fusions(MaskFirst(), (ids, mask, patches), leaf_modules=[MiniEncoder])
     assert fusion.modalities == (frozenset({"input_ids"}), frozenset({"masked_patches"}))
+
+
+class MaskImage(nn.Module):
+    """A segmentation mask given as a float image, read by its own conv encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Conv2d(3, 4, 3)
+        self.mask_enc = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, image, x_mask):
+        a = self.image(image).mean((2, 3))
+        b = self.mask_enc(x_mask.float()).mean((2, 3))
+        return self.head(torch.cat([a, b], 1))
+
+
+class MaskGate(nn.Module):
+    """A float mask that only gates: it joins what it gates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = nn.Linear(4, 6)
+        self.image = nn.Linear(5, 6)
+
+    def forward(self, text, text_mask, image):
+        t = (self.text(text) * text_mask[:, :, None]).sum(1)
+        return torch.cat([t, self.image(image)], 1)
+
+
+def test_a_float_mask_read_by_a_learned_layer_is_a_modality():
+    inputs = (torch.randn(B, 3, 8, 8), torch.rand(B, 1, 8, 8))
+    (fusion,) = find_fusions(MaskImage(), inputs)
+    assert fusion.modalities == (frozenset({"image"}), frozenset({"x_mask"}))
+    patched = insert(MaskImage(), "auto", inputs)
+    assert isinstance(patched.regbn_0, regbn.RegBN)
+    gated = (torch.randn(B, 3, 4), (torch.rand(B, 3) > 0.3).float(), torch.randn(B, 5))
+    (fusion,) = find_fusions(MaskGate(), gated)
+    assert fusion.modalities == (frozenset({"text"}), frozenset({"image"}))
