@@ -149,7 +149,9 @@ def _fold_call(gm: fx.GraphModule, node: fx.Node, layer: RegBN) -> None:
         specs = [
             _spec_proxies(norm_spec(getattr(box, n)), n, getattr(box, n), attr) for n in _NORMS
         ]
-        f_r, g_out = eval_maths(f, g, attr("W"), specs, layer.f_shape, layer.g_shape, dtype)
+        f_r, g_out = eval_maths(
+            f, g, attr("W"), specs, layer.f_shape, layer.g_shape, dtype, layer.projection
+        )
         # Like the layer: both outputs in f's dtype.
         outs = (f_r.to(f.dtype).node, g_out.to(f.dtype).node)
     for user in list(node.users):

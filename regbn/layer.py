@@ -63,6 +63,7 @@ def _check_range(name: str, value, lo: float, hi: float, text: str, why: str) ->
 #   ("batch", running_mean, running_var, weight, bias, eps)   BatchNorm with running statistics
 NormSpec = tuple | None
 
+PROJECTIONS = ("full", "channel")
 _TINY = 1e-30  # far below any variance of values in [-1, 1] on a float32 grid, unless all equal
 
 
@@ -122,14 +123,17 @@ def eval_maths(
     f_shape: Sequence[int],
     g_shape: Sequence[int],
     dtype: torch.dtype,
+    projection: str = "full",
 ) -> tuple[Tensor, Tensor]:
     """RegBN in eval mode as plain torch ops: ``f_r = F − G·W`` between the norms.
 
     Args:
-        f: (B, *f_shape); g: (B, *g_shape); W: (Dg, Df), the running projection.
+        f: (B, *f_shape); g: (B, *g_shape); W: (Dg, Df), the running projection; (Cg, Cf) for
+            ``projection="channel"``, applied at every spatial position.
         norms: the specs of (norm_f, norm_g, norm_f_out, norm_g_out), see :func:`norm_spec`.
         dtype: the compute dtype (float32 or float64); inputs, W and the norms' tensors are cast
             to it, the outputs stay in it.
+        projection: ``"full"`` or ``"channel"``, as the layer's.
 
     Sizes come from ``f_shape``/``g_shape``, never from data, so the graph exports with a
     symbolic batch size, and an empty batch gives empty outputs.
@@ -137,10 +141,27 @@ def eval_maths(
     nf, ng, nfo, ngo = norms
     f = _apply_spec(nf, f.to(dtype), dtype)
     g = _apply_spec(ng, g.to(dtype), dtype)
-    Df, Dg = math.prod(f_shape), math.prod(g_shape)
-    f_r = torch.addmm(f.reshape(-1, Df), g.reshape(-1, Dg), W.to(dtype), alpha=-1)
-    f_r = f_r.reshape(-1, *f_shape)
+    channel = projection == "channel"
+    f_r = torch.addmm(
+        as_rows(f, f_shape, channel), as_rows(g, g_shape, channel), W.to(dtype), alpha=-1
+    )
+    f_r = from_rows(f_r, f_shape, channel)
     return _apply_spec(nfo, f_r, dtype), _apply_spec(ngo, g, dtype)
+
+
+def as_rows(x: Tensor, shape: Sequence[int], channel: bool) -> Tensor:
+    """x (B, *shape) as the rows the projection acts on: (B, prod(shape)), or with
+    ``channel`` one row of C channels per sample and spatial position, (B·prod(spatial), C)."""
+    if not channel or len(shape) == 1:
+        return x.reshape(-1, math.prod(shape))
+    return x.movedim(1, -1).reshape(-1, shape[0])
+
+
+def from_rows(rows: Tensor, shape: Sequence[int], channel: bool) -> Tensor:
+    """The inverse of :func:`as_rows`: (B, *shape), contiguous."""
+    if not channel or len(shape) == 1:
+        return rows.reshape(-1, *shape)
+    return rows.reshape(-1, *shape[1:], shape[0]).movedim(-1, 1).contiguous()
 
 
 @contextlib.contextmanager
@@ -263,6 +284,10 @@ class RegBN(nn.Module):
         verbose: print λ⁺ and ‖W_batch‖²_F after every training batch.
         lambda_rule: ``"paper"`` (‖W‖_F = 1) or ``"official"`` (the published code's condition).
         max_projection_bytes: refuse a W (Dg×Df) larger than this many bytes.
+        projection: ``"full"`` (the paper's W, Dg×Df, over the flattened features) or
+            ``"channel"``: one Cg×Cf W shared over spatial positions, solved over the B·H·W
+            (sample, position) rows, when f and g have the same spatial size; an opt-in
+            extension for feature maps whose full W cannot fit.
 
     Example::
 
@@ -277,6 +302,7 @@ class RegBN(nn.Module):
     num_batches_tracked: Tensor
     lambda_history: Tensor
     _SOLVE_DTYPE_BUFFERS = ("adam_m", "adam_v", "lambda_history")
+    projection = "full"  # the default, also for layers pickled before the option existed
 
     def __init__(
         self,
@@ -297,6 +323,7 @@ class RegBN(nn.Module):
         *,
         lambda_rule: str = "paper",
         max_projection_bytes: int = 2**30,
+        projection: str = "full",
     ) -> None:
         super().__init__()
         if gpu is not None:
@@ -323,6 +350,13 @@ class RegBN(nn.Module):
         self.affine, self.verbose = bool(affine), bool(verbose)
         self.lambda_rule = lambda_rule
         self.max_projection_bytes = int(max_projection_bytes)
+        if projection not in PROJECTIONS:
+            raise ValueError(
+                f"RegBN: projection must be one of {PROJECTIONS}; got {projection!r}. 'full' is "
+                "the paper's W over the flattened features; 'channel' shares one Cg×Cf W over "
+                "the spatial positions of f and g (same spatial size)"
+            )
+        self.projection = projection
 
         self.register_buffer("adam_m", torch.zeros((), dtype=torch.float64))
         self.register_buffer("adam_v", torch.zeros((), dtype=torch.float64))
@@ -360,7 +394,14 @@ class RegBN(nn.Module):
     def _check_bytes(
         self, f_shape: tuple[int, ...], g_shape: tuple[int, ...], itemsize: int
     ) -> None:
-        df, dg = math.prod(f_shape), math.prod(g_shape)
+        if self.projection == "channel" and tuple(f_shape[1:]) != tuple(g_shape[1:]):
+            raise ValueError(
+                f"RegBN: projection='channel' shares one Cg×Cf W over spatial positions, so f "
+                f"and g need the same spatial size; got f {_shape_str(f_shape)} and g "
+                f"{_shape_str(g_shape)} (channels first). Resize or pool one of them, or use "
+                f"projection='full'"
+            )
+        dg, df = self._w_shape(f_shape, g_shape)
         nbytes = df * dg * itemsize
         if nbytes > self.max_projection_bytes:
             raise ValueError(
@@ -370,6 +411,12 @@ class RegBN(nn.Module):
                 f"as a pooled one (g {_shape_str(g_shape)}, f {_shape_str(f_shape)} now), or "
                 f"raise max_projection_bytes"
             )
+
+    def _w_shape(self, f_shape: Sequence[int], g_shape: Sequence[int]) -> tuple[int, int]:
+        """W's shape: (Dg, Df), or (Cg, Cf) for projection='channel'."""
+        if self.projection == "channel":
+            return g_shape[0], f_shape[0]
+        return math.prod(g_shape), math.prod(f_shape)
 
     def _build(
         self,
@@ -395,7 +442,7 @@ class RegBN(nn.Module):
             if device is not None:
                 for m in norms.values():
                     m.to(device)
-            W = torch.zeros(math.prod(g_shape), math.prod(f_shape), device=device, dtype=dtype)
+            W = torch.zeros(*self._w_shape(f_shape, g_shape), device=device, dtype=dtype)
         for name, m in norms.items():
             setattr(self, name, m)
         self.register_buffer("W", W)
@@ -570,11 +617,13 @@ class RegBN(nn.Module):
             shapes = (
                 f"f=(B, {', '.join(map(str, self.f_shape))}), "
                 f"g=(B, {', '.join(map(str, self.g_shape))}), "
-                f"W={math.prod(self.g_shape)}×{math.prod(self.f_shape)}"
+                "W={}×{}".format(*self._w_shape(self.f_shape, self.g_shape))
             )
+        channel = ", projection='channel'" if self.projection == "channel" else ""
         return (
             f"{shapes}, lambda_rule={self.lambda_rule!r}, momentum={self.momentum}, "
             f"normalize_input={self.normalize_input}, normalize_output={self.normalize_output}"
+            f"{channel}"
         )
 
     # ------------------------------------------------------------------ validation
@@ -742,7 +791,14 @@ class RegBN(nn.Module):
         with guard:
             norms = [norm_spec(m) for m in self._norms()]
             f_r, g_n = eval_maths(
-                f, g, self.W, norms, self.f_shape, self.g_shape, self._compute_dtype(f)
+                f,
+                g,
+                self.W,
+                norms,
+                self.f_shape,
+                self.g_shape,
+                self._compute_dtype(f),
+                self.projection,
             )
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
@@ -799,10 +855,10 @@ class RegBN(nn.Module):
         try:
             f_n = self._norm(self.norm_f, f, True)
             g_n = self._norm(self.norm_g, g, True)
-            B = f.shape[0]
+            channel = self.projection == "channel"
             sol = solve_batch(
-                f_n.reshape(B, -1),
-                g_n.reshape(B, -1),
+                as_rows(f_n, f.shape[1:], channel),
+                as_rows(g_n, g.shape[1:], channel),
                 self.lambda_rule,
                 self.sigma_THR,
                 self.sigma_MIN,
@@ -810,7 +866,7 @@ class RegBN(nn.Module):
             # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than lerp.
             D = sol.projection(out=self._workspace()).sub_(self.W)
             d = _mean_abs(D)
-            f_r = self._norm(self.norm_f_out, sol.f_r.reshape(f.shape), True)
+            f_r = self._norm(self.norm_f_out, from_rows(sol.f_r, f.shape[1:], channel), True)
             g_out = self._norm(self.norm_g_out, g_n, True)
             stats = [live for live, _ in saved if live.is_floating_point()]
             self._check_finite([sol.f_r, f_r, g_out, d, *stats], f, g)

@@ -210,3 +210,35 @@ def test_fold_takes_the_eval_graph_of_a_model_in_training_mode():
     torch.testing.assert_close(folded(*x), patched(*x), rtol=0, atol=0)
     plain = ModeDependent().train()
     torch.testing.assert_close(regbn.fold(plain)(*x), plain.eval()(*x), rtol=0, atol=0)
+
+
+def test_fold_and_export_a_channel_projection():
+    torch.manual_seed(0)
+
+    class Maps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+            self.head = nn.Linear(6 * 8 * 8, 3)
+
+        def forward(self, x, y):
+            return self.head(torch.cat([self.a(x), self.b(y)], 1).flatten(1))
+
+    x = (torch.randn(16, 1, 8, 8), torch.randn(16, 3, 8, 8))
+    # the full W (256×128 floats) passes the limit, the channel W (2×4) does not: auto keeps it
+    patched = regbn.insert(
+        Maps(), "auto", x, projection="channel", max_projection_bytes=1000, normalize_input=True,
+        affine=True,
+    )
+    assert patched.regbn_0.W.shape == (2, 4)
+    for _ in range(3):
+        patched(torch.randn(16, 1, 8, 8), torch.randn(16, 3, 8, 8))
+    patched.eval()
+    folded = regbn.fold(patched)
+    x5 = (torch.randn(5, 1, 8, 8), torch.randn(5, 3, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*x5), patched(*x5), atol=1e-6, rtol=0)
+        batch = torch.export.Dim("batch")
+        exported = torch.export.export(folded, x5, dynamic_shapes=({0: batch}, {0: batch}))
+        x9 = (torch.randn(9, 1, 8, 8), torch.randn(9, 3, 8, 8))
+        torch.testing.assert_close(exported.module()(*x9), patched(*x9), atol=1e-6, rtol=0)

@@ -791,3 +791,53 @@ def test_a_lazy_layer_refuses_fake_and_meta_first_batches():
     assert layer.has_uninitialized_params()
     layer(torch.randn(4, 3), torch.randn(4, 2))
     assert layer.f_shape == (3,) and not layer.W.is_meta
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) as one row of C channels per sample and position."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_projection_solves_over_positions_and_evaluates_per_position(dtype):
+    torch.manual_seed(0)
+    layer = RegBN(4, 3, [5, 5], [5, 5], normalize_output=False, projection="channel").to(dtype)
+    assert layer.W.shape == (3, 4) and "projection='channel'" in repr(layer)
+    f, g = torch.randn(6, 4, 5, 5, dtype=dtype), torch.randn(6, 3, 5, 5, dtype=dtype) * 0.1
+    f_r, g_out = layer(f, g)
+    ref = reference(_rows(f), _rows(g))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(_rows(f_r).double(), ref.f_r, atol=tol, rtol=tol)
+    assert f_r.shape == f.shape and torch.equal(g_out, g)
+    for _ in range(3):
+        layer(torch.randn(6, 4, 5, 5, dtype=dtype), torch.randn(6, 3, 5, 5, dtype=dtype))
+    layer.eval()
+    fe, ge = torch.randn(1, 4, 5, 5, dtype=dtype), torch.randn(1, 3, 5, 5, dtype=dtype)
+    want = (_rows(fe) - _rows(ge) @ layer.W).reshape(1, 5, 5, 4).movedim(-1, 1)
+    torch.testing.assert_close(layer(fe, ge)[0], want, atol=0, rtol=0)
+    # a lazy layer takes W's (Cg, Cf) shape from a checkpoint and reproduces eval bit for bit
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    lazy = RegBN(normalize_output=False, projection="channel")
+    lazy.load_state_dict(torch.load(buf))
+    assert torch.equal(lazy.eval()(fe, ge)[0], layer(fe, ge)[0])
+
+
+def test_channel_projection_gradients_and_refusals():
+    layer = RegBN(2, 3, [3, 3], [3, 3], normalize_input=True, affine=True, projection="channel")
+    layer = layer.double()
+    f = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: layer(a, b, is_training=True)[0], (f, g))
+    with pytest.raises(ValueError, match=r"same spatial size; got f \(4, 5, 5\) and g \(3, 4, 4\)"):
+        RegBN(4, 3, [5, 5], [4, 4], projection="channel")
+    with pytest.raises(ValueError, match="projection must be one of"):
+        RegBN(4, 3, [], [], projection="chan")
+    lazy = RegBN(projection="channel")
+    lazy(torch.randn(4, 8, 3, 3), torch.randn(4, 2, 3, 3))
+    assert lazy.W.shape == (2, 8)
+    # vectors: one W either way
+    a, b = RegBN(4, 3, projection="channel"), RegBN(4, 3)
+    f, g = torch.randn(8, 4), torch.randn(8, 3)
+    torch.testing.assert_close(a(f, g)[0], b(f, g)[0])

@@ -486,7 +486,11 @@ def _analyse_modes(
 def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[str, str]]:
     """One pair per fusion; a fusion whose W would pass ``max_projection_bytes`` is skipped with
     a ``UserWarning`` naming smaller tensors of the same branches to pair instead."""
-    pairs, skipped = auto_pairs(analysis.fusions, regbn_kwargs.get("max_projection_bytes"))
+    pairs, skipped = auto_pairs(
+        analysis.fusions,
+        regbn_kwargs.get("max_projection_bytes"),
+        regbn_kwargs.get("projection", "full"),
+    )
     for message in skipped:
         warnings.warn(message, UserWarning, stacklevel=3)
     return pairs
