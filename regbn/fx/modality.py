@@ -15,7 +15,8 @@ listed follows these rules, in order:
    to its own encoder is a modality like any image.
 2. An input whose values are read as token ids starts a modality named after it: through casts,
    reshapes and indexing it reaches the indices of an embedding lookup (``nn.Embedding``,
-   ``nn.EmbeddingBag``, ``F.embedding``) or the first tensor given to a leaf module (a tower kept
+   ``nn.EmbeddingBag``, ``F.embedding``, ``self.table[ids]``, ``torch.index_select`` of a
+   parameter, ``F.one_hot``) or the first tensor given to a leaf module (a tower kept
    whole, ``BertModel(input_ids, attention_mask)``). Two id inputs are two modalities.
 3. Any other integer or bool input (a mask, lengths, labels: known once shapes were propagated)
    carries no modality.
@@ -308,6 +309,16 @@ def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule, aux: set[fx.N
             return _first_node(user, aux) is src
         if user.target is torch.embedding:  # torch.embedding(weight, indices)
             return len(user.args) > 1 and user.args[1] is src
+        if user.target is F.one_hot:  # class labels as one-hot features
+            return _first_node(user, aux) is src
+        if user.target is operator.getitem and len(user.args) == 2:  # self.table[labels]
+            table, index = user.args
+            return isinstance(table, fx.Node) and table.op == "get_attr" and src in _nodes_in(
+                (index,)
+            )
+        if user.target is torch.index_select and len(user.args) == 3:
+            table, index = user.args[0], user.args[2]
+            return isinstance(table, fx.Node) and table.op == "get_attr" and index is src
         return False
     if user.op != "call_module" or is_regbn(gm, user):
         return False

@@ -502,3 +502,34 @@ def test_a_float_mask_read_by_a_learned_layer_is_a_modality():
     gated = (torch.randn(B, 3, 4), (torch.rand(B, 3) > 0.3).float(), torch.randn(B, 5))
     (fusion,) = find_fusions(MaskGate(), gated)
     assert fusion.modalities == (frozenset({"text"}), frozenset({"image"}))
+
+
+class ClassConditioned(nn.Module):
+    """Class labels enter as a one-hot, through a parameter table, or through nn.Embedding."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.enc = nn.Linear(5, 6)
+        self.onehot = nn.Linear(10, 6)
+        self.table = nn.Parameter(torch.randn(10, 6))
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, feats, labels):
+        if self.how == "one_hot":
+            c = self.onehot(F.one_hot(labels, 10).float())
+        elif self.how == "table":
+            c = self.table[labels]
+        else:
+            c = self.emb(labels)
+        return self.head(torch.cat([self.enc(feats), c], 1))
+
+
+@pytest.mark.parametrize("how", ["one_hot", "table", "embedding"])
+def test_class_labels_read_as_indices_are_a_modality(how):
+    inputs = (torch.randn(B, 5), torch.randint(0, 10, (B,)))
+    (fusion,) = find_fusions(ClassConditioned(how), inputs)
+    assert fusion.modalities == (frozenset({"feats"}), frozenset({"labels"}))
+    patched = insert(ClassConditioned(how), "auto", inputs)
+    assert patched.regbn_0.f_shape == (6,) and patched.regbn_0.g_shape == (6,)
