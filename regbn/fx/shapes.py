@@ -496,8 +496,21 @@ def _run_real(gm: fx.GraphModule, args: list[Any]) -> ShapeFailure | None:
     def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
         return t if is_param else t.clone()
 
-    with torch.no_grad(), _swapped(copy_buffer, eager=gm):
+    # The run draws from the random generators where the model does (dropout, stochastic depth):
+    # their states are restored, so a seeded run draws the same numbers with or without it.
+    with torch.no_grad(), _swapped(copy_buffer, eager=gm), _rng_restored(gm, args):
         return _interpret(gm, args)
+
+
+@contextlib.contextmanager
+def _rng_restored(gm: nn.Module, args: Any) -> Iterator[None]:
+    """Restore the CPU generator, and those of the CUDA devices the model or inputs are on."""
+    tensors: list[torch.Tensor] = []
+    fx.node.map_aggregate(args, lambda a: tensors.append(a) if isinstance(a, torch.Tensor) else a)
+    devices = {t.device for t in (*tensors, *gm.parameters(), *gm.buffers())}
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        yield
 
 
 def _run_fake(gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any) -> ShapeFailure | None:

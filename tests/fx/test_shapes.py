@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import regbn
 from regbn.fx import ShapeFailure, propagate_shapes, trace
 
 from .conftest import PMR, Case, DictInput
@@ -269,3 +270,23 @@ def test_failure_message_is_whole():
         "ValueError: the tower wants 4 channels. Got 3; pass pixel_values with 4."
     )
     assert str(failure).endswith("Got 3; pass pixel_values with 4.")
+
+
+def test_example_inputs_leave_the_random_generator_as_it_was():
+    class Dropping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(5, 4)
+
+        def forward(self, x, y):
+            return torch.nn.functional.dropout(self.a(x), 0.5, self.training) * self.b(y)
+
+    inputs = (torch.randn(8, 4), torch.randn(8, 5))
+    model = Dropping().train()
+    torch.manual_seed(1)
+    want = torch.rand(3)
+    torch.manual_seed(1)
+    regbn.insert(model, [("a", "b")], inputs)
+    regbn.inspect(model, inputs)
+    regbn.find_fusions(model, inputs)
+    assert torch.equal(torch.rand(3), want)  # a seeded run draws the same numbers after insert
