@@ -434,6 +434,48 @@ def _dtype(value: Any, where: str) -> torch.dtype:
     return dt
 
 
+def _is_shape(spec: Any) -> bool:
+    return isinstance(spec, torch.Size) or (
+        isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec)
+    )
+
+
+def _with_dtype(spec: Any, dtype: Any, where: str) -> Any:
+    """``spec`` (an entry of input_shapes) with ``dtype`` (an entry of input_dtypes) applied: one
+    dtype for a shape, or a dict/tuple of dtypes mirroring a dict/tuple of shapes (an entry
+    left out or None keeps its default)."""
+    if dtype is None:
+        return spec
+    if isinstance(dtype, Mapping) and isinstance(spec, Mapping):
+        return {
+            k: _with_dtype(v, dtype[k], f"{where}[{k!r}]") if k in dtype else v
+            for k, v in spec.items()
+        }
+    if (
+        isinstance(dtype, (tuple, list))
+        and isinstance(spec, (tuple, list))
+        and not _is_shape(spec)
+        and len(dtype) == len(spec)
+    ):
+        pairs = enumerate(zip(spec, dtype, strict=True))
+        return type(spec)(_with_dtype(v, d, f"{where}[{i}]") for i, (v, d) in pairs)
+    if isinstance(dtype, (Mapping, tuple, list)):
+        raise ValueError(
+            f"input_dtypes{where}: {dtype!r} does not mirror the input_shapes entry {spec!r}; "
+            "give one dtype per shape, e.g. {'input_ids': torch.int64} for a dict of shapes"
+        )
+    if _is_shape(spec):
+        return (spec, _dtype(dtype, where))
+    if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], torch.dtype | str):
+        return spec  # a (shape, dtype) pair: its own dtype wins
+    # One dtype for every shape inside a dict/tuple entry.
+    if isinstance(spec, Mapping):
+        return {k: _with_dtype(v, dtype, f"{where}[{k!r}]") for k, v in spec.items()}
+    if isinstance(spec, (tuple, list)):
+        return type(spec)(_with_dtype(v, dtype, f"{where}[{i}]") for i, v in enumerate(spec))
+    return spec
+
+
 def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any], Mapping]:
     if isinstance(input_shapes, torch.Size) or (
         isinstance(input_shapes, (tuple, list))
@@ -445,13 +487,13 @@ def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any],
     if input_dtypes is not None:
         if isinstance(input_dtypes, Mapping):
             named = {
-                k: (v, _dtype(input_dtypes[k], f"[{k!r}]")) if k in input_dtypes else v
+                k: _with_dtype(v, input_dtypes[k], f"[{k!r}]") if k in input_dtypes else v
                 for k, v in named.items()
             }
         else:
             dts = list(input_dtypes)
             positional = [
-                (s, _dtype(dts[i], f"[{i}]")) if i < len(dts) and dts[i] is not None else s
+                _with_dtype(s, dts[i], f"[{i}]") if i < len(dts) else s
                 for i, s in enumerate(positional)
             ]
     default = _model_float_dtype(gm)

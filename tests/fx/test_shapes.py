@@ -290,3 +290,26 @@ def test_example_inputs_leave_the_random_generator_as_it_was():
     regbn.inspect(model, inputs)
     regbn.find_fusions(model, inputs)
     assert torch.equal(torch.rand(3), want)  # a seeded run draws the same numbers after insert
+
+
+def test_input_dtypes_mirror_a_dict_of_shapes():
+    class Batch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.img = nn.Embedding(50, 8), nn.Linear(12, 8)
+
+        def forward(self, batch):
+            t = self.emb(batch["input_ids"]) * batch["attention_mask"][..., None]
+            return torch.cat([t.sum(1), self.img(batch["pixel_values"]).mean(1)], 1)
+
+    shapes = [{"input_ids": (4, 7), "attention_mask": (4, 7), "pixel_values": (4, 5, 12)}]
+    ints = {"input_ids": torch.int64, "attention_mask": "int64"}
+    for dtypes in ([ints], {"batch": ints}):
+        named = shapes if isinstance(dtypes, list) else {"batch": shapes[0]}
+        (fusion,) = regbn.find_fusions(Batch(), input_shapes=named, input_dtypes=dtypes)
+        assert fusion.modalities == (
+            frozenset({"batch['input_ids']"}),
+            frozenset({"batch['pixel_values']"}),
+        )
+    with pytest.raises(ValueError, match="does not mirror the input_shapes entry"):
+        regbn.find_fusions(Batch(), input_shapes=shapes, input_dtypes=[[torch.int64]])
