@@ -916,12 +916,15 @@ class RegBN(nn.Module):
         ``D`` is W_batch − W and ``d`` its mean absolute entry.
         """
         t = int(self.num_batches_tracked) + 1
-        d = d.to(self.adam_m.dtype)
-        # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps.
-        self.adam_m.lerp_(d, 1 - self.beta1)
-        self.adam_v.lerp_(d * d, 1 - self.beta2)
-        m_hat = self.adam_m / (1 - self.beta1**t)
-        v_hat = self.adam_v / (1 - self.beta2**t)
+        d = d.to(self.adam_m.dtype).reshape(1)
+        # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps. Written through 1-element
+        # views: torch.compile drops in-place updates of a 0-dim float64 CPU tensor (it treats
+        # one as a Python float), and the running W would silently drift from eager's.
+        m, v = self.adam_m.view(1), self.adam_v.view(1)
+        m.lerp_(d, 1 - self.beta1)
+        v.lerp_(d * d, 1 - self.beta2)
+        m_hat = m / (1 - self.beta1**t)
+        v_hat = v / (1 - self.beta2**t)
         eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
         # η stays a tensor: no host sync on an accelerator.
         self.W.addcmul_(D, eta.to(self.W.dtype))

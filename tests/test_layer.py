@@ -841,3 +841,23 @@ def test_channel_projection_gradients_and_refusals():
     a, b = RegBN(4, 3, projection="channel"), RegBN(4, 3)
     f, g = torch.randn(8, 4), torch.randn(8, 3)
     torch.testing.assert_close(a(f, g)[0], b(f, g)[0])
+
+
+def test_compiled_training_updates_the_running_state_like_eager():
+    # torch.compile treats a 0-dim float64 CPU tensor as a Python float and dropped in-place
+    # updates of the Adam moments: the running W drifted from eager's without any error.
+    torch.manual_seed(0)
+    layer = RegBN(5, 4, [], [])
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="aot_eager")
+    for _ in range(3):
+        f, g = torch.randn(8, 5), torch.randn(8, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # graph breaks at the solve
+            got = compiled(f, g)
+        want = eager(f, g)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for name, buf in eager.state_dict().items():
+        mine = layer.state_dict()[name]
+        torch.testing.assert_close(mine, buf, atol=1e-7, rtol=0, equal_nan=True, msg=name)
+    assert layer.adam_m.shape == () and layer.adam_m.dtype == torch.float64
