@@ -395,12 +395,16 @@ def _reference_lines(axes, arms: list[str]) -> None:
             if value is not None:
                 by_value.setdefault(value, []).append(arm)
         for value, same in by_value.items():
-            axes[0, col].axhline(
-                value,
+            ax = axes[0, col]
+            ax.axhline(value, color=ARM_COLOURS[same[-1]], lw=1.2, ls="--")
+            ax.text(
+                0.01,
+                value + 0.01,
+                f"official example (MNIST), {' and '.join(same)}: {value:.2f}",
+                transform=ax.get_yaxis_transform(),
                 color=ARM_COLOURS[same[-1]],
-                lw=1.2,
-                ls="--",
-                label=f"official example (MNIST), {' and '.join(same)}: {value:.2f}",
+                fontsize=7,
+                va="bottom",
             )
 
 
@@ -433,8 +437,6 @@ def plot(results: dict, path: Path) -> None:
         axes[0, col].grid(alpha=0.3)
         axes[1, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    axes[0, 1].legend(fontsize=7, loc="center right")
-    axes[0, 2].legend(fontsize=7, loc="center right")
     axes[1, 0].xaxis.get_major_locator().set_params(integer=True)
     cfg = results["config"]
     fig.suptitle(
