@@ -331,6 +331,16 @@ def _check_size(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
 
+def _alias(name: str, value: int | None, old_name: str, old_value: int | None) -> int | None:
+    if old_value is None:
+        return value
+    if value is not None:
+        raise ValueError(
+            f"{old_name}={old_value!r} is the older name of {name}={value!r}; give only {name}"
+        )
+    return old_value
+
+
 def _digits_splits(
     gen: torch.Generator,
     n_train: int | None,
@@ -382,6 +392,8 @@ def build_colored_digits(
     test_fraction: float = 0.25,
     jitter_var: float = 0.02,
     augmentation: Augmentation | None = Augmentation(),
+    max_train: int | None = None,
+    max_test: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build the gray / colored digit pair.
 
@@ -398,6 +410,7 @@ def build_colored_digits(
         test_fraction: share of each class's original digits held out for test.
         jitter_var: variance of the per-image colour jitter (0.02, as the official example).
         augmentation: the transforms' strength; None keeps scikit-learn's 1,797 originals.
+        max_train, max_test: older names of ``n_train`` and ``n_test`` (give one or the other).
 
     Returns a dict of tensors: ``train_gray`` / ``test_gray`` (N, 1, 28, 28) float32 in [0, 1],
     ``train_colored`` / ``test_colored`` (N, 3, 28, 28) float32 in [0, 1], ``train_labels`` /
@@ -412,6 +425,8 @@ def build_colored_digits(
         raise ValueError(
             f"test_fraction must be in (0, 1), got {test_fraction}; 0.25 holds out a quarter"
         )
+    n_train = _alias("n_train", n_train, "max_train", max_train)
+    n_test = _alias("n_test", n_test, "max_test", max_test)
     _check_size("n_train", n_train)
     _check_size("n_test", n_test)
     gen = torch.Generator().manual_seed(split_seed)

@@ -170,6 +170,14 @@ def test_stroke_width_changes_the_ink():
     torch.testing.assert_close(_stroke(x, torch.ones(30)), F.max_pool2d(x, 3, 1, 1))
 
 
+def test_older_size_names():
+    old = build_colored_digits(3, max_train=40, max_test=30)
+    new = build_colored_digits(3, n_train=40, n_test=30)
+    assert old["train_gray"].shape == (40, 1, 28, 28) and old["test_gray"].shape == (30, 1, 28, 28)
+    for key in new:
+        assert torch.equal(old[key], new[key]), key
+
+
 def test_deterministic_and_seeded(digits):
     again = build_colored_digits(split_seed=0, n_train=N_TRAIN, n_test=N_TEST)
     assert digits.keys() == again.keys()
@@ -186,6 +194,7 @@ def test_deterministic_and_seeded(digits):
         ({"test_fraction": 1.5}, "test_fraction"),
         ({"n_train": 0}, "n_train must be a positive integer"),
         ({"n_test": 2.5}, "n_test must be a positive integer"),
+        ({"n_train": 50, "max_train": 40}, "max_train=40 is the older name of n_train=50"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
