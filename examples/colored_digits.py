@@ -39,8 +39,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DEFAULT_N_TEST",
+    "DEFAULT_N_TRAIN",
     "PALETTE",
+    "Augmentation",
+    "augment",
     "build_colored_digits",
+    "grow",
+    "sklearn_digits_28",
     "colorize",
     "colour_label_agreement",
     "load_mnist_idx",
