@@ -29,7 +29,7 @@ from regbn import RegBN, convert_sync_regbn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [
-    ("seed: f 512, g 64x7x7", 50, (512,), (64, 7, 7)),
+    ("official README: f 512, g 64x7x7", 50, (512,), (64, 7, 7)),
     ("PMR raw: f 1x28x28, g 3x28x28", 50, (1, 28, 28), (3, 28, 28)),
 ]
 

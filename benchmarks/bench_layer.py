@@ -15,13 +15,13 @@ contender alike (medians are reported):
   usx usxᵀ with usx = inv(diag(s² + λ)) diag(s) Uᵀ G, as explicit matrices); every closure calls
   ``backward(retain_graph=True)``, which reaches through the SVD into g as it does in the
   published code; W_batch = V S Uᵀ F, the out-of-place running update, f_r = f − g W_batch, the
-  output norms and the backward of the step. Calibration: the issue puts this step at about 25×
-  one ``torch.linalg.svd(G)``; ``lbfgs_over_svd`` records ours.
+  output norms and the backward of the step. Calibration: on the official README's shapes this step costs about 25×
+  one ``torch.linalg.svd(G)``; ``lbfgs_over_svd`` records the ratio measured here.
 - L-BFGS (SVD detached): the same search with the SVD cut out of the graph — a leaner variant.
 - minimal: the kernels any exact training step runs, in straight-line torch with λ⁺ given: the
   Gram, its eigendecomposition, f_r = λ(K + λI)⁻¹F with autograd, W_batch = GᵀX, eq. 6's L1 pass
   and update, the output norms and the backward.
-- floor: K = GGᵀ, eigh(K), W_batch = GᵀA and one ``lerp_`` of W (the issue's floor; no backward).
+- floor: K = GGᵀ, eigh(K), W_batch = GᵀA and one ``lerp_`` of W (the floor: no exact step can do less; no backward).
 - ours, eval vs. ``f − g @ W`` plus the two output LayerNorms.
 """
 
@@ -248,7 +248,7 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
 
 
 def accuracy(device) -> dict:
-    """‖W_batch‖²_F − 1 at the seed's shape in float32 and float64."""
+    """‖W_batch‖²_F − 1 at the official README's shape in float32 and float64."""
     out = {}
     for dtype in (torch.float32, torch.float64):
         if dtype == torch.float64 and device.type == "mps":
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     cases: list[tuple[str, int, tuple, tuple, bool]] = [
-        ("seed: f 512, g 64x7x7", 50, (512,), (64, 7, 7), True),
+        ("official README: f 512, g 64x7x7", 50, (512,), (64, 7, 7), True),
         ("PMR raw: f 1x28x28, g 3x28x28", 50, (1, 28, 28), (3, 28, 28), True),
         ("f 128, g 16", 100, (128,), (16,), True),
     ]
@@ -340,7 +340,7 @@ def markdown(result: dict) -> str:
             f"| {r['ours_eval_s'] * ms:.3f} | {r['ref_eval_s'] * ms:.3f} |"
         )
     err = ", ".join(f"{k}: {v:.1e}" for k, v in result["constraint_error"].items())
-    lines.append(f"\n|‖W_batch‖²_F − 1| at the seed shape: {err}")
+    lines.append(f"\n|‖W_batch‖²_F − 1| at the official README's shape: {err}")
     return "\n".join(lines)
 
 

@@ -884,12 +884,15 @@ class RegBN(nn.Module):
         return f_r, g_out
 
     def _check_finite(self, outs: list[Tensor], f: Tensor, g: Tensor) -> None:
-        """One reduction and one sync: a NaN or Inf anywhere in ``outs`` (the solution, the
-        outputs, the updated input-norm statistics) reaches the (float64) sum. f and g only
-        serve the message."""
-        dt = solve_dtype(f.device)
-        total = sum(x.detach().sum(dtype=dt) for x in outs)
-        if not math.isfinite(float(total)):
+        """One reduction and one sync on success: a NaN or Inf anywhere in ``outs`` (the
+        solution, the outputs, the updated input-norm statistics) makes their sum non-finite.
+        The sum runs in each tensor's own precision (float32 at least), so no copy is made; only
+        when it is not finite, which a sum of huge finite entries can also be, is every entry
+        tested. f and g only serve the message."""
+        total = sum(x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)) for x in outs)
+        if not math.isfinite(float(total)) and not all(
+            bool(torch.isfinite(x.detach()).all()) for x in outs
+        ):
             hint = "" if self.normalize_input else " or set normalize_input=True"
             raise ValueError(
                 f"RegBN: the batch solution is not finite although the inputs are (f spans "

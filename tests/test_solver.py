@@ -121,7 +121,7 @@ def test_official_rule_depends_on_g_alone_and_misses_the_paper_constraint():
     lam = solve_batch(F, G, "official").lam
     assert solve_batch(3 * F + 1, G, "official").lam == pytest.approx(lam, rel=1e-12)
     W = solve_batch(F, G, "official").W
-    # design §1: on the seed's shapes ||W||² is far below the paper's 1
+    # on the official README's shapes ||W||² is far below the paper's 1
     assert 0.05 < float(W.square().sum()) < 0.5
 
 
