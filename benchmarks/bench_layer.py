@@ -15,13 +15,14 @@ contender alike (medians are reported):
   usx usxᵀ with usx = inv(diag(s² + λ)) diag(s) Uᵀ G, as explicit matrices); every closure calls
   ``backward(retain_graph=True)``, which reaches through the SVD into g as it does in the
   published code; W_batch = V S Uᵀ F, the out-of-place running update, f_r = f − g W_batch, the
-  output norms and the backward of the step. Calibration: on the official README's shapes this step costs about 25×
-  one ``torch.linalg.svd(G)``; ``lbfgs_over_svd`` records the ratio measured here.
+  output norms and the backward of the step. Calibration: on the official README's shapes this
+  step costs about 25× one ``torch.linalg.svd(G)``; ``lbfgs_over_svd`` records the ratio here.
 - L-BFGS (SVD detached): the same search with the SVD cut out of the graph — a leaner variant.
 - minimal: the kernels any exact training step runs, in straight-line torch with λ⁺ given: the
   Gram, its eigendecomposition, f_r = λ(K + λI)⁻¹F with autograd, W_batch = GᵀX, eq. 6's L1 pass
   and update, the output norms and the backward.
-- floor: K = GGᵀ, eigh(K), W_batch = GᵀA and one ``lerp_`` of W (the floor: no exact step can do less; no backward).
+- floor: K = GGᵀ, eigh(K), W_batch = GᵀA and one ``lerp_`` of W (no exact step does less; no
+  backward).
 - ours, eval vs. ``f − g @ W`` plus the two output LayerNorms.
 """
 

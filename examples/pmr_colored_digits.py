@@ -359,7 +359,7 @@ def summarise(results: dict) -> dict[str, dict[str, dict]]:
 
 
 def format_table(table: dict[str, dict[str, dict]]) -> str:
-    """Two Markdown tables: mean ± std over seeds, then every seed's value."""
+    """Two Markdown tables: mean ± std over seeds, then the value of each seed."""
     head = "| arm | " + " | ".join(c[3] for c in COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(COLUMNS)
     means = [head, rule]

@@ -1,4 +1,4 @@
-"""Quick start: the official README's RegBN snippet (mogvision/regbn), on CUDA when there is one and on the CPU otherwise.
+"""Quick start: the official README's RegBN snippet (mogvision/regbn), on CUDA or the CPU.
 
 f is a batch of 50 feature vectors (50x512) and g a batch of 50 feature maps (50x64x7x7).
 RegBN removes from f the part that g explains linearly; in training it solves the batch's
@@ -21,7 +21,7 @@ def main() -> None:
 
     batch_size = 50
 
-    # The official README's settings. Its 'gpu' argument is not needed: the layer follows .to(device).
+    # The official README's settings. 'gpu' is not needed: the layer follows .to(device).
     layer = regbn.RegBN(
         f_num_channels=512,
         g_num_channels=64,

@@ -1,4 +1,4 @@
-"""Black-box contract tests: only ``import regbn`` and the public API of /work/shared/design.md.
+"""Black-box contract tests: only ``import regbn`` and its documented public API.
 
 Written as an external grader would, from the design alone. Every expected value comes from an
 independent float64 formula below, never from the library's own helpers.

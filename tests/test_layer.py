@@ -16,7 +16,7 @@ from reference import reference
 import regbn
 from regbn import RegBN
 
-# (f feature shape, g feature shape): vectors, 1D/2D/3D maps, tokens, the seed's shape
+# (f feature shape, g feature shape): vectors, 1D/2D/3D maps, tokens, the official README's shape
 LAYER_SHAPES = {
     "vector": ((12,), (5,)),
     "map1d": ((3, 8), (2, 6)),

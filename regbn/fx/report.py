@@ -60,7 +60,7 @@ class Row:
     dtype: torch.dtype | None
     modalities: frozenset[str]
     is_fusion: bool
-    # Beyond design §4: what the views need.
+    # Beyond the documented row fields: what the views need.
     inputs: tuple[str, ...] = ()  # names of the nodes this one reads
     layer: str = ""  # short label: module class, function or method name
     params: int = 0  # parameters this node uses directly (a leaf module call, a get_attr)

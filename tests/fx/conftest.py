@@ -46,7 +46,7 @@ class ConvBranch(nn.Module):
 
 
 class PMR(HandEditable):
-    """The seed's colored-digits model: RegBN on the raw inputs (early fusion)."""
+    """The official example's colored-digits model: RegBN on the raw inputs (early fusion)."""
 
     def __init__(self) -> None:
         super().__init__()
