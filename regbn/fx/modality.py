@@ -66,6 +66,7 @@ import builtins
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,19 +289,39 @@ def _reads_ids(node: fx.Node, gm: fx.GraphModule, aux: set[fx.Node]) -> bool:
     """True when ``node``'s values reach an embedding's indices or a leaf module's first input
     (masks and other ``aux`` inputs passed before it, ``leaf(attention_mask=m, input_ids=i)``,
     do not count as first)."""
-    seen: set[fx.Node] = set()
+    return _reaches(
+        node,
+        hit=lambda user, cur: _indexes_with(user, cur, gm, aux),
+        follow=lambda user, cur: _preserves_ids(user) and user.all_input_nodes[:1] == [cur],
+    )
+
+
+def _reaches(
+    node: fx.Node,
+    hit: Callable[[fx.Node, fx.Node], bool],
+    follow: Callable[[fx.Node, fx.Node], bool],
+) -> bool:
+    """True when a chain of users from ``node``, each step passing ``follow(user, value)``,
+    arrives at a user with ``hit(user, value)``. Iterative: graphs can be thousands deep."""
+    seen = {node}
     stack = [node]
     while stack:
         cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
         for user in cur.users:
-            if _indexes_with(user, cur, gm, aux):
+            if hit(user, cur):
                 return True
-            if _preserves_ids(user) and user.all_input_nodes[:1] == [cur]:
+            if user not in seen and follow(user, cur):
+                seen.add(user)
                 stack.append(user)
     return False
+
+
+def _submodule(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls; None when ``gm`` does not hold it."""
+    try:
+        return gm.get_submodule(str(node.target))
+    except AttributeError:
+        return None
 
 
 def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule, aux: set[fx.Node]) -> bool:
@@ -322,9 +343,8 @@ def _indexes_with(user: fx.Node, src: fx.Node, gm: fx.GraphModule, aux: set[fx.N
         return False
     if user.op != "call_module" or is_regbn(gm, user):
         return False
-    try:
-        module = gm.get_submodule(str(user.target))
-    except AttributeError:
+    module = _submodule(gm, user)
+    if module is None:
         return False
     builtin = type(module).__module__.startswith("torch.nn")
     if builtin and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
@@ -347,34 +367,31 @@ def _reads_features(node: fx.Node, gm: fx.GraphModule) -> bool:
     """True when ``node``'s values, through reshapes and casts, are the data (first tensor) of a
     learned layer: a built-in ``torch.nn`` module with parameters other than an embedding, or
     ``F.linear``/``F.conv*d``. What a mask does not do: a mask gates another tensor."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        for user in cur.users:
-            if _first_node(user, set()) is not cur:
-                continue
-            if user.op == "call_function" and user.target in _FEATURE_FUNCTIONS:
-                return True
-            if user.op == "call_module" and not is_regbn(gm, user):
-                try:
-                    module = gm.get_submodule(str(user.target))
-                except AttributeError:
-                    continue
-                if (
-                    type(module).__module__.startswith("torch.nn")
-                    and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-                    and any(True for _ in module.parameters())
-                ):
-                    return True
-            if _preserves_ids(user) or (
-                user.op == "call_method" and user.target in _FLOAT_CASTS
-            ):
-                stack.append(user)
-    return False
+
+    def is_data_of(user: fx.Node, cur: fx.Node) -> bool:
+        return _first_node(user, set()) is cur
+
+    def learned(user: fx.Node, cur: fx.Node) -> bool:
+        if not is_data_of(user, cur):
+            return False
+        if user.op == "call_function":
+            return user.target in _FEATURE_FUNCTIONS
+        if user.op != "call_module" or is_regbn(gm, user):
+            return False
+        module = _submodule(gm, user)
+        return (
+            module is not None
+            and type(module).__module__.startswith("torch.nn")
+            and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            and any(True for _ in module.parameters())
+        )
+
+    def passes(user: fx.Node, cur: fx.Node) -> bool:
+        return is_data_of(user, cur) and (
+            _preserves_ids(user) or (user.op == "call_method" and user.target in _FLOAT_CASTS)
+        )
+
+    return _reaches(node, hit=learned, follow=passes)
 
 
 def _preserves_ids(node: fx.Node) -> bool:
@@ -658,11 +675,7 @@ class _BranchWalk:
             return node.target is F.linear
         if node.op != "call_module":
             return False
-        module = node.graph.owning_module
-        try:
-            return isinstance(module.get_submodule(str(node.target)), nn.Linear)
-        except AttributeError:
-            return False
+        return isinstance(_submodule(node.graph.owning_module, node), nn.Linear)
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:
@@ -802,9 +815,8 @@ def fusion_kind(gm: fx.GraphModule, node: fx.Node) -> str:
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")
-    try:
-        module = gm.get_submodule(node.target)
-    except AttributeError:
+    module = _submodule(gm, node)
+    if module is None:
         return "other"
     if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
         return "attention"
