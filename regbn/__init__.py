@@ -1,6 +1,7 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
 from .distributed import convert_sync_regbn
+from .errors import RegBNError, RegBNTypeError, RegBNValueError
 from .fold import fold
 from .fx.analysis import find_fusions
 from .fx.insertion import insert, remove
@@ -12,6 +13,9 @@ from .layer import RegBN
 __all__ = [
     "Fusion",
     "RegBN",
+    "RegBNError",
+    "RegBNTypeError",
+    "RegBNValueError",
     "Report",
     "TraceError",
     "convert_sync_regbn",

@@ -44,6 +44,7 @@ from torch import nn
 from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
+from ..errors import RegBNError
 from ..layer import RegBN
 
 __all__ = [
@@ -66,7 +67,7 @@ _REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LeafSpec = type[nn.Module] | str
 
 
-class TraceError(ValueError):
+class TraceError(RegBNError, ValueError):
     """The model could not be traced symbolically.
 
     The message names the module, the source line and the reason, and says how to work around it.
