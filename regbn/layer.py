@@ -13,6 +13,7 @@ import torch.nn.functional as TF
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import is_fake
 
+from ._format import shape_str
 from .solver import LAMBDA_RULES, solve_batch, solve_dtype
 
 __all__ = ["RegBN", "NormSpec", "eval_maths", "layer_norm", "norm_spec"]
@@ -212,10 +213,6 @@ def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
     return total / max(x.numel(), 1)
 
 
-def _shape_str(shape: Sequence[int]) -> str:
-    return str(tuple(int(s) for s in shape))
-
-
 def _decode_shapes(state) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """(f_shape, g_shape) from a saved extra state: the int64 tensor this version writes, or the
     dict of earlier checkpoints; None for a lazy layer's."""
@@ -397,8 +394,8 @@ class RegBN(nn.Module):
         if self.projection == "channel" and tuple(f_shape[1:]) != tuple(g_shape[1:]):
             raise ValueError(
                 f"RegBN: projection='channel' shares one Cg×Cf W over spatial positions, so f "
-                f"and g need the same spatial size; got f {_shape_str(f_shape)} and g "
-                f"{_shape_str(g_shape)} (channels first). Resize or pool one of them, or use "
+                f"and g need the same spatial size; got f {shape_str(f_shape)} and g "
+                f"{shape_str(g_shape)} (channels first). Resize or pool one of them, or use "
                 f"projection='full'"
             )
         dg, df = self._w_shape(f_shape, g_shape)
@@ -408,7 +405,7 @@ class RegBN(nn.Module):
                 f"RegBN: the projection W would be Dg×Df = {dg}×{df} ({nbytes / 2**20:.1f} MiB), "
                 f"more than max_projection_bytes={self.max_projection_bytes} "
                 f"({self.max_projection_bytes / 2**20:.1f} MiB). Normalise a smaller tensor, such "
-                f"as a pooled one (g {_shape_str(g_shape)}, f {_shape_str(f_shape)} now), or "
+                f"as a pooled one (g {shape_str(g_shape)}, f {shape_str(f_shape)} now), or "
                 f"raise max_projection_bytes"
             )
 
@@ -553,8 +550,8 @@ class RegBN(nn.Module):
             if self.f_shape is not None:
                 error_msgs.append(
                     f"RegBN {prefix!r}: the checkpoint holds a lazy RegBN that never saw a batch, "
-                    f"but this layer has shapes f {_shape_str(self.f_shape)}, g "
-                    f"{_shape_str(self.g_shape)}; load it into a lazy RegBN() or train first"
+                    f"but this layer has shapes f {shape_str(self.f_shape)}, g "
+                    f"{shape_str(self.g_shape)}; load it into a lazy RegBN() or train first"
                 )
                 return
             # Lazy into lazy: W stays uninitialised; the other buffers load as usual.
@@ -599,8 +596,8 @@ class RegBN(nn.Module):
         ):
             if mine is not None and tuple(saved) != tuple(mine):
                 raise ValueError(
-                    f"RegBN: the checkpoint was saved for {key} {_shape_str(saved)} but this layer "
-                    f"has {_shape_str(mine)}; build the layer with the checkpoint's shapes"
+                    f"RegBN: the checkpoint was saved for {key} {shape_str(saved)} but this layer "
+                    f"has {shape_str(mine)}; build the layer with the checkpoint's shapes"
                 )
 
     # ------------------------------------------------------------------ introspection
@@ -639,19 +636,19 @@ class RegBN(nn.Module):
             if x.dim() < 2:
                 raise ValueError(
                     f"RegBN: {name} must be (B, C, *spatial) with a batch dim; got shape "
-                    f"{_shape_str(x.shape)}. Add the batch dim, e.g. {name}.unsqueeze(0)"
+                    f"{shape_str(x.shape)}. Add the batch dim, e.g. {name}.unsqueeze(0)"
                 )
         if f.shape[0] != g.shape[0]:
             raise ValueError(
                 f"RegBN: f and g must hold the same samples, so their batch sizes (dim 0) must "
-                f"match; got f {_shape_str(f.shape)} and g {_shape_str(g.shape)}"
+                f"match; got f {shape_str(f.shape)} and g {shape_str(g.shape)}"
             )
         for name, x, declared in (("f", f, self.f_shape), ("g", g, self.g_shape)):
             if declared is not None and tuple(x.shape[1:]) != declared:
                 raise ValueError(
                     f"RegBN: {name} must have shape (B, {', '.join(map(str, declared))}) as "
                     f"declared by {name}_num_channels/{name}_layer_dim; got "
-                    f"{_shape_str(x.shape)}. Pass the declared shape or build the layer for this "
+                    f"{shape_str(x.shape)}. Pass the declared shape or build the layer for this "
                     f"one"
                 )
         device = self.adam_m.device
@@ -712,7 +709,7 @@ class RegBN(nn.Module):
         if _is_symbolic(f) or _is_symbolic(g) or torch.compiler.is_exporting():
             raise ValueError(
                 "RegBN: a lazy layer takes its shapes and its W from a first real batch, and "
-                f"this one has seen none (f {_shape_str(f.shape)}, g {_shape_str(g.shape)} came "
+                f"this one has seen none (f {shape_str(f.shape)}, g {shape_str(g.shape)} came "
                 "as fake, meta or exported tensors). Run one batch or load a checkpoint first, "
                 "or build the layer with its dims"
             )

@@ -29,6 +29,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
+from .._format import format_shape, one_line
 from .tracing import input_name
 
 __all__ = ["ShapeFailure", "propagate_shapes", "clear_shapes"]
@@ -46,17 +47,11 @@ class ShapeFailure:
     message: str
 
     def __str__(self) -> str:
-        shapes = ", ".join(_fmt(s) for s in self.input_shapes) or "no tensor inputs"
+        shapes = ", ".join(format_shape(s) for s in self.input_shapes) or "no tensor inputs"
         return (
             f"shape propagation failed at node {self.node_name!r} ({self.target}) "
             f"with inputs [{shapes}]: {self.message}"
         )
-
-
-def _fmt(shape: Any) -> str:
-    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
-        return "(" + ", ".join(str(d) for d in shape) + ")"
-    return repr(shape)
 
 
 class _NodeFailed(Exception):
@@ -274,7 +269,7 @@ _MAX_MESSAGE = 2000
 
 def _error_text(e: BaseException) -> str:
     """The whole error message on one line (a long one cut at a sentence, and said so)."""
-    text = " ".join(str(e).split())
+    text = one_line(e)
     if len(text) > _MAX_MESSAGE:
         cut = text.rfind(". ", 0, _MAX_MESSAGE)
         text = text[: cut + 1 if cut > 0 else _MAX_MESSAGE] + " (message shortened)"
