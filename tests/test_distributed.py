@@ -194,7 +194,6 @@ def test_conversion_shares_state_and_keeps_the_model_working():
     assert converted.a.weight.grad is not None
 
 
-@pytest.mark.skipif(not hasattr(regbn, "insert"), reason="regbn.insert not available")
 def test_conversion_of_a_patched_model():
     class Plain(nn.Module):
         def __init__(self) -> None:

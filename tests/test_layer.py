@@ -861,3 +861,124 @@ def test_compiled_training_updates_the_running_state_like_eager():
         mine = layer.state_dict()[name]
         torch.testing.assert_close(mine, buf, atol=1e-7, rtol=0, equal_nan=True, msg=name)
     assert layer.adam_m.shape == () and layer.adam_m.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- signature, refusals
+def test_the_official_constructor_keywords_and_positional_forward():
+    # the keyword set the official example (mogvision/regbn) passes, gpu included
+    official = dict(gpu=0, f_num_channels=128, g_num_channels=16, f_layer_dim=[], g_layer_dim=[],
+                    normalize_input=True, normalize_output=True, affine=False)
+    with pytest.warns(UserWarning):
+        layer = RegBN(**official)
+    f, g = torch.randn(8, 128), torch.randn(8, 16)
+    f_r, g_out = layer(f, g, is_training=True, n_epoch=1)
+    assert f_r.shape == f.shape and g_out.shape == g.shape
+    f_r, g_out = layer(f, g, True, 3, 100)  # the official forward's positional order
+    assert torch.isfinite(f_r).all() and torch.isfinite(g_out).all()
+    assert int(layer.num_batches_tracked) == 2
+
+
+def test_signature_order_and_defaults():
+    import inspect
+
+    sig = inspect.signature(RegBN)
+    defaults = dict(f_num_channels=None, g_num_channels=None, f_layer_dim=None, g_layer_dim=None,
+                    gpu=None, beta1=0.9, beta2=0.99, momentum=0.02, normalize_input=False,
+                    normalize_output=True, affine=False, sigma_THR=0.0, sigma_MIN=0.0,
+                    verbose=False)
+    assert list(sig.parameters)[: len(defaults)] == list(defaults)
+    for name, value in defaults.items():
+        assert sig.parameters[name].default == value, name
+    assert sig.parameters["lambda_rule"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert sig.parameters["lambda_rule"].default == "paper"
+    assert sig.parameters["max_projection_bytes"].default == 2**30
+
+
+@pytest.mark.parametrize("spatial,kind", [((4, 5), torch.nn.BatchNorm2d),
+                                          ((2, 3, 2), torch.nn.BatchNorm3d),
+                                          ((6,), torch.nn.LayerNorm), ((), torch.nn.LayerNorm)])
+def test_input_norm_kind_follows_the_number_of_spatial_dims(spatial, kind):
+    layer = RegBN(3, 2, list(spatial), [], normalize_input=True)
+    assert type(layer.norm_f) is kind
+
+
+@pytest.mark.parametrize("case", ["batch", "shape", "one", "bytes"])
+def test_a_refused_call_changes_no_buffer(case):
+    fs, gs = (4,), (3, 2)
+    layer = make(fs, gs, normalize_input=True)
+    layer(*batch(5, fs, gs, dtype=torch.float32))
+    before = buffers(layer)
+    with pytest.raises(ValueError):
+        if case == "batch":
+            layer(torch.randn(5, 4), torch.randn(6, 3, 2))
+        elif case == "shape":
+            layer(torch.randn(5, 4), torch.randn(5, 3, 7))
+        elif case == "one":
+            layer(torch.randn(1, 4), torch.randn(1, 3, 2), is_training=True)
+        else:  # a lazy layer whose first batch needs a W past the limit
+            RegBN(max_projection_bytes=1000)(torch.randn(5, 100), torch.randn(5, 10))
+    assert_same_buffers(before, buffers(layer))
+
+
+def test_a_lazy_layer_with_input_norms_reproduces_a_checkpoint_bit_for_bit():
+    fs, gs = (4,), (3, 2)
+    layer = make(fs, gs, normalize_input=True)
+    for seed in range(3):
+        layer(*batch(6, fs, gs, seed=seed, dtype=torch.float32))
+    layer.eval()
+    lazy = RegBN(normalize_input=True)
+    lazy.load_state_dict(layer.state_dict())
+    lazy.eval()
+    f, g = batch(3, fs, gs, seed=9, dtype=torch.float32)
+    a, b = layer(f, g), lazy(f, g)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert lazy.last_lambda == layer.last_lambda
+
+
+def test_resuming_from_a_checkpoint_continues_training_bit_for_bit():
+    fs, gs = (4,), (3, 2)
+    xs = [batch(5, fs, gs, seed=s, dtype=torch.float32) for s in range(3)]
+    a = make(fs, gs, normalize_input=True)
+    a(*xs[0])
+    a(*xs[1])
+    checkpoint = copy.deepcopy(a.state_dict())
+    a(*xs[2])
+    b = make(fs, gs, normalize_input=True)
+    b.load_state_dict(checkpoint)
+    b(*xs[2])
+    assert torch.equal(a.W, b.W) and a.last_lambda == b.last_lambda
+    assert_same_buffers(buffers(a), buffers(b))
+
+
+def test_a_float64_lazy_layer_keeps_float64():
+    layer = RegBN()
+    f_r, g_out = layer(*batch(6, (4,), (3,)))
+    assert f_r.dtype == g_out.dtype == layer.W.dtype == torch.float64
+    layer.eval()
+    assert layer(*batch(1, (4,), (3,), seed=1))[0].dtype == torch.float64
+
+
+def test_float32_inputs_under_autocast_give_the_result_without_it():
+    fs, gs = (6,), (5,)
+    f, g = batch(8, fs, gs, dtype=torch.float32)
+    plain, autocast = make(fs, gs), make(fs, gs)
+    want, _ = plain(3 * f, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = autocast(3 * f, g)
+    torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
+    assert autocast.last_lambda == pytest.approx(plain.last_lambda, rel=1e-4)
+    assert autocast.W.dtype == torch.float32
+
+
+def test_n_epoch_has_no_effect_and_an_eval_step_keeps_the_batchnorm_statistics():
+    fs, gs = (2, 3, 3), (3,)
+    a = make(fs, gs, normalize_input=True)
+    b = make(fs, gs, normalize_input=True)
+    for seed in range(3):
+        x = batch(5, fs, gs, seed=seed, dtype=torch.float32)
+        a(*x, is_training=True, n_epoch=1)
+        b(*x, is_training=True, n_epoch=7, steps_per_epoch=3)
+    assert torch.equal(a.W, b.W)
+    before = buffers(a)  # the input BatchNorm2d's running statistics included
+    a(*batch(4, fs, gs, seed=5, dtype=torch.float32), is_training=False)  # a train-mode layer
+    assert_same_buffers(before, buffers(a))

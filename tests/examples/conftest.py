@@ -1,4 +1,4 @@
-"""Shared set-up for the example tests: the examples folder on sys.path, and skip helpers."""
+"""Shared set-up for the example tests: the examples folder on sys.path, and a script runner."""
 
 from __future__ import annotations
 
@@ -7,23 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-import regbn
-
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 if str(EXAMPLES) not in sys.path:
     # The examples are scripts, not a package: import them the way `python examples/x.py` does.
     sys.path.insert(0, str(EXAMPLES))
-
-
-def needs_regbn(*names: str) -> pytest.MarkDecorator:
-    """Skip (with the reason) when the regbn API the example needs is not there yet."""
-    missing = [n for n in names if not hasattr(regbn, n)]
-    return pytest.mark.skipif(
-        bool(missing), reason=f"regbn does not export {', '.join(missing)} yet"
-    )
 
 
 def run_script(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import sys
 
 import nbformat
 import pytest
-from conftest import EXAMPLES, needs_regbn
+from conftest import EXAMPLES
 
 NOTEBOOK = EXAMPLES / "notebooks" / "patch_a_pretrained_model.ipynb"
 
@@ -20,7 +20,6 @@ def test_notebook_is_committed_clean():
             assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
 
 
-@needs_regbn("insert", "inspect", "find_fusions")
 def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")

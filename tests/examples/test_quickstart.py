@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import EXAMPLES, needs_regbn, run_script
+from conftest import EXAMPLES, run_script
 
 
-@needs_regbn("RegBN")
 def test_quickstart_runs():
     proc = run_script(str(EXAMPLES / "quickstart.py"), timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
