@@ -1,13 +1,24 @@
-"""The README's tour runs as written."""
+"""The README's tour runs as written, its links lead somewhere, and it stays short."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
+
+import pytest
 
 import regbn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+
+# [text](dest) and ![alt](dest), with an optional "title"; code is not prose, so fences and
+# inline code are cut out before links are read.
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_FENCE = re.compile(r"^(```|~~~).*?^\1", flags=re.S | re.M)
+_CODE = re.compile(r"`[^`\n]*`")
 
 
 def test_tour_runs(tmp_path, monkeypatch, capsys):
@@ -20,3 +31,60 @@ def test_tour_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.svg").stat().st_size > 0
     assert "regbn_0" in dict(scope["patched"].named_children())
     assert "Suggested pairs" in capsys.readouterr().out
+
+
+def _prose(text: str) -> str:
+    return _CODE.sub("", _FENCE.sub("", text))
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces become hyphens."""
+    kept = "".join(
+        c for c in heading.strip().lower() if c in " -_" or unicodedata.category(c)[0] in "LN"
+    )
+    return kept.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = _FENCE.sub("", page.read_text())
+    return {_anchor(h) for h in re.findall(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, flags=re.M)}
+
+
+def _relative_links(page: Path) -> list[str]:
+    links = _LINK.findall(_prose(page.read_text()))
+    return [dest for dest in links if not re.match(r"^[a-z][a-z0-9+.-]*:", dest, flags=re.I)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_lead_to_files(page):
+    broken = []
+    for dest in _relative_links(page):
+        path, _, fragment = dest.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{dest} (no file {target.relative_to(REPO)})")
+        elif fragment and target.suffix == ".md" and fragment not in _anchors(target):
+            broken.append(f"{dest} (no heading #{fragment} in {target.relative_to(REPO)})")
+    assert not broken, f"{page.relative_to(REPO)} links to: " + "; ".join(broken)
+
+
+def test_link_reader_sees_links_and_skips_code():
+    text = "[a](docs/x.md) `[b](y.md)` ![c](img.png \"t\") [d](https://x.org)\n```\n[e](z.md)\n```\n"
+    assert _LINK.findall(_prose(text)) == ["docs/x.md", "img.png", "https://x.org"]
+    assert _anchor("`regbn.fold`: RegBN as plain torch ops") == "regbnfold-regbn-as-plain-torch-ops"
+
+
+def test_readme_is_short():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/*.md"
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    ci_commands = [line.strip() for line in ci if line.strip().startswith("python -m pytest")]
+    assert len(ci_commands) == 1, ci_commands
+    block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    assert block, "the README has no bash block"
+    commands = [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, commands  # the experiment, then the tests
+    assert commands[1].split("&&")[-1].strip() == ci_commands[0]
