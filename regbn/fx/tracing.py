@@ -14,11 +14,10 @@ name resolution in `regbn.insert`, `regbn.inspect`) reads these annotations:
     The ``(path, call_index)`` calls whose return value is this node. For a leaf module it is its
     own call; for a traced-through module (a ``Sequential``) the node its ``forward`` returned.
 
-Training mode. Code that reads ``self.training`` (``F.dropout(x, p, self.training)``, stochastic
-depth, many Hugging Face layers) is frozen into the graph with the mode the model had while it was
-traced. `ModeGraphModule` holds one graph per mode and follows ``train()``/``eval()``; see
-`regbn.insert` for when it is used. `in_mode` puts a model in one mode for a trace and restores
-every module's flag afterwards.
+Training mode. Code that reads ``self.training`` is frozen into the graph with the mode the model
+had while it was traced; `regbn.fx.mode_graph` holds one graph per mode (`ModeGraphModule`) and
+puts a model in one mode for a trace (`in_mode`). A trace that fails raises `TraceError`
+(`regbn.fx.trace_errors`), never a raw fx traceback.
 
 Wrappers. A ``torch.compile`` d model (``OptimizedModule``) and ``DataParallel`` /
 ``DistributedDataParallel`` have no traceable forward of their own; `unwrap` returns the module
@@ -27,30 +26,35 @@ they wrap, which `trace` traces instead.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import difflib
 import inspect
-import os
-import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _format_import_block, reduce_graph_module
-from torch.package import sys_importer
 
-from ..errors import RegBNError
+from ..errors import RegBNTypeError, RegBNValueError
 from ..layer import RegBN
+from .mode_graph import (
+    ModeGraphModule,
+    _rebuild_mode_graph_module,  # noqa: F401  (older pickles name it here)
+    in_mode,
+    same_graph,
+)
+from .module_state import carry_missing_state, lookup
+from .trace_errors import TraceError, trace_error
 
+# ModeGraphModule, TraceError, in_mode, same_graph and carry_missing_state live in the modules
+# named above; they are importable from here as before.
 __all__ = [
     "ModeGraphModule",
     "RegBNTracer",
     "TraceError",
+    "carry_missing_state",
     "in_mode",
     "input_name",
     "is_regbn",
@@ -61,30 +65,7 @@ __all__ = [
     "unwrap",
 ]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 LeafSpec = type[nn.Module] | str
-
-
-class TraceError(RegBNError, ValueError):
-    """The model could not be traced symbolically.
-
-    The message names the module, the source line and the reason, and says how to work around it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        module_path: str | None = None,
-        location: str | None = None,
-        reason: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.module_path = module_path
-        self.location = location
-        self.reason = reason
 
 
 def is_regbn(gm: nn.Module, node: fx.Node) -> bool:
@@ -153,7 +134,7 @@ class RegBNTracer(fx.Tracer):
         if isinstance(result, fx.Proxy):
             node = result.node
         else:
-            # A tuple or dict of tensors: the design names the last node inside the call.
+            # A tuple or dict of tensors: the last node inside the call stands for it.
             node = self._last_node()
             if node is None or node is last_before:
                 return
@@ -161,8 +142,9 @@ class RegBNTracer(fx.Tracer):
 
 
 def _split_leaf_modules(
-    model: nn.Module, leaf_modules: Iterable[LeafSpec] | None
+    model: nn.Module, leaf_modules: Iterable[LeafSpec] | None, caller: str
 ) -> tuple[tuple[type[nn.Module], ...], list[str]]:
+    """``leaf_modules`` as (classes, dotted paths); an unknown path or other value refused."""
     classes: list[type[nn.Module]] = []
     paths: list[str] = []
     if leaf_modules is None:
@@ -177,108 +159,18 @@ def _split_leaf_modules(
             if spec not in known:
                 close = difflib.get_close_matches(spec, known, n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(
-                    f"leaf_modules: {spec!r} is not a submodule of {type(model).__name__}{hint} "
-                    "Give dotted paths as in model.named_modules(), or nn.Module classes."
+                raise RegBNValueError(
+                    f"{caller}: leaf_modules: {spec!r} is not a submodule of "
+                    f"{type(model).__name__}{hint} Give dotted paths as in "
+                    "model.named_modules(), or nn.Module classes."
                 )
             paths.append(spec)
         else:
-            raise TypeError(
-                "leaf_modules must hold nn.Module classes or dotted module paths (str); "
+            raise RegBNTypeError(
+                f"{caller}: leaf_modules must hold nn.Module classes or dotted module paths (str); "
                 f"got {spec!r} of type {type(spec).__name__}"
             )
     return tuple(classes), paths
-
-
-_REASONS: list[tuple[str, str]] = [
-    (
-        "cannot be used as inputs to control flow",
-        "a data-dependent `if`/`while` (bool() of a traced tensor): the branch taken depends on "
-        "values that do not exist while tracing",
-    ),
-    (
-        "cannot be iterated",
-        "iteration over a traced value (a `for` loop over a tensor, unpacking it, or passing it "
-        "as *args)",
-    ),
-    (
-        "'len' is not supported",
-        "len() of a traced tensor; its length is not known while tracing",
-    ),
-    (
-        "int() argument must be",
-        "int() of a traced value (e.g. of a shape entry); the number is not known while tracing",
-    ),
-    (
-        "cannot be interpreted as an integer",
-        "a traced value used as a Python integer (range(), list index, repeat count...), "
-        "e.g. x.shape[0] inside range()",
-    ),
-    (
-        "float() argument must be",
-        "float() of a traced value; the number is not known while tracing",
-    ),
-    (
-        "not installed as a submodule",
-        "a module that is not an attribute of the model (created inside forward?)",
-    ),
-]
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc)
-    for needle, reason in _REASONS:
-        if needle in text:
-            return reason
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}"
-
-
-def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_REGBN_DIR + os.sep + "fx"):
-            continue
-        if frame.filename.startswith("<"):  # generated code (fx, eval)
-            continue
-        return frame
-    return None
-
-
-def _trace_error(exc: BaseException, model: nn.Module, tracer: RegBNTracer) -> TraceError:
-    stack = tracer.failed_module or ()
-    path = stack[-1] if stack else None
-    where = repr(path) if path else f"the top-level forward of {type(model).__name__}"
-    if path:
-        where += f" ({type(model.get_submodule(path)).__name__})"
-    frame = _user_frame(exc)
-    location = f"{frame.filename}:{frame.lineno}" if frame else None
-    reason = _reason(exc)
-    lines = [f"Cannot trace {type(model).__name__} with torch.fx: tracing failed in {where}"]
-    if frame is not None:
-        code = f"\n      {frame.line.strip()}" if frame.line else ""
-        lines.append(f"  at {location}, in {frame.name}(){code}")
-    lines.append(f"  why: {reason}")
-    if stack:
-        fixes = [
-            f"leaf_modules=[{stack[-1]!r}] to keep {stack[-1]!r} as one opaque call "
-            "(it cannot then be named inside)"
-        ]
-    else:
-        fixes = [
-            "leaf_modules=[...] naming a submodule that holds this code (code in the top-level "
-            "forward must move into a submodule first)"
-        ]
-    fixes.append(
-        "concrete_args={'arg': value} to fix a Python-level argument (a flag, a length) "
-        "to a constant"
-    )
-    if frame is not None and frame.name != "forward":
-        fixes.append(f"autowrap_functions=[{frame.name}] to record that function as one call")
-    fixes.append("or trace the model yourself and pass the GraphModule")
-    lines.append("  fix: pass " + ";\n       ".join(fixes))
-    return TraceError("\n".join(lines), module_path=path, location=location, reason=reason)
 
 
 def trace(
@@ -330,7 +222,7 @@ class Traced:
             if node.op in ("get_attr", "call_module"):
                 name = str(node.target)
                 value = self.constants[name] if name in self.constants else None
-                targets[name] = _lookup(self.model, name) if value is None else value
+                targets[name] = lookup(self.model, name) if value is None else value
         gm = fx.GraphModule(targets, self.graph, type(self.model).__name__)
         carry_missing_state(self.model, gm)
         return gm
@@ -342,7 +234,7 @@ def same_trace(traced: Traced, gm: fx.GraphModule) -> bool:
     if not same_graph(traced.graph, gm.graph):
         return False
     for name, value in traced.constants.items():
-        mine = _lookup(gm, name)
+        mine = lookup(gm, name)
         try:
             equal = (
                 isinstance(mine, torch.Tensor)
@@ -364,17 +256,21 @@ def trace_graph(
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[LeafSpec] | None = None,
     autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+    caller: str = "regbn.fx.trace",
 ) -> Traced:
     """`trace` without building the ``GraphModule`` (which compiles its code): the graph alone,
-    e.g. to compare two traces. ``Traced.graph_module()`` finishes the job."""
+    e.g. to compare two traces. ``Traced.graph_module()`` finishes the job. ``caller``: the
+    public callable that starts error messages."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"trace expects an nn.Module; got {type(model).__name__}")
+        raise RegBNTypeError(f"{caller}: expects an nn.Module; got {type(model).__name__}")
     model, _ = unwrap(model)
     if isinstance(model, fx.GraphModule):
         return Traced(model, model.graph, {})
     if autowrap_functions is not None and not all(callable(f) for f in autowrap_functions):
-        raise TypeError("autowrap_functions must be a sequence of Python functions")
-    classes, paths = _split_leaf_modules(model, leaf_modules)
+        raise RegBNTypeError(
+            f"{caller}: autowrap_functions must be a sequence of Python functions"
+        )
+    classes, paths = _split_leaf_modules(model, leaf_modules, caller)
     tracer = RegBNTracer(classes, paths, autowrap_functions or ())
     before = set(vars(model))
     try:
@@ -383,7 +279,7 @@ def trace_graph(
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
         if isinstance(e, TraceError):
             raise
-        raise _trace_error(e, model, tracer) from e
+        raise trace_error(e, model, tracer.failed_module or (), caller) from e
     finally:
         # fx stores tensors made while tracing (``_tensor_constant0``) on the model it traces;
         # they move to the result, and the caller's model stays as it was.
@@ -443,234 +339,3 @@ def _name_placeholders(graph: fx.Graph, model: nn.Module, concrete_args: dict | 
                 node.args = (value,)
 
 
-def carry_missing_state(source: nn.Module, gm: fx.GraphModule, skip: Iterable[str] = ()) -> None:
-    """Give ``gm`` every parameter and buffer of ``source`` that the graph does not reference.
-
-    ``GraphModule`` copies only the attributes its graph uses, so an unused parameter would drop out
-    of ``state_dict`` and pretrained checkpoints would stop loading. Only modules created by fx are
-    touched; the caller's own module objects are never modified.
-    """
-    skipped = tuple(skip)
-    original = {id(m) for m in source.modules()}
-    for mod_path, mod in source.named_modules(remove_duplicate=False):
-        entries = [(n, t, "param") for n, t in mod._parameters.items() if t is not None]
-        entries += [(n, t, "buffer") for n, t in mod._buffers.items() if t is not None]
-        for name, tensor, kind in entries:
-            key = f"{mod_path}.{name}" if mod_path else name
-            if key.startswith(skipped):
-                continue
-            owner = _ensure_path(gm, mod_path, original)
-            if owner is None or id(owner) in original:
-                continue
-            if name in owner._parameters or name in owner._buffers:
-                if kind == "buffer" and name in mod._non_persistent_buffers_set:
-                    owner._non_persistent_buffers_set.add(name)
-                continue
-            if kind == "param":
-                owner.register_parameter(name, tensor)
-            else:
-                persistent = name not in mod._non_persistent_buffers_set
-                owner.register_buffer(name, tensor, persistent=persistent)
-        sub = _ensure_path(gm, mod_path, original, create=False)
-        if sub is not None and sub is not mod and id(sub) not in original:
-            sub.training = mod.training
-    _constants_not_persistent(source, gm, original)
-    gm.training = source.training
-
-
-def _constants_not_persistent(source: nn.Module, gm: fx.GraphModule, original: set[int]) -> None:
-    # fx stores tensors computed while tracing (``_tensor_constant0``) as buffers; keeping them out
-    # of state_dict lets a checkpoint of the original model load with strict=True.
-    known = set(source.state_dict().keys())
-    for mod_path, mod in gm.named_modules():
-        if id(mod) in original:
-            continue
-        for name in list(mod._buffers):
-            key = f"{mod_path}.{name}" if mod_path else name
-            if key not in known:
-                mod._non_persistent_buffers_set.add(name)
-
-
-def _ensure_path(
-    root: nn.Module, path: str, original: set[int], create: bool = True
-) -> nn.Module | None:
-    mod = root
-    if not path:
-        return root
-    for part in path.split("."):
-        child = mod._modules.get(part)
-        if child is None:
-            if not create or id(mod) in original:
-                return None
-            if hasattr(mod, part):
-                return None
-            child = nn.Module()
-            mod.add_module(part, child)
-        mod = child
-    return mod
-
-
-# ----------------------------------------------------------------------------- training mode
-
-
-@contextlib.contextmanager
-def in_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """``model.train(training)`` for the duration, then every module's own flag as it was.
-
-    A `ModeGraphModule` also gets the graph of its original mode back.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    current = not isinstance(model, ModeGraphModule) or model.graph is model.mode_graphs[training]
-    if current and all(flag is training for _, flag in flags):  # nothing to switch or restore
-        yield model
-        return
-    model.train(training)
-    try:
-        yield model
-    finally:
-        if isinstance(model, ModeGraphModule):
-            model.train(flags[0][1])
-        for m, flag in flags:
-            m.training = flag
-
-
-def _signature(graph: fx.Graph) -> list[tuple[Any, ...]]:
-    def name(a: Any) -> Any:
-        return fx.node.map_arg(a, lambda n: ("%node", n.name))
-
-    return [(n.name, n.op, n.target, name(n.args), name(n.kwargs)) for n in graph.nodes]
-
-
-def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
-    """True when ``a`` and ``b`` run the same code: same nodes, ops, targets and arguments."""
-    if len(a.nodes) != len(b.nodes):
-        return False
-    try:
-        return bool(_signature(a) == _signature(b))
-    except (RuntimeError, TypeError, ValueError):  # tensors among the arguments: ambiguous ==
-        return False
-
-
-def _lookup(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _assign(root: nn.Module, target: str, value: Any) -> None:
-    *path, field = target.split(".")
-    mod = root
-    for part in path:
-        child = getattr(mod, part, None)
-        if child is None:
-            child = nn.Module()
-            mod.add_module(part, child)
-        mod = child
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        mod.register_buffer(field, value)
-    else:
-        setattr(mod, field, value)
-
-
-class ModeGraphModule(fx.GraphModule):
-    """A ``GraphModule`` with one graph for training and one for evaluation.
-
-    ``train()`` and ``eval()`` switch ``graph`` (and the generated ``forward``) to that mode's
-    graph; both graphs call the same submodules, so parameters, buffers and ``state_dict`` keys
-    are shared, never duplicated. ``graph`` and ``code`` are those of the current mode, and so is
-    what any tracer that re-traces this module sees (``torch.fx.symbolic_trace``, a
-    ``DataParallel`` replica, ``torch.export``). ``mode_graphs`` gives both; an edit to one graph
-    applies to that mode only. Setting ``module.training`` by hand does not switch graphs; call
-    ``train()``/``eval()``.
-
-    Why two graphs rather than one: fx graphs have no control flow, and ``self.training`` decides
-    Python-level branches (stochastic depth skips its ops in eval mode), so one graph cannot hold
-    both behaviours. torchvision's ``create_feature_extractor`` takes the same route; `regbn.insert`
-    only builds this class when the two traces differ, so models without mode-dependent code keep
-    a plain ``GraphModule``.
-    """
-
-    def __init__(
-        self,
-        root: nn.Module,
-        train_graph: fx.Graph,
-        eval_graph: fx.Graph,
-        class_name: str = "GraphModule",
-        eval_root: nn.Module | None = None,
-    ) -> None:
-        super().__init__(root, train_graph, class_name)
-        self._merge_targets(eval_root if eval_root is not None else root, eval_graph)
-        self._mode_graphs = {True: train_graph, False: eval_graph}
-        self._select(self.training)
-
-    def _merge_targets(self, source: nn.Module, graph: fx.Graph) -> None:
-        """Give ``self`` every attribute ``graph`` reads; a name taken by a different object (a
-        constant that differs between modes) is renamed in ``graph``."""
-        for node in graph.nodes:
-            if node.op not in ("get_attr", "call_module"):
-                continue
-            wanted = _lookup(source, str(node.target))
-            mine = _lookup(self, str(node.target))
-            if mine is wanted:
-                continue
-            target = str(node.target)
-            if mine is not None:
-                k = 0
-                while _lookup(self, f"{target}_eval{k}") is not None:
-                    k += 1
-                target = f"{target}_eval{k}"
-                node.target = target
-            _assign(self, target, wanted)
-
-    @property
-    def mode_graphs(self) -> dict[bool, fx.Graph]:
-        """``{True: training graph, False: evaluation graph}``."""
-        return dict(self._mode_graphs)
-
-    def _select(self, training: bool) -> None:
-        graph = self._mode_graphs[bool(training)]
-        if self._graph is not graph:
-            self.graph = graph  # recompiles forward
-
-    def train(self, mode: bool = True) -> ModeGraphModule:
-        super().train(mode)
-        self._select(mode)
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ModeGraphModule:
-        res = super().__deepcopy__(memo)
-        # self.__dict__ was deep-copied with the same memo: this returns those copies.
-        res._mode_graphs = copy.deepcopy(self._mode_graphs, memo)
-        for graph in res._mode_graphs.values():
-            graph.owning_module = res
-        res._select(res.training)
-        return res
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Like GraphModule: the generated code of each graph, not the graphs themselves.
-        body = self.__dict__.copy()
-        del body["_graph"]
-        graphs = body.pop("_mode_graphs")
-        sources = {}
-        for mode, graph in graphs.items():
-            code = graph.python_code(root_module="self")
-            sources[mode] = (code.src, _format_import_block(code.globals, sys_importer))
-        return (_rebuild_mode_graph_module, (body, sources, type(self).__name__))
-
-
-def _rebuild_mode_graph_module(
-    body: dict[str, Any], sources: dict[bool, tuple[str, str]], class_name: str
-) -> ModeGraphModule:
-    built = {
-        mode: reduce_graph_module(dict(body, _code=src), block)
-        for mode, (src, block) in sources.items()
-    }
-    out = ModeGraphModule(
-        built[True], built[True].graph, built[False].graph, class_name, eval_root=built[False]
-    )
-    carry_missing_state(built[True], out)
-    out.meta = body.get("meta", {})
-    return out
