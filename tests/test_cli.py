@@ -286,3 +286,18 @@ def test_bad_modalities_and_leaves(capsys, extra, message):
     assert main([*TEXT_IMAGE, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("regbn: error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect"],
+        ["inspect", f"{MODELS}:two_branch", *TWO, "-i", "2x3"],
+    ],
+    ids=["no_model", "too_many_inputs"],
+)
+def test_more_user_errors_are_one_line_and_status_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(HERE))
+    r = run_main(argv, capsys)
+    check_one_line_error(r.returncode, r.stdout, r.stderr, "")

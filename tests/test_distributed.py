@@ -214,3 +214,18 @@ def test_conversion_of_a_patched_model():
     patched.eval()
     torch.testing.assert_close(converted(x, y), patched(x, y))
     assert expected.shape == (6, 2)
+
+
+def test_converting_a_trained_model_keeps_every_buffer_and_other_modules():
+    model = nn.ModuleDict({"a": RegBN(4, 3, [], []), "lin": nn.Linear(2, 2)})
+    model["a"](torch.randn(5, 4), torch.randn(5, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_regbn(model)
+    assert isinstance(converted["a"], RegBN) and type(converted["lin"]) is nn.Linear
+    after = converted.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    converted.eval()
+    assert converted["a"](torch.randn(2, 4), torch.randn(2, 3))[0].shape == (2, 4)
+    assert isinstance(convert_sync_regbn(RegBN(), process_group=None), RegBN)  # a lazy layer
