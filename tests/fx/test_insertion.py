@@ -705,3 +705,82 @@ def test_insert_on_a_patched_model_warns_and_adds_after():
     assert {"regbn_0", "regbn_1"} <= set(twice._modules)
     once = remove(twice)
     assert not [m for m in once._modules if m.startswith("regbn_")]
+
+
+# --------------------------------------------------------------------------- more graph shapes
+class _UsesGTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x, y):
+        f, g = self.a(x), self.b(y)
+        return torch.cat([f, g], 1) + torch.cat([g, g], 1)
+
+
+def test_every_later_use_reads_the_normalised_pair():
+    x = (torch.randn(4, 3), torch.randn(4, 3))
+    model = _UsesGTwice()
+    patched = insert(model, [("a", "b")], x)
+    f_r, g_out = regbn.RegBN(3, 3, [], [])(model.a(x[0]), model.b(x[1]))
+    want = torch.cat([f_r, g_out], 1) + torch.cat([g_out, g_out], 1)
+    torch.testing.assert_close(patched(*x), want)
+
+
+class _GFeedsF(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x, y):
+        g = self.b(y)
+        f = self.a(g + x)
+        return torch.cat([f, g], 1)
+
+
+def test_g_feeding_f_is_a_valid_pair():
+    model = _GFeedsF()
+    x = (torch.randn(4, 3), torch.randn(4, 3))
+    patched = insert(model, [("a", "b")], x)
+    g = model.b(x[1])
+    f_r, g_out = regbn.RegBN(3, 3, [], [])(model.a(g + x[0]), g)
+    torch.testing.assert_close(patched(*x), torch.cat([f_r, g_out], 1))
+
+
+def test_a_graph_module_from_a_custom_tracer_is_used_as_it_is():
+    model = PMR()
+    inputs = (torch.randn(B, 1, 28, 28), torch.randn(B, 3, 28, 28))
+
+    class WholeBranches(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return qualname in ("gray_net", "colored_net") or super().is_leaf_module(m, qualname)
+
+    custom = fx.GraphModule(model, WholeBranches().trace(model))
+    patched = insert(custom, [("gray_net", "colored_net")], inputs)
+    targets = [n.target for n in patched.graph.nodes if n.op == "call_module"]
+    assert "gray_net" in targets and not any(str(t).startswith("gray_net.") for t in targets)
+    assert patched(*inputs).shape == model(*inputs).shape
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(2, 2)
+        self.b.weight = self.a.weight  # tied
+        self.bn = nn.BatchNorm1d(3)
+        self.p = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x, y):
+        return torch.cat([self.bn(self.a(x)) + self.p, self.b(y)], 1)
+
+
+def test_tied_weights_keep_their_keys_through_insert_and_remove():
+    model = _Tied()
+    x = (torch.randn(4, 3), torch.randn(4, 3))
+    original = model.state_dict()
+    for copy_model in (False, True):
+        patched = insert(model, [("bn", "b")], x, copy=copy_model)
+        mine = patched.state_dict()
+        assert all(k in mine and torch.equal(mine[k], v) for k, v in original.items())
+        assert set(remove(patched).state_dict()) == set(original)
+    assert int(model.bn.num_batches_tracked) == 0  # insert ran nothing on the caller's buffers

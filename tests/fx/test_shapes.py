@@ -313,3 +313,21 @@ def test_input_dtypes_mirror_a_dict_of_shapes():
         )
     with pytest.raises(ValueError, match="does not mirror the input_shapes entry"):
         regbn.find_fusions(Batch(), input_shapes=shapes, input_dtypes=[[torch.int64]])
+
+
+class _SharedEncoder(nn.Module):
+    def __init__(self, d: int = 3):
+        super().__init__()
+        self.enc = nn.Linear(d, d)
+
+    def forward(self, x, y):
+        return torch.cat([self.enc(x), self.enc(y)], 1)
+
+
+def test_a_meta_model_and_inputs_larger_than_the_machine():
+    with torch.device("meta"):
+        huge = _SharedEncoder(100_000)  # 40 GB of float32 weights
+    fusions = regbn.find_fusions(huge, input_shapes=[(2, 100_000), (2, 100_000)])
+    assert len(fusions) == 1 and [tuple(s) for s in fusions[0].shapes] == [(2, 100_000)] * 2
+    report = regbn.inspect(_SharedEncoder(), input_shapes=[(10**10, 3), (10**10, 3)])  # 120 GB
+    assert [r.shape for r in report.rows if r.is_fusion] == [(10**10, 6)]
