@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench_layer.py", "bench_distributed.py"])
 def test_quick_run_writes_json(script, tmp_path):
     out = tmp_path / "result.json"

@@ -115,6 +115,7 @@ def _spawn(sizes: list[int], tmp, mode: str, timeout: float = 120.0):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [[4, 4], [5, 2]], ids=["even", "uneven"])
 def test_two_ranks_equal_one_process(tmp_path, sizes):
     ranks = _spawn(sizes, tmp_path, "equal")
@@ -138,12 +139,14 @@ def test_two_ranks_equal_one_process(tmp_path, sizes):
     assert B0 == ranks[0]["f_r"][0].shape[0]
 
 
+@pytest.mark.slow
 def test_an_empty_batch_on_one_rank_is_an_error_everywhere(tmp_path):
     messages = _spawn([3, 0], tmp_path, "empty")
     for m in messages:
         assert "rank(s) [1] passed an empty training batch" in m and "drop_last=True" in m
 
 
+@pytest.mark.slow
 def test_a_shape_error_on_one_rank_is_the_same_error_everywhere(tmp_path):
     start = time.monotonic()
     messages = _spawn([3, 3], tmp_path, "shape", timeout=60)
@@ -153,6 +156,7 @@ def test_a_shape_error_on_one_rank_is_the_same_error_everywhere(tmp_path):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_test_promptly(tmp_path):
     start = time.monotonic()
     with pytest.raises(Exception, match="rank 1 fails on purpose|terminated|Connection closed"):

@@ -843,6 +843,7 @@ def test_channel_projection_gradients_and_refusals():
     torch.testing.assert_close(a(f, g)[0], b(f, g)[0])
 
 
+@pytest.mark.slow
 def test_compiled_training_updates_the_running_state_like_eager():
     # torch.compile treats a 0-dim float64 CPU tensor as a Python float and dropped in-place
     # updates of the Adam moments: the running W drifted from eager's without any error.

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_train.py"
 
 
+@pytest.mark.slow
 def test_torchrun_quick_keeps_the_ranks_in_step():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--standalone", str(EXAMPLE), "--quick"]

@@ -20,6 +20,7 @@ def test_notebook_is_committed_clean():
             assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")

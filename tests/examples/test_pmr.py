@@ -164,6 +164,7 @@ def quick_twice(tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 def test_quick_end_to_end(quick_twice):
     out, proc = quick_twice[0]
     assert (out / "pmr_colored_digits.png").stat().st_size > 10_000
@@ -186,6 +187,7 @@ def test_quick_end_to_end(quick_twice):
     assert format_table(summarise(results)) == format_table(results["final"])
 
 
+@pytest.mark.slow
 def test_quick_is_identical_in_two_processes(quick_twice):
     (out_a, proc_a), (out_b, proc_b) = quick_twice
     a = json.loads((out_a / "pmr_colored_digits.json").read_text())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import EXAMPLES, run_script
 
 
+@pytest.mark.slow
 def test_quickstart_runs():
     proc = run_script(str(EXAMPLES / "quickstart.py"), timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -331,6 +331,7 @@ def _compiled_matches(backend: str) -> None:
         torch.testing.assert_close(compiled(*inputs), patched(*inputs), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_compile_eval():
     # The default backend (inductor) builds C++: ~30 s the first time on two cores, ~3 s with
     # its cache warm. REGBN_FAST_COMPILE_TEST=1 swaps in aot_eager (dynamo + AOTAutograd only).
