@@ -267,6 +267,7 @@ def test_bad_mnist_dir_raises_valueerror(tmp_path, problem):
         build_colored_digits(0, mnist_dir=root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["colored_digits.py", "pmr_colored_digits.py"])
 @pytest.mark.parametrize("problem", ["missing", "malformed"])
 def test_cli_mnist_error_is_one_line(tmp_path, script, problem):
@@ -283,6 +284,7 @@ def test_cli_mnist_error_is_one_line(tmp_path, script, problem):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_summary_and_preview(tmp_path):
     proc = run_script(
         str(EXAMPLES / "colored_digits.py"),

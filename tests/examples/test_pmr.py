@@ -215,6 +215,7 @@ def test_bad_arguments_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_too_few_training_digits_is_one_line():
     proc = run_script(SCRIPT, "--n-train", "20", timeout=120)
     assert proc.returncode == 2
