@@ -39,12 +39,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as TF
+from torch import nn
 from tqdm import tqdm
 
 from regbn import RegBN
 from regbn.solver import solve_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# --options: "default" is RegBN's defaults; "official" is the official example's
+# (mogvision/regbn): normalize_input=True, normalize_output=True, affine=True.
+OPTIONS = {
+    "default": {"normalize_input": False, "normalize_output": True, "affine": False},
+    "official": {"normalize_input": True, "normalize_output": True, "affine": True},
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -88,14 +95,37 @@ def _nan_to(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=1e-8, posinf=1e-8, neginf=1e-8)
 
 
+class Norms(nn.Module):
+    """The four norms of a layer with the given options, for the references to run alike.
+
+    Input: BatchNorm{k}d for k ≥ 2 spatial dims, else LayerNorm over [C, *spatial] (the official
+    layer's choice); output: LayerNorm over [C, *spatial]; Identity where switched off.
+    """
+
+    def __init__(self, fs: tuple, gs: tuple, normalize_input: bool, normalize_output: bool,
+                 affine: bool) -> None:
+        super().__init__()
+
+        def make(shape: tuple, inp: bool) -> nn.Module:
+            if not (normalize_input if inp else normalize_output):
+                return nn.Identity()
+            if inp and len(shape) >= 3:
+                return getattr(nn, f"BatchNorm{len(shape) - 1}d")(shape[0], affine=affine)
+            return nn.LayerNorm(list(shape), elementwise_affine=affine)
+
+        self.in_f, self.in_g = make(fs, True), make(gs, True)
+        self.out_f, self.out_g = make(fs, False), make(gs, False)
+
+
 def lbfgs_step(
-    f: torch.Tensor, g: torch.Tensor, W_run: list[torch.Tensor], state: dict, detach_svd: bool
+    f: torch.Tensor, g: torch.Tensor, W_run: list[torch.Tensor], state: dict, detach_svd: bool,
+    norms: Norms,
 ) -> None:
     """One training step of the published recipe (see the module docstring)."""
     B = f.shape[0]
     if torch.isnan(f).sum() > 0 or torch.isnan(g).sum() > 0:
         return
-    F, G = f.reshape(B, -1), g.reshape(B, -1)
+    F, G = norms.in_f(f).reshape(B, -1), norms.in_g(g).reshape(B, -1)
     Gs = G.detach() if detach_svd else G
     U, s, Vh = torch.linalg.svd(Gs, full_matrices=False)
     s = torch.where(s > float(s.detach().max()) * 0.0, s, 0.0)  # sigma_THR = sigma_MIN = 0
@@ -138,15 +168,17 @@ def lbfgs_step(
         eta = 0.02 * m_hat / (torch.sqrt(v_hat) + 1e-8)
         W_run[0] = (1 - eta) * W_run[0] + eta * W_batch
     f_r = (F - G @ W_batch).reshape(f.shape)
-    out_f = TF.layer_norm(f_r, list(f.shape[1:]))
-    out_g = TF.layer_norm(g, list(g.shape[1:]))
+    out_f = norms.out_f(f_r)
+    out_g = norms.out_g(G.reshape(g.shape))
     (out_f.sum() + out_g.square().sum()).backward()
 
 
-def minimal_step(f: torch.Tensor, g: torch.Tensor, W_run: torch.Tensor, lam: float) -> None:
+def minimal_step(
+    f: torch.Tensor, g: torch.Tensor, W_run: torch.Tensor, lam: float, norms: Norms
+) -> None:
     """The kernels every exact training step runs, λ⁺ given (see the module docstring)."""
     B = f.shape[0]
-    F, G = f.reshape(B, -1), g.reshape(B, -1)
+    F, G = norms.in_f(f).reshape(B, -1), norms.in_g(g).reshape(B, -1)
     K = G @ G.T
     torch.linalg.eigh(K.detach().double())  # the spectrum λ⁺ is read from
     X = torch.linalg.solve(K + lam * torch.eye(B, dtype=K.dtype, device=K.device), F)
@@ -154,8 +186,8 @@ def minimal_step(f: torch.Tensor, g: torch.Tensor, W_run: torch.Tensor, lam: flo
         D = torch.addmm(W_run, G.T, X, beta=-1)
         d = D.abs().mean()
         W_run.add_(D, alpha=0.02 * float(d / (d + 1e-8)))
-    out_f = TF.layer_norm((lam * X).reshape(f.shape), list(f.shape[1:]))
-    out_g = TF.layer_norm(g, list(g.shape[1:]))
+    out_f = norms.out_f((lam * X).reshape(f.shape))
+    out_g = norms.out_g(G.reshape(g.shape))
     (out_f.sum() + out_g.square().sum()).backward()
 
 
@@ -164,6 +196,15 @@ def floor_step(F: torch.Tensor, G: torch.Tensor, W_run: torch.Tensor) -> None:
     _, A = torch.linalg.eigh(K)
     W_batch = G.T @ (A @ F)
     W_run.lerp_(W_batch, 0.02)
+
+
+def floor_norms_step(f: torch.Tensor, g: torch.Tensor, W_run: torch.Tensor, norms: Norms) -> None:
+    """The floor plus the layer's norms forward and backward: the input norms, the floor's
+    kernels on their outputs, the output norms of f and g, and the backward through the norms."""
+    B = f.shape[0]
+    fn, gn = norms.in_f(f), norms.in_g(g)
+    floor_step(fn.detach().reshape(B, -1), gn.detach().reshape(B, -1), W_run)
+    (norms.out_f(fn).sum() + norms.out_g(gn).square().sum()).backward()
 
 
 def ours_train_step(layer: RegBN, f: torch.Tensor, g: torch.Tensor) -> None:
@@ -182,11 +223,14 @@ def make_inputs(B: int, fs: tuple[int, ...], gs: tuple[int, ...], device, dtype,
 def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
     dtype = torch.float32
     f, g = make_inputs(B, fs, gs, device, dtype)
-    layer = RegBN(fs[0], gs[0], list(fs[1:]), list(gs[1:])).to(device)
+    opts = OPTIONS[args.options]
+    layer = RegBN(fs[0], gs[0], list(fs[1:]), list(gs[1:]), **opts).to(device)
+    norms = Norms(fs, gs, **opts).to(device)
     res: dict = {"case": name, "B": B, "f": list(fs), "g": list(gs),
                  "Df": math.prod(fs), "Dg": math.prod(gs)}
     F, G = f.reshape(B, -1), g.reshape(B, -1)
-    lam = solve_batch(F, G).lam
+    with torch.no_grad():
+        lam = solve_batch(norms.in_f(f).reshape(B, -1), norms.in_g(g).reshape(B, -1)).lam
 
     def leaf(x: torch.Tensor) -> torch.Tensor:
         return x.clone().requires_grad_()
@@ -200,11 +244,12 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
 
         return run
 
-    W_floor, W_min = (torch.zeros(G.shape[1], F.shape[1], device=device) for _ in range(2))
+    W_floor, W_min, W_fn = (torch.zeros(G.shape[1], F.shape[1], device=device) for _ in range(3))
     fns: dict[str, Callable[[], None]] = {
         "ours_train": with_grads(lambda a, b: ours_train_step(layer, a, b)),
-        "minimal_train": with_grads(lambda a, b: minimal_step(a, b, W_min, lam)),
+        "minimal_train": with_grads(lambda a, b: minimal_step(a, b, W_min, lam, norms)),
         "floor": lambda: floor_step(F, G, W_floor),
+        "floor_norms": with_grads(lambda a, b: floor_norms_step(a, b, W_fn, norms)),
     }
     states: dict[str, dict] = {}
     if with_lbfgs:
@@ -213,7 +258,7 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
             W_l = [torch.zeros_like(W_floor)]
             fns[key] = with_grads(
                 lambda a, b, W_l=W_l, state=state, detach=detach: lbfgs_step(
-                    a, b, W_l, state, detach
+                    a, b, W_l, state, detach, norms
                 )
             )
         fns["svd"] = lambda: torch.linalg.svd(G, full_matrices=False)
@@ -221,6 +266,7 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
     res.update({f"{k}_s": v for k, v in times.items()})
     res["ratio_to_floor"] = res["ours_train_s"] / res["floor_s"]
     res["minimal_ratio_to_floor"] = res["minimal_train_s"] / res["floor_s"]
+    res["ratio_to_floor_norms"] = res["ours_train_s"] / res["floor_norms_s"]
     if with_lbfgs:
         res["lbfgs_starts_per_step"] = states["lbfgs_train"]["starts"] / states["lbfgs_train"]["t"]
         res["lbfgs_over_svd"] = res["lbfgs_train_s"] / res["svd_s"]
@@ -235,11 +281,14 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
         with torch.no_grad():
             layer(f, g)
 
+    norms.eval()
+
     def ref_eval() -> None:
         with torch.no_grad():
-            f_r = F - G @ W
-            TF.layer_norm(f_r.reshape(f.shape), list(fs))
-            TF.layer_norm(g, list(gs))
+            gn = norms.in_g(g)
+            f_r = norms.in_f(f).reshape(B, -1) - gn.reshape(B, -1) @ W
+            norms.out_f(f_r.reshape(f.shape))
+            norms.out_g(gn)
 
     times = time_interleaved({"ours_eval": ours_eval, "ref_eval": ref_eval}, device,
                              args.case_time / 2, args.max_rounds)
@@ -270,10 +319,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: torch's); 1 gives stable figures on a busy box")
+    p.add_argument("--options", choices=sorted(OPTIONS), default="default",
+                   help="the layer's (and the references') norms: RegBN's defaults, or the "
+                   "official example's (normalize_input, normalize_output, affine)")
+    p.add_argument("--profile", action="store_true",
+                   help="where a training step's time goes, per phase, at the official README's "
+                   "shape with the official options, next to the floor with norms "
+                   "(-> results/bench_layer_profile.json)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="count host synchronisations per training step under "
+                   "torch.cuda.set_sync_debug_mode('warn') (CUDA only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile or args.sync_debug:
+        import bench_profile  # beside this file; holds the profile and the sync count
+
+        return bench_profile.main(args, device)
 
     cases: list[tuple[str, int, tuple, tuple, bool]] = [
         ("official README: f 512, g 64x7x7", 50, (512,), (64, 7, 7), True),
@@ -284,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         args.case_time, args.max_rounds = 0.05, 3
         cases = [("quick", 8, (6,), (2, 2, 2), True), ("quick primal", 16, (4,), (3,), False)]
     else:
-        cases += [(f"scale B={b}", b, (512,), (64, 7, 7), False)
-                  for b in (32, 64, 128, 256, 512, 1024)]
+        # B up to 4096 on a GPU; on the CPU up to 1024 (a B=4096 step takes seconds there).
+        sizes = (32, 64, 128, 256, 512, 1024) + ((2048, 4096) if device.type == "cuda" else ())
+        cases += [(f"scale B={b}", b, (512,), (64, 7, 7), False) for b in sizes]
         cases += [(f"scale Dg={c * 49}", 128, (512,), (c, 7, 7), False)
                   for c in (1, 4, 16, 64, 256)]
 
@@ -295,11 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "options": {"name": args.options, **OPTIONS[args.options]},
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "timer": "perf_counter after torch.cuda.synchronize" if device.type == "cuda"
+        else "perf_counter",
         "machine": platform.machine(),
         "processor": platform.processor(),
         "command": "python benchmarks/bench_layer.py" + (" --quick" if args.quick else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --options {args.options}" if args.options != "default" else "")
         + (f" --case-time {args.case_time:g}" if args.case_time != 8.0 else ""),
         "constraint_error": accuracy(device),
         "cases": rows,
@@ -330,14 +399,16 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| case | B | Df | Dg | ours: train step (ms) | minimal step (ms) | floor (ms) "
-        "| ours / floor | minimal / floor | ours: eval (ms) | f − gW + norms (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours / floor | minimal / floor | floor with norms (ms) | ours / floor with norms "
+        "| ours: eval (ms) | f − gW + norms (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["cases"]:
         lines.append(
             f"| {r['case']} | {r['B']} | {r['Df']} | {r['Dg']} | {r['ours_train_s'] * ms:.2f} "
             f"| {r['minimal_train_s'] * ms:.2f} | {r['floor_s'] * ms:.2f} "
             f"| {r['ratio_to_floor']:.2f} | {r['minimal_ratio_to_floor']:.2f} "
+            f"| {r['floor_norms_s'] * ms:.2f} | {r['ratio_to_floor_norms']:.2f} "
             f"| {r['ours_eval_s'] * ms:.3f} | {r['ref_eval_s'] * ms:.3f} |"
         )
     err = ", ".join(f"{k}: {v:.1e}" for k, v in result["constraint_error"].items())
