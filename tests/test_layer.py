@@ -144,19 +144,25 @@ def test_running_update_in_the_kept_workspace_matches_eq6(dtype):
 
 
 def test_workspace_is_scratch_only():
+    """W_batch's scratch tensor, kept across steps, is no state: it is neither saved nor a
+    buffer, copies and unpickled layers train on exactly like the original, and after a cast
+    the next step works in the new dtype."""
     fs, gs = (16,), (4, 3, 3)
     layer = make(fs, gs)
     layer(*batch(10, fs, gs, dtype=torch.float32))
-    assert layer._work is not None and layer._work.shape == layer.W.shape
-    assert set(layer.state_dict()) == set(make(fs, gs).state_dict())
-    assert all(b is not layer._work for b in layer.buffers())
-    assert copy.deepcopy(layer)._work is None and pickle.loads(pickle.dumps(layer))._work is None
-    layer.double()  # a cast drops it; the next step makes one in the new dtype
-    assert layer._work is None
-    layer(*batch(10, fs, gs, seed=1))
-    assert layer._work.dtype == torch.float64 == layer.W.dtype
-    layer.eval()  # eval never needs it
-    assert layer._work is None
+    fresh = make(fs, gs)
+    assert set(layer.state_dict()) == set(fresh.state_dict())
+    assert [n for n, _ in layer.named_buffers()] == [n for n, _ in fresh.named_buffers()]
+    clones = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+    step = batch(10, fs, gs, seed=1, dtype=torch.float32)
+    layer(*step)
+    for clone in clones:
+        clone(*step)
+        assert torch.equal(clone.W, layer.W)
+        assert_same_buffers(buffers(clone), buffers(layer))
+    layer.double()
+    f_r, _ = layer(*batch(10, fs, gs, seed=2))
+    assert f_r.dtype == torch.float64 == layer.W.dtype and bool(torch.isfinite(layer.W).all())
 
 
 def test_eval_uses_and_never_changes_the_running_w():
