@@ -29,7 +29,7 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def _layers(patched: fx.GraphModule) -> list[nn.Module]:
-    n = len([m for m in patched._modules if re.fullmatch(r"regbn_\d+", m)])
+    n = len([m for m in dict(patched.named_children()) if re.fullmatch(r"regbn_\d+", m)])
     return [getattr(patched, f"regbn_{i}") for i in range(n)]
 
 
@@ -157,15 +157,15 @@ def test_remove_restores_the_model(case: Case):
     model.eval()
     patched = insert(model, case.pairs, case.inputs())
     restored = remove(patched)
-    assert not [m for m in restored._modules if m.startswith("regbn_")]
-    assert "regbn_0" in patched._modules  # remove does not touch its argument
+    assert not [m for m in dict(restored.named_children()) if m.startswith("regbn_")]
+    assert "regbn_0" in dict(patched.named_children())  # remove does not touch its argument
     batch = case.inputs()
     with torch.no_grad():
         assert torch.equal(case.call(restored, batch), case.call(model, batch))
     assert restored.state_dict().keys() == model.state_dict().keys()
     # provenance meta does not survive pickling; remove still finds the layers
     again = remove(pickle.loads(pickle.dumps(patched)))
-    assert not [m for m in again._modules if m.startswith("regbn_")]
+    assert not [m for m in dict(again.named_children()) if m.startswith("regbn_")]
     with torch.no_grad():
         assert torch.equal(case.call(again, batch), case.call(model, batch))
 
@@ -252,7 +252,7 @@ def test_graph_module_accepted_and_not_mutated():
     gm = fx.symbolic_trace(model)
     code = gm.code
     patched = insert(gm, [("relu", "relu_1")], (torch.randn(B, 10), torch.randn(B, 12)))
-    assert gm.code == code and "regbn_0" not in gm._modules
+    assert gm.code == code and "regbn_0" not in dict(gm.named_children())
     assert "regbn_0" in patched.code
 
 
@@ -686,15 +686,15 @@ def test_remove_keeps_the_models_own_regbn_and_warns():
     inputs = (torch.randn(B, 10), torch.randn(B, 12))
     with pytest.warns(UserWarning, match=r"already holds RegBN layers \['regbn_0'\]"):
         patched = insert(model, [("enc_a", "enc_b")], inputs)
-    assert "regbn_1" in patched._modules and patched.regbn_0 is model.regbn_0
+    assert "regbn_1" in dict(patched.named_children()) and patched.regbn_0 is model.regbn_0
     with pytest.warns(UserWarning, match=r"remove: kept the RegBN layers \['regbn_0'\]"):
         restored = remove(patched)
-    assert "regbn_1" not in restored._modules and restored.regbn_0 is model.regbn_0
+    assert "regbn_1" not in dict(restored.named_children()) and restored.regbn_0 is model.regbn_0
     with torch.no_grad():
         assert torch.equal(restored(*inputs), model(*inputs))
     for clone in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
         with pytest.warns(UserWarning, match=r"kept the RegBN layers \['regbn_0'\]"):
-            assert "regbn_1" not in remove(clone)._modules
+            assert "regbn_1" not in dict(remove(clone).named_children())
 
 
 def test_insert_on_a_patched_model_warns_and_adds_after():
@@ -703,9 +703,9 @@ def test_insert_on_a_patched_model_warns_and_adds_after():
     patched = insert(model, [("relu", "relu_1")], inputs)
     with pytest.warns(UserWarning, match=r"already holds RegBN layers \['regbn_0'\]"):
         twice = insert(patched, [("enc_a", "enc_b")], inputs)
-    assert {"regbn_0", "regbn_1"} <= set(twice._modules)
+    assert {"regbn_0", "regbn_1"} <= set(dict(twice.named_children()))
     once = remove(twice)
-    assert not [m for m in once._modules if m.startswith("regbn_")]
+    assert not [m for m in dict(once.named_children()) if m.startswith("regbn_")]
 
 
 # --------------------------------------------------------------------------- more graph shapes
