@@ -975,6 +975,10 @@ def test_float32_inputs_under_autocast_give_the_result_without_it():
     torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
     assert autocast.last_lambda == pytest.approx(plain.last_lambda, rel=1e-4)
     assert autocast.W.dtype == torch.float32
+    lazy = RegBN()  # a lazy layer's first batch in bfloat16, as autocast produces it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = lazy(3 * f.bfloat16(), g.bfloat16())
+    assert bool(torch.isfinite(out).all()) and lazy.W.dtype == torch.float32
 
 
 def test_n_epoch_has_no_effect_and_an_eval_step_keeps_the_batchnorm_statistics():
