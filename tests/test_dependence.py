@@ -23,8 +23,7 @@ from regbn.dependence import (
     pairs_of_fusions,
 )
 from regbn.errors import RegBNTypeError, RegBNValueError
-from regbn.fx.analysis import find_fusions
-from regbn.fx.analysis import analyse
+from regbn.fx.analysis import analyse, find_fusions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +86,8 @@ def test_the_noise_ranks_the_dependence():
     gen = torch.Generator().manual_seed(2)
     f = torch.randn(1000, 3, generator=gen)
     A = torch.randn(3, 6, generator=gen)
-    r2 = [dependence_of(f, f @ A + s * torch.randn(1000, 6, generator=gen)).r2 for s in (0.1, 1, 10)]
+    noise = [s * torch.randn(1000, 6, generator=gen) for s in (0.1, 1, 10)]
+    r2 = [dependence_of(f, f @ A + e).r2 for e in noise]
     assert r2[0] > 0.95 and r2[0] > r2[1] > r2[2] and r2[2] < 0.2
 
 
@@ -284,8 +284,9 @@ class _Cells(HTMLParser):
 def test_report_formats_hold_every_row():
     torch.manual_seed(0)
     model = TwoBranch()
-    report = measure_dependence(model, _batches(), pairs=[("x", "y"), ("left", "right<")][:1])
-    rows = [*report.rows, dependence_of(torch.randn(40, 3), torch.randn(40, 50), pair=("a|<b>", "c"))]
+    report = measure_dependence(model, _batches(), pairs=[("x", "y")])
+    wide = dependence_of(torch.randn(40, 3), torch.randn(40, 50), pair=("a|<b>", "c"))
+    rows = [*report.rows, wide]
     report = DependenceReport(tuple(rows), skipped=("a fusion was skipped",))
     text, md = str(report), report.to_markdown()
     parser = _Cells()
