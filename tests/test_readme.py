@@ -50,17 +50,32 @@ def _anchors(page: Path) -> set[str]:
     return {_anchor(h) for h in re.findall(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, flags=re.M)}
 
 
-def _relative_links(page: Path) -> list[str]:
-    links = _LINK.findall(_prose(page.read_text()))
-    return [dest for dest in links if not re.match(r"^[a-z][a-z0-9+.-]*:", dest, flags=re.I)]
+def _relative_links(page: Path) -> list[tuple[Path, str]]:
+    """(folder the link is read from, destination) of each link that is not a URL.
+
+    A docs page's "## For the README" section holds lines written to be pasted into the README,
+    so its links are read from the README's folder.
+    """
+    text = _prose(page.read_text())
+    pasted = re.search(r"^## For the README\s*$(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    parts = [(page.parent, text)]
+    if pasted and page != README:
+        parts = [(page.parent, text[: pasted.start()] + text[pasted.end() :])]
+        parts.append((README.parent, pasted.group(1)))
+    return [
+        (base, dest)
+        for base, part in parts
+        for dest in _LINK.findall(part)
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", dest, flags=re.I)
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_lead_to_files(page):
     broken = []
-    for dest in _relative_links(page):
+    for base, dest in _relative_links(page):
         path, _, fragment = dest.partition("#")
-        target = (page.parent / path).resolve() if path else page
+        target = (base / path).resolve() if path else page
         if not target.exists():
             broken.append(f"{dest} (no file {target.relative_to(REPO)})")
         elif fragment and target.suffix == ".md" and fragment not in _anchors(target):
@@ -72,6 +87,16 @@ def test_link_reader_sees_links_and_skips_code():
     text = "[a](docs/x.md) `[b](y.md)` ![c](img.png \"t\") [d](https://x.org)\n```\n[e](z.md)\n```\n"
     assert _LINK.findall(_prose(text)) == ["docs/x.md", "img.png", "https://x.org"]
     assert _anchor("`regbn.fold`: RegBN as plain torch ops") == "regbnfold-regbn-as-plain-torch-ops"
+
+
+def test_pasted_section_links_are_read_from_the_readme(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[a](x.md)\n## For the README\n[b](docs/y.md)\n## Next\n[c](z.md)\n")
+    assert _relative_links(page) == [
+        (tmp_path, "x.md"),
+        (tmp_path, "z.md"),
+        (README.parent, "docs/y.md"),
+    ]
 
 
 def test_readme_is_short():
