@@ -1,0 +1,204 @@
+"""RegBN's norms and its eval maths as plain functions (RegBN, NeurIPS 2023).
+
+The same functions serve the layer, the fx graph that :func:`regbn.fold` writes (where the
+tensors are fx Proxies) and every exporter; :class:`regbn.RegBN` holds the norm modules and
+their buffers and calls these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from .errors import RegBNValueError
+
+__all__ = [
+    "PROJECTIONS",
+    "NormSpec",
+    "apply_spec",
+    "as_rows",
+    "eval_maths",
+    "from_rows",
+    "input_norm",
+    "layer_norm",
+    "norm_spec",
+    "output_norm",
+    "run_norm",
+]
+
+def input_norm(enabled: bool, channels: int, spatial: list[int], affine: bool) -> nn.Module:
+    """BatchNorm{k}d over channels for k ≥ 2 spatial dims, else LayerNorm over [C, *spatial]."""
+    if not enabled:
+        return nn.Identity()
+    if len(spatial) >= 2:
+        if len(spatial) > 3:
+            raise RegBNValueError(
+                f"RegBN: normalize_input=True supports at most 3 spatial dims (BatchNorm3d); got "
+                f"{len(spatial)} ({spatial}). Reshape the tensor or set normalize_input=False"
+            )
+        return getattr(nn, f"BatchNorm{len(spatial)}d")(channels, affine=affine)
+    return nn.LayerNorm([channels, *spatial], elementwise_affine=affine)
+
+
+def output_norm(enabled: bool, channels: int, spatial: list[int], affine: bool) -> nn.Module:
+    if not enabled:
+        return nn.Identity()
+    return nn.LayerNorm([channels, *spatial], elementwise_affine=affine)
+
+
+# ---------------------------------------------------------------------- the eval maths, functional
+# A norm as plain tensors, so that the same function serves the layer, the fx graph that
+# regbn.fold writes (where the tensors are fx Proxies) and every exporter:
+#   ("layer", shape, weight, bias, eps)              LayerNorm over the last dims, of sizes shape
+#   ("batch", running_mean, running_var, weight, bias, eps)   BatchNorm with running statistics
+NormSpec = tuple | None
+
+PROJECTIONS = ("full", "channel")
+_TINY = 1e-30  # far below any variance of values in [-1, 1] on a float32 grid, unless all equal
+
+
+def layer_norm(x: Tensor, shape: Sequence[int], weight, bias, eps: float) -> Tensor:
+    """LayerNorm over the last dims, of sizes ``shape`` (as nn.LayerNorm), safe from overflow.
+
+    (x − μ)/√(σ² + ε) equals (x' − μ')/√(σ'² + ε/t²) for x' = x/t, exactly. With t = max(1,
+    max|x|) per sample every x' lies in [−1, 1], so a finite input (1e20 in float32, whose σ²
+    overflows) gives a finite output; for |x| ≤ 1 it is the usual formula. t is a constant for
+    autograd: the result does not depend on it, so the gradient is exact.
+    """
+    dims = tuple(range(-len(shape), 0))
+    # max|x| as max(max x, −min x): two reductions, no temporary the size of x.
+    xd = x.detach()
+    t = torch.maximum(xd.amax(dim=dims, keepdim=True), -xd.amin(dim=dims, keepdim=True))
+    t = t.clamp_min(1.0)
+    # Two passes, the mean and then ‖x − μ‖₂ (torch.var_mean's Welford loop is several times
+    # slower on the CPU). x/t is a fresh tensor that no backward reads: centred in place.
+    c = x / t
+    c = c.sub_(c.mean(dim=dims, keepdim=True))
+    var = torch.linalg.vector_norm(c, 2, dim=dims, keepdim=True).square() / math.prod(shape)
+    # The floor only matters for a constant sample (x − μ = 0) whose ε/t² underflowed.
+    y = c * torch.rsqrt((var + eps / t.square()).clamp_min(_TINY))
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, y, weight)
+    if weight is not None:
+        return y * weight
+    return y if bias is None else y + bias
+
+
+def apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """One norm in eval form, its tensors cast to the compute ``dtype``."""
+    if spec is None:
+        return x
+    cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    if spec[0] == "layer":
+        _, shape, weight, bias, eps = spec
+        return layer_norm(x, shape, cast(weight), cast(bias), eps)
+    _, mean, var, weight, bias, eps = spec
+    return TF.batch_norm(x, cast(mean), cast(var), cast(weight), cast(bias), False, 0.0, eps)
+
+
+def norm_spec(norm: nn.Module) -> NormSpec:
+    """The eval-mode :data:`NormSpec` of one of RegBN's norm modules."""
+    if isinstance(norm, nn.LayerNorm):
+        return ("layer", tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return ("batch", norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+    return None
+
+
+def eval_maths(
+    f: Tensor,
+    g: Tensor,
+    W: Tensor,
+    norms: Sequence[NormSpec],
+    f_shape: Sequence[int],
+    g_shape: Sequence[int],
+    dtype: torch.dtype,
+    projection: str = "full",
+) -> tuple[Tensor, Tensor]:
+    """RegBN in eval mode as plain torch ops: ``f_r = F − G·W`` between the norms.
+
+    Args:
+        f: (B, *f_shape); g: (B, *g_shape); W: (Dg, Df), the running projection; (Cg, Cf) for
+            ``projection="channel"``, applied at every spatial position.
+        norms: the specs of (norm_f, norm_g, norm_f_out, norm_g_out), see :func:`norm_spec`.
+        dtype: the compute dtype (float32 or float64); inputs, W and the norms' tensors are cast
+            to it, the outputs stay in it.
+        projection: ``"full"`` or ``"channel"``, as the layer's.
+
+    Sizes come from ``f_shape``/``g_shape``, never from data, so the graph exports with a
+    symbolic batch size, and an empty batch gives empty outputs.
+    """
+    nf, ng, nfo, ngo = norms
+    f = apply_spec(nf, f.to(dtype), dtype)
+    g = apply_spec(ng, g.to(dtype), dtype)
+    channel = projection == "channel"
+    f_r = torch.addmm(
+        as_rows(f, f_shape, channel), as_rows(g, g_shape, channel), W.to(dtype), alpha=-1
+    )
+    f_r = from_rows(f_r, f_shape, channel)
+    return apply_spec(nfo, f_r, dtype), apply_spec(ngo, g, dtype)
+
+
+def as_rows(x: Tensor, shape: Sequence[int], channel: bool) -> Tensor:
+    """x (B, *shape) as the rows the projection acts on: (B, prod(shape)), or with
+    ``channel`` one row of C channels per sample and spatial position, (B·prod(spatial), C)."""
+    if not channel or len(shape) == 1:
+        return x.reshape(-1, math.prod(shape))
+    return x.movedim(1, -1).reshape(-1, shape[0])
+
+
+def from_rows(rows: Tensor, shape: Sequence[int], channel: bool) -> Tensor:
+    """The inverse of :func:`as_rows`: (B, *shape), contiguous."""
+    if not channel or len(shape) == 1:
+        return rows.reshape(-1, *shape)
+    return rows.reshape(-1, *shape[1:], shape[0]).movedim(-1, 1).contiguous()
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Run ``module`` in the given mode, whatever the layer's own flag says (``is_training``)."""
+    before = module.training
+    if before != training:
+        module.train(training)
+    try:
+        yield module
+    finally:
+        if before != training:
+            module.train(before)
+
+
+def run_norm(norm: nn.Module, x: Tensor, training: bool) -> Tensor:
+    """One norm on x in training (batch statistics, updated running ones) or eval form.
+
+    Computed in x's dtype: a float16 or bfloat16 layer's norm parameters and statistics are
+    cast to it (the CPU has no mixed-dtype norms), and updated statistics are written back.
+    """
+    if not training or isinstance(norm, nn.LayerNorm | nn.Identity):
+        return apply_spec(norm_spec(norm), x, x.dtype)
+    assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    running_mean, running_var = norm.running_mean, norm.running_var
+    assert running_mean is not None and running_var is not None
+    tensors = [t for t in (*norm.parameters(), running_mean) if t is not None]
+    if all(t.dtype == x.dtype for t in tensors):
+        with _mode(norm, True):
+            return norm(x)
+    # BatchNorm training in x's dtype with statistics kept in the layer's (nn.BatchNorm's
+    # own bookkeeping: the counter, and a cumulative average when momentum is None).
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum
+    if momentum is None:
+        momentum = 1.0 / float(norm.num_batches_tracked)
+    mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
+    w = None if norm.weight is None else norm.weight.to(x.dtype)
+    b = None if norm.bias is None else norm.bias.to(x.dtype)
+    y = TF.batch_norm(x, mean, var, w, b, True, momentum, norm.eps)
+    with torch.no_grad():
+        running_mean.copy_(mean)
+        running_var.copy_(var)
+    return y

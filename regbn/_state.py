@@ -1,0 +1,260 @@
+"""RegBN's shapes and state: building the norms and W for the feature shapes, lazy layers
+(shapes from the first batch or a checkpoint), the state dict and extra state, pickling and
+deep copies.
+
+:class:`StateMixin` holds these so that :mod:`regbn.layer` keeps the training step and the
+running update.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from ._format import shape_str
+from ._norms import input_norm, output_norm
+from .errors import RegBNValueError
+
+__all__ = ["NORMS", "StateMixin"]
+
+NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
+
+
+def _decode_shapes(state) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(f_shape, g_shape) from a saved extra state: the int64 tensor this version writes, or the
+    dict of earlier checkpoints; None for a lazy layer's."""
+    if isinstance(state, dict):
+        if state.get("f_shape") is None or state.get("g_shape") is None:
+            return None
+        return tuple(state["f_shape"]), tuple(state["g_shape"])
+    if not isinstance(state, Tensor) or state.numel() == 0:
+        return None
+    v = [int(x) for x in state.tolist()]
+    nf = v[0]
+    f_shape = tuple(v[1 : 1 + nf])
+    g_shape = tuple(v[2 + nf : 2 + nf + v[1 + nf]])
+    return f_shape, g_shape
+
+
+class StateMixin(nn.Module):
+    """Shapes, lazy materialisation, state-dict, extra-state, pickling and deepcopy hooks of
+    :class:`regbn.RegBN`."""
+
+    f_shape: tuple[int, ...] | None
+    g_shape: tuple[int, ...] | None
+    _declared: tuple | None
+    W: Tensor
+    adam_m: Tensor
+    adam_v: Tensor
+    num_batches_tracked: Tensor
+    lambda_history: Tensor
+    _work: Tensor | None
+    lambda_rule: str
+    momentum: float
+    projection: str
+    normalize_input: bool
+    normalize_output: bool
+    affine: bool
+    max_projection_bytes: int
+
+    def _w_shape(self, f_shape: Sequence[int], g_shape: Sequence[int]) -> tuple[int, int]:
+        """W's shape: (Dg, Df), or (Cg, Cf) for projection='channel'."""
+        if self.projection == "channel":
+            return g_shape[0], f_shape[0]
+        return math.prod(g_shape), math.prod(f_shape)
+
+    def _build(
+        self,
+        f_shape: tuple[int, ...],
+        g_shape: tuple[int, ...],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Create the norms and W for these shapes; on any error nothing is assigned."""
+        dtype = dtype or torch.get_default_dtype()
+        _checks.check_projection_size(
+            f_shape, g_shape, self.projection, self._w_shape(f_shape, g_shape),
+            dtype.itemsize, self.max_projection_bytes,
+        )
+        fc, *fs = f_shape
+        gc, *gs = g_shape
+        # Built outside inference mode: an inference tensor as a buffer or parameter would break
+        # every later training step.
+        with torch.inference_mode(False):
+            norms = {
+                "norm_f": input_norm(self.normalize_input, fc, fs, self.affine),
+                "norm_g": input_norm(self.normalize_input, gc, gs, self.affine),
+                "norm_f_out": output_norm(self.normalize_output, fc, fs, self.affine),
+                "norm_g_out": output_norm(self.normalize_output, gc, gs, self.affine),
+            }
+            if device is not None:
+                for m in norms.values():
+                    m.to(device)
+            W = torch.zeros(*self._w_shape(f_shape, g_shape), device=device, dtype=dtype)
+        for name, m in norms.items():
+            setattr(self, name, m)
+        self.register_buffer("W", W)
+        self.f_shape, self.g_shape = f_shape, g_shape
+
+    def _materialize(self, f: Tensor, g: Tensor) -> None:
+        """Fix a lazy layer's shapes (and W's dtype) from its first batch."""
+        assert self._declared is not None
+        fc, gc, fl, gl = self._declared
+        f_shape = tuple(f.shape[1:]) if fc is None else _checks.as_shape("f", fc, fl)
+        g_shape = tuple(g.shape[1:]) if gc is None else _checks.as_shape("g", gc, gl)
+        dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+        self._build(f_shape, g_shape, device=self.adam_m.device, dtype=dtype)
+        self._declared = None
+
+    def _unmaterialize(self, declared: tuple) -> None:
+        """Make the layer lazy again (its first batch was rejected)."""
+        for name in NORMS:
+            if name in self._modules:
+                delattr(self, name)
+        self.register_buffer("W", nn.parameter.UninitializedBuffer())
+        self.f_shape = self.g_shape = None
+        self._declared = declared
+
+    def has_uninitialized_params(self) -> bool:
+        """True for a lazy layer that has seen neither a batch nor a checkpoint."""
+        return self.f_shape is None
+
+    # ------------------------------------------------------------------ resets
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """Zero the running W and the Adam moments, restart the batch counter, clear the λ⁺
+        history and reset the input BatchNorm statistics, as ``nn.BatchNorm`` does.
+
+        After ``to_empty()`` (a model built on the meta device) these buffers hold whatever the
+        memory held: call this (or :meth:`reset_parameters`) before training.
+        """
+        self._work = None
+        if self.f_shape is not None:
+            self.W.zero_()
+        self.adam_m.zero_()
+        self.adam_v.zero_()
+        self.num_batches_tracked.zero_()
+        self.lambda_history.fill_(math.nan)
+        for norm in self._norms():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                norm.reset_running_stats()
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, and the affine norms' scale to 1 and shift to 0."""
+        self.reset_running_stats()
+        for norm in self._norms():
+            if hasattr(norm, "reset_parameters"):
+                norm.reset_parameters()
+
+    def _norms(self) -> list[nn.Module]:
+        return [self._modules[n] for n in NORMS if n in self._modules]
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def last_lambda(self) -> float | None:
+        """λ⁺ of the last training batch (None before the first)."""
+        value = float(self.lambda_history[-1])
+        return None if math.isnan(value) else value
+
+    def extra_repr(self) -> str:
+        if self.f_shape is None:
+            shapes = "f=lazy, g=lazy"
+        else:
+            shapes = (
+                f"f=(B, {', '.join(map(str, self.f_shape))}), "
+                f"g=(B, {', '.join(map(str, self.g_shape))}), "
+                "W={}×{}".format(*self._w_shape(self.f_shape, self.g_shape))
+            )
+        channel = ", projection='channel'" if self.projection == "channel" else ""
+        return (
+            f"{shapes}, lambda_rule={self.lambda_rule!r}, momentum={self.momentum}, "
+            f"normalize_input={self.normalize_input}, normalize_output={self.normalize_output}"
+            f"{channel}"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_work": None}
+
+    def __deepcopy__(self, memo: dict) -> StateMixin:
+        """copy.deepcopy, also of a lazy layer: torch's UninitializedBuffer has no deep copy of
+        its own, so the copy's is created here and the rest is copied as usual."""
+        w = self._buffers.get("W")
+        if isinstance(w, nn.parameter.UninitializedTensorMixin) and id(w) not in memo:
+            memo[id(w)] = nn.parameter.UninitializedBuffer(device=w.device, dtype=w.dtype)
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.f_shape is not None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Not yet materialised: W is saved uninitialised, as nn.LazyLinear saves its weight.
+        for name, buf in self._buffers.items():
+            if buf is not None and name not in self._non_persistent_buffers_set:
+                lazy = isinstance(buf, nn.parameter.UninitializedTensorMixin)
+                destination[prefix + name] = buf if keep_vars or lazy else buf.detach()
+        destination[prefix + "_extra_state"] = self.get_extra_state()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        w = state_dict.get(prefix + "W")
+        if isinstance(w, nn.parameter.UninitializedTensorMixin):
+            if self.f_shape is not None:
+                error_msgs.append(
+                    f"RegBN {prefix!r}: the checkpoint holds a lazy RegBN that never saw a batch, "
+                    f"but this layer has shapes f {shape_str(self.f_shape)}, g "
+                    f"{shape_str(self.g_shape)}; load it into a lazy RegBN() or train first"
+                )
+                return
+            # Lazy into lazy: W stays uninitialised; the other buffers load as usual.
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "W"}
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                error_msgs,
+            )
+            if prefix + "W" in missing_keys:
+                missing_keys.remove(prefix + "W")
+            return
+        shapes = _decode_shapes(state_dict.get(prefix + "_extra_state"))
+        if self.f_shape is None and shapes is not None:
+            self._build(
+                shapes[0],
+                shapes[1],
+                device=self.adam_m.device,
+                dtype=w.dtype if isinstance(w, Tensor) else None,
+            )
+            self._declared = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def get_extra_state(self) -> Tensor:
+        """The feature shapes as an int64 tensor ``[len(f), *f, len(g), *g]`` (empty when lazy).
+
+        A tensor, not a dict, so that tools that walk the state dict as tensors (``jit.trace``,
+        the ONNX exporters) accept the layer.
+        """
+        if self.f_shape is None:
+            return torch.zeros(0, dtype=torch.long)
+        fs, gs = self.f_shape, self.g_shape
+        return torch.tensor([len(fs), *fs, len(gs), *gs], dtype=torch.long)
+
+    def set_extra_state(self, state) -> None:
+        shapes = _decode_shapes(state)
+        if shapes is None:
+            return
+        for key, saved, mine in zip(
+            ("f_shape", "g_shape"), shapes, (self.f_shape, self.g_shape), strict=True
+        ):
+            if mine is not None and tuple(saved) != tuple(mine):
+                raise RegBNValueError(
+                    f"RegBN: the checkpoint was saved for {key} {shape_str(saved)} but this layer "
+                    f"has {shape_str(mine)}; build the layer with the checkpoint's shapes"
+                )
