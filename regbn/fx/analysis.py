@@ -20,11 +20,13 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
+from ..errors import RegBNValueError
 from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
+from .module_state import carry_missing_state
 from .names import is_ambiguous
 from .shapes import ShapeFailure, propagate_shapes
-from .tracing import carry_missing_state, input_name, trace
+from .tracing import input_name, trace_graph
 
 __all__ = [
     "DEFAULT_MAX_PROJECTION_BYTES",
@@ -67,6 +69,7 @@ def analyse(
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Any = None,
     autowrap_functions: Any = None,
+    caller: str = "regbn.inspect",
 ) -> Analysis:
     """Trace, propagate shapes, annotate modalities and detect fusions, in that order.
 
@@ -74,22 +77,24 @@ def analyse(
     shapes; with neither, the analysis is structural (every operand with a modality counts).
     ``modalities`` groups inputs into named modalities (see `regbn.fx.modality`). Tracing options
     are those of `regbn.fx.tracing.trace`. A trace failure raises `TraceError`; a shape failure is
-    returned in ``failure`` and the modalities still hold for every node.
+    returned in ``failure`` and the modalities still hold for every node. ``caller``: the public
+    callable that starts the message of any error (``"regbn.insert"``, ...).
     """
-    traced = trace(
+    traced = trace_graph(
         model,
         concrete_args=concrete_args,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
-    )
+        caller=caller,
+    ).graph_module()
     gm = private_copy(traced) if traced is model else traced
     failure = None
     if example_inputs is not None or input_shapes is not None:
         failure = propagate_shapes(
-            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes
+            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes, caller=caller
         )
     # Modalities are structural: they hold for every node, even past a shape failure.
-    graph = annotate_modalities(gm, modalities=modalities)
+    graph = annotate_modalities(gm, modalities=modalities, caller=caller)
     fusions = [with_pair_names(gm, f) for f in detect_fusions(gm)]
     return Analysis(gm, fusions, failure, graph)
 
@@ -134,10 +139,11 @@ def find_fusions(
         concrete_args=concrete_args,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
+        caller="regbn.find_fusions",
     )
     if result.failure is not None:
-        raise ValueError(
-            f"find_fusions: {result.failure}. Check example_inputs/input_shapes against the "
+        raise RegBNValueError(
+            f"regbn.find_fusions: {result.failure}. Check example_inputs/input_shapes against the "
             "model's forward, or run regbn.inspect(model, ...) to see the shapes up to that node"
         )
     return result.fusions
@@ -179,8 +185,9 @@ def expression(node: fx.Node, depth: int = 4) -> str:
         return input_name(node) if node.op == "placeholder" else node.name
     if node.op == "call_module":
         return str(node.target)
-    if node.op == "call_function" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
-        src, key = node.args
+    src = node.args[0] if node.op == "call_function" and len(node.args) == 2 else None
+    if isinstance(src, fx.Node):
+        key = node.args[1]
         if node.target is builtins.getattr and isinstance(key, str):
             return f"{expression(src, depth - 1)}.{key}"
         if node.target is operator.getitem:
@@ -237,14 +244,14 @@ def auto_pairs(
             pairs.append(pair)
     if not pairs:
         if skipped:
-            raise ValueError(
-                "pairs='auto': every fusion was skipped, so there is nowhere to insert RegBN. "
-                + " ".join(skipped)
+            raise RegBNValueError(
+                "regbn.insert: pairs='auto': every fusion was skipped, so there is nowhere to "
+                "insert RegBN. " + " ".join(skipped)
             )
-        raise ValueError(
-            "pairs='auto': found no fusion (no node whose tensor operands come from disjoint "
-            "sets of inputs), so there is nowhere to insert RegBN. Name the pairs explicitly; "
-            "run regbn.inspect(model, ...) to list the tensors"
+        raise RegBNValueError(
+            "regbn.insert: pairs='auto': found no fusion (no node whose tensor operands come from "
+            "disjoint sets of inputs), so there is nowhere to insert RegBN. Name the pairs "
+            "explicitly; run regbn.inspect(model, ...) to list the tensors"
         )
     return pairs, skipped
 
@@ -284,6 +291,8 @@ def _projection_bytes(fusion: Fusion, projection: str) -> int | None:
 
 def _skip_message(fusion: Fusion, nbytes: int, limit: int, projection: str) -> str:
     f_shape, g_shape = fusion.pair_shapes
+    if f_shape is None or g_shape is None:  # nbytes was computed from both shapes
+        raise AssertionError(f"fusion {fusion.name!r} has no pair shapes")
     df, dg = _features(f_shape, projection), _features(g_shape, projection)
     exprs = dict(fusion.expressions)
     what = ", ".join(exprs.get(n, n) for n in fusion.pair)
@@ -294,7 +303,7 @@ def _skip_message(fusion: Fusion, nbytes: int, limit: int, projection: str) -> s
         f"({nbytes / 2**20:.1f} MiB), more than max_projection_bytes={limit} "
         f"({limit / 2**20:.1f} MiB)."
     )
-    better = _smaller_pair(fusion, limit)
+    better = _smaller_pair(fusion, (f_shape, g_shape), limit)
     if better is not None:
         where = [f"{n} = {exprs[n]}" for n in better if n in exprs]
         text += f" Pair pooled or CLS features instead, e.g. pairs=[{better!r}]"
@@ -310,11 +319,13 @@ def _skip_message(fusion: Fusion, nbytes: int, limit: int, projection: str) -> s
     return text + " or raise max_projection_bytes."
 
 
-def _smaller_pair(fusion: Fusion, limit: int) -> tuple[str, str] | None:
+def _smaller_pair(
+    fusion: Fusion, shapes: tuple[tuple[int, ...], tuple[int, ...]], limit: int
+) -> tuple[str, str] | None:
     """The pair of pooled/CLS tensors with the largest W that fits ``limit``; pooled on both
-    sides where possible, else one side pooled and the other kept."""
-    f_kept = (fusion.pair[0], fusion.pair_shapes[0])
-    g_kept = (fusion.pair[1], fusion.pair_shapes[1])
+    sides where possible, else one side pooled and the other kept (``shapes``: the pair's)."""
+    f_kept = (fusion.pair[0], shapes[0])
+    g_kept = (fusion.pair[1], shapes[1])
     for f_options, g_options in (
         (fusion.pooled[0], fusion.pooled[1]),
         ((f_kept, *fusion.pooled[0]), (g_kept, *fusion.pooled[1])),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch.fx as fx
 from torch import nn
@@ -129,7 +129,7 @@ class ModeGraphModule(fx.GraphModule):
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ModeGraphModule:
-        res = super().__deepcopy__(memo)
+        res = cast(ModeGraphModule, super().__deepcopy__(memo))
         # self.__dict__ was deep-copied with the same memo: this returns those copies.
         res._mode_graphs = copy.deepcopy(self._mode_graphs, memo)
         for graph in res._mode_graphs.values():
@@ -156,9 +156,9 @@ def _rebuild_mode_graph_module(
         mode: reduce_graph_module(dict(body, _code=src), block)
         for mode, (src, block) in sources.items()
     }
-    out = ModeGraphModule(
-        built[True], built[True].graph, built[False].graph, class_name, eval_root=built[False]
-    )
+    # reduce_graph_module is typed as returning a plain Module; it builds a GraphModule.
+    train, ev = cast(fx.GraphModule, built[True]), cast(fx.GraphModule, built[False])
+    out = ModeGraphModule(train, train.graph, ev.graph, class_name, eval_root=ev)
     carry_missing_state(built[True], out)
     out.meta = body.get("meta", {})
     return out

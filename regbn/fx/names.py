@@ -3,8 +3,8 @@
 A name is an input (``"gray"``, ``"batch['audio']"``), a dotted module path (the output of that
 call) or an fx node name; the prefixes ``input:``, ``module:`` and ``node:`` pick one kind when a
 bare name is ambiguous. `resolve_name` turns a name into its node; `is_ambiguous` says whether a
-bare name needs a prefix. This module depends on `tracing` only, so that shape, modality and
-insertion code can all import it.
+bare name needs a prefix. This module depends on `tracing` (and the exceptions of
+`regbn.errors`) only, so that shape, modality and insertion code can all import it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..errors import RegBNTypeError, RegBNValueError
 from .tracing import input_name
 
 __all__ = [
@@ -132,13 +133,15 @@ def _all_names(gm: fx.GraphModule) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -> ValueError:
+def unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -> RegBNValueError:
     """The error for a name that denotes no tensor: close matches and why a module has none."""
     bare = name.partition(":")[2] if name.partition(":")[0] in PREFIXES else name
     close = _distinct(gm, difflib.get_close_matches(bare, _all_names(gm), n=6, cutoff=0.6))[:3]
     did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     note = _why_not_a_tensor(gm, model, bare)
-    return ValueError(f"{where}: {name!r} is not a tensor of this model{note}{did} {INSPECT_HINT}")
+    return RegBNValueError(
+        f"{where}: {name!r} is not a tensor of this model{note}{did} {INSPECT_HINT}"
+    )
 
 
 def _distinct(gm: fx.GraphModule, names: list[str]) -> list[str]:
@@ -172,9 +175,12 @@ def _why_not_a_tensor(gm: fx.GraphModule, model: nn.Module, name: str) -> str:
 def resolve_name(
     gm: fx.GraphModule, name: str, where: str = "name", model: nn.Module | None = None
 ) -> fx.Node:
-    """The node a user-facing name denotes; ValueError for unknown or ambiguous names."""
+    """The node a user-facing name denotes; ValueError for unknown or ambiguous names.
+
+    ``where`` starts the messages: the public callable and the argument (``"regbn.insert: pair
+    0"``)."""
     if not isinstance(name, str):
-        raise TypeError(
+        raise RegBNTypeError(
             f"{where}: names must be strings (an input name, a dotted module path or an fx node "
             f"name); got {name!r} of type {type(name).__name__}"
         )
@@ -183,7 +189,7 @@ def resolve_name(
         raise unknown_name(gm, name, where, model if model is not None else gm)
     if len(found) > 1:
         listed = ", ".join(repr(c.label.split(" ")[0]) + _describe(c) for c in found)
-        raise ValueError(
+        raise RegBNValueError(
             f"{where}: {name!r} is ambiguous; it names {len(found)} different tensors: {listed}. "
             "Write one of these prefixed names (input:, module: or node:) instead"
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,9 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .._format import format_shape, one_line
-from .tracing import input_name
+from ..errors import RegBNValueError
+from .fast_shapes import same_shape_output
+from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
 
 __all__ = ["ShapeFailure", "propagate_shapes", "clear_shapes"]
 
@@ -96,100 +98,6 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
 
 
-_SAME_SHAPE: tuple[type[nn.Module], ...] = (
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softmax,
-    nn.LogSoftmax,
-)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def _same_shape_output(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The output of a shape-preserving module, checked but not computed; None to run it.
-
-    Only for shape-only runs: exact classes (a subclass may change shapes), one tensor argument.
-    Norms, activations, convolutions and linear layers are most of a ResNet or ViT; skipping their
-    dispatch (and the conversion of their weights) makes shape propagation on fake tensors about
-    five times faster. Anything unusual falls back to running the module.
-    """
-    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-        return None
-    x = args[0]
-    cls = type(mod)
-    if cls in _SAME_SHAPE:
-        return x
-    if cls in _LAYER_SHAPES:
-        shape = _LAYER_SHAPES[cls](mod, x)
-        return None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
-    if cls.__module__.startswith("torch.nn") and isinstance(mod, _NORMS):
-        if isinstance(mod, nn.LayerNorm):
-            ok = tuple(x.shape[-len(mod.normalized_shape) :]) == tuple(mod.normalized_shape)
-        else:
-            channels = mod.num_channels if isinstance(mod, nn.GroupNorm) else mod.num_features
-            ok = x.dim() >= 2 and x.shape[1] == channels
-        return x if ok and x.dtype.is_floating_point else None  # None: let the op raise
-    return None
-
-
-def _conv_shape(mod: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[int, ...] | None:
-    k = len(mod.kernel_size)
-    if (
-        x.dim() != k + 2
-        or x.shape[1] != mod.in_channels
-        or mod.weight.dtype != x.dtype
-        or isinstance(mod.padding, str)
-        and mod.padding != "valid"
-    ):
-        return None  # unusual: let the real op decide (and raise where it should)
-    padding = (0,) * k if isinstance(mod.padding, str) else mod.padding
-    spatial = []
-    for size, p, d, kk, st in zip(
-        x.shape[2:], padding, mod.dilation, mod.kernel_size, mod.stride, strict=True
-    ):
-        out = (size + 2 * p - d * (kk - 1) - 1) // st + 1
-        if out <= 0:
-            return None
-        spatial.append(out)
-    return (x.shape[0], mod.out_channels, *spatial)
-
-
-def _linear_shape(mod: nn.Linear, x: torch.Tensor) -> tuple[int, ...] | None:
-    if x.dim() < 1 or x.shape[-1] != mod.in_features or mod.weight.dtype != x.dtype:
-        return None
-    return (*x.shape[:-1], mod.out_features)
-
-
-# Exact classes only: a subclass may override forward. Convolutions and linear layers are most of
-# the dispatches in a CNN or transformer; their output shapes are closed-form.
-_LAYER_SHAPES = {
-    nn.Conv1d: _conv_shape,
-    nn.Conv2d: _conv_shape,
-    nn.Conv3d: _conv_shape,
-    nn.Linear: _linear_shape,
-}
-
-
 class ShapeInterpreter(fx.Interpreter):
     """Runs the graph once and writes each node's shape into its meta.
 
@@ -204,7 +112,7 @@ class ShapeInterpreter(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if self.swap is not None:
             mod = self.fetch_attr(target)
-            out = _same_shape_output(mod, args, kwargs)
+            out = same_shape_output(mod, args, kwargs)
             if out is not None:
                 return out
             self.swap.module(mod)
@@ -252,18 +160,6 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def _copy_containers(value: Any) -> Any:
-    """The caller's dicts and lists copied (tensors shared), so a forward that updates the dict
-    it receives leaves the caller's example inputs as they were."""
-    if type(value) is dict:
-        return {k: _copy_containers(v) for k, v in value.items()}
-    if type(value) is list:
-        return [_copy_containers(v) for v in value]
-    if type(value) is tuple:
-        return tuple(_copy_containers(v) for v in value)
-    return value
-
-
 _MAX_MESSAGE = 2000
 
 
@@ -281,49 +177,6 @@ def clear_shapes(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         for key in META_KEYS:
             node.meta.pop(key, None)
-
-
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def _arrange_inputs(gm: fx.GraphModule, positional: Sequence[Any], named: Mapping[str, Any]):
-    """Line up user inputs with the graph's placeholders (fills in defaults of concrete_args)."""
-    phs = _placeholders(gm)
-    names = [input_name(p) for p in phs]
-    unknown = [k for k in named if k not in names]
-    if unknown:
-        raise ValueError(
-            f"inputs: unknown argument name(s) {unknown}; the model's forward takes {names}"
-        )
-    if len(positional) > len(phs):
-        raise ValueError(
-            f"inputs: got {len(positional)} positional inputs but the traced forward takes "
-            f"{len(phs)} ({', '.join(names)}); pass one per argument, or a dict of keyword "
-            "arguments"
-        )
-    values = []
-    for i, (ph, name) in enumerate(zip(phs, names, strict=True)):
-        if i < len(positional):
-            values.append(positional[i])
-        elif name in named:
-            values.append(named[name])
-        elif ph.args:
-            values.append(ph.args[0])
-        else:
-            raise ValueError(
-                f"inputs: no value for argument {name!r}; the traced forward takes "
-                f"{names}. Pass example_inputs/input_shapes for every argument"
-            )
-    return values
-
-
-def _split(inputs: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:
-    if isinstance(inputs, Mapping):
-        return (), inputs
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
 
 
 class _StateSwap:
@@ -377,124 +230,9 @@ def _swapped(make, eager: nn.Module | None = None) -> Iterator[_StateSwap]:
 def _model_device(gm: nn.Module) -> torch.device:
     for t in gm.parameters():
         return t.device
-    for t in gm.buffers():
-        return t.device
+    for b in gm.buffers():
+        return b.device
     return torch.device("cpu")
-
-
-def _model_float_dtype(gm: nn.Module) -> torch.dtype:
-    # A float64 model gets float64 inputs unless told otherwise, as real inputs would be.
-    for t in gm.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
-
-
-def _parse_spec(spec: Any, dtype: torch.dtype | None, device: torch.device, where: str) -> Any:
-    """Turn one entry of input_shapes into a tensor (under fake mode) or a structure of them.
-
-    ``dtype`` applies to shapes without their own; ``_fake_inputs`` sets it to the model's.
-    """
-    if isinstance(spec, torch.Size) or (
-        isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec)
-    ):
-        if any(d < 0 for d in spec):
-            raise ValueError(f"input_shapes{where}: negative size in {tuple(spec)}")
-        return torch.empty(tuple(spec), dtype=dtype, device=device)
-    if (
-        isinstance(spec, (tuple, list))
-        and len(spec) == 2
-        and isinstance(spec[1], (torch.dtype, str))
-        and isinstance(spec[0], (tuple, list, torch.Size))
-    ):
-        return _parse_spec(spec[0], _dtype(spec[1], where), device, where)  # own dtype wins
-    if isinstance(spec, Mapping):
-        return {k: _parse_spec(v, dtype, device, f"{where}[{k!r}]") for k, v in spec.items()}
-    if isinstance(spec, (tuple, list)):
-        return type(spec)(
-            _parse_spec(v, dtype, device, f"{where}[{i}]") for i, v in enumerate(spec)
-        )
-    raise TypeError(
-        f"input_shapes{where}: expected a shape such as (2, 3, 28, 28), a (shape, dtype) pair, "
-        f"or a dict/tuple of those; got {spec!r}"
-    )
-
-
-def _dtype(value: Any, where: str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    dt = getattr(torch, str(value), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"input_shapes{where}: unknown dtype {value!r}; use e.g. 'int64'")
-    return dt
-
-
-def _is_shape(spec: Any) -> bool:
-    return isinstance(spec, torch.Size) or (
-        isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec)
-    )
-
-
-def _with_dtype(spec: Any, dtype: Any, where: str) -> Any:
-    """``spec`` (an entry of input_shapes) with ``dtype`` (an entry of input_dtypes) applied: one
-    dtype for a shape, or a dict/tuple of dtypes mirroring a dict/tuple of shapes (an entry
-    left out or None keeps its default)."""
-    if dtype is None:
-        return spec
-    if isinstance(dtype, Mapping) and isinstance(spec, Mapping):
-        return {
-            k: _with_dtype(v, dtype[k], f"{where}[{k!r}]") if k in dtype else v
-            for k, v in spec.items()
-        }
-    if (
-        isinstance(dtype, (tuple, list))
-        and isinstance(spec, (tuple, list))
-        and not _is_shape(spec)
-        and len(dtype) == len(spec)
-    ):
-        pairs = enumerate(zip(spec, dtype, strict=True))
-        return type(spec)(_with_dtype(v, d, f"{where}[{i}]") for i, (v, d) in pairs)
-    if isinstance(dtype, (Mapping, tuple, list)):
-        raise ValueError(
-            f"input_dtypes{where}: {dtype!r} does not mirror the input_shapes entry {spec!r}; "
-            "give one dtype per shape, e.g. {'input_ids': torch.int64} for a dict of shapes"
-        )
-    if _is_shape(spec):
-        return (spec, _dtype(dtype, where))
-    if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], torch.dtype | str):
-        return spec  # a (shape, dtype) pair: its own dtype wins
-    # One dtype for every shape inside a dict/tuple entry.
-    if isinstance(spec, Mapping):
-        return {k: _with_dtype(v, dtype, f"{where}[{k!r}]") for k, v in spec.items()}
-    if isinstance(spec, (tuple, list)):
-        return type(spec)(_with_dtype(v, dtype, f"{where}[{i}]") for i, v in enumerate(spec))
-    return spec
-
-
-def _fake_inputs(gm, input_shapes, input_dtypes, device) -> tuple[Sequence[Any], Mapping]:
-    if isinstance(input_shapes, torch.Size) or (
-        isinstance(input_shapes, (tuple, list))
-        and input_shapes
-        and all(isinstance(d, int) for d in input_shapes)
-    ):
-        input_shapes = [tuple(input_shapes)]  # one shape for a one-input model
-    positional, named = _split(input_shapes)
-    if input_dtypes is not None:
-        if isinstance(input_dtypes, Mapping):
-            named = {
-                k: _with_dtype(v, input_dtypes[k], f"[{k!r}]") if k in input_dtypes else v
-                for k, v in named.items()
-            }
-        else:
-            dts = list(input_dtypes)
-            positional = [
-                _with_dtype(s, dts[i], f"[{i}]") if i < len(dts) else s
-                for i, s in enumerate(positional)
-            ]
-    default = _model_float_dtype(gm)
-    pos = [_parse_spec(s, default, device, f"[{i}]") for i, s in enumerate(positional)]
-    kw = {k: _parse_spec(s, default, device, f"[{k!r}]") for k, s in named.items()}
-    return pos, kw
 
 
 def propagate_shapes(
@@ -502,6 +240,8 @@ def propagate_shapes(
     example_inputs: Any = None,
     input_shapes: Any = None,
     input_dtypes: Any = None,
+    *,
+    caller: str = "regbn.fx.propagate_shapes",
 ) -> ShapeFailure | None:
     """Annotate every node of ``gm`` with its output shape (see the module docstring).
 
@@ -514,19 +254,20 @@ def propagate_shapes(
 
     Returns ``None`` on success, or a `ShapeFailure` naming the node where propagation stopped;
     nodes before it keep their shapes, nodes after it have none. The model is left unchanged.
+    Bad inputs raise, with ``caller`` (the public callable) starting the message.
     """
     if (example_inputs is None) == (input_shapes is None):
-        raise ValueError(
-            "propagate_shapes needs exactly one of example_inputs (real tensors) or input_shapes "
+        raise RegBNValueError(
+            f"{caller}: needs exactly one of example_inputs (real tensors) or input_shapes "
             f"(e.g. [(2, 1, 28, 28), (2, 3, 28, 28)]); got "
             f"{'both' if example_inputs is not None else 'neither'}"
         )
     clear_shapes(gm)
     if example_inputs is not None:
-        positional, named = _split(_copy_containers(example_inputs))
-        args = _arrange_inputs(gm, positional, named)
+        positional, named = split_inputs(copy_containers(example_inputs))
+        args = arrange_inputs(gm, positional, named, caller)
         return _run_real(gm, args)
-    return _run_fake(gm, input_shapes, input_dtypes)
+    return _run_fake(gm, input_shapes, input_dtypes, caller)
 
 
 def _run_real(gm: fx.GraphModule, args: list[Any]) -> ShapeFailure | None:
@@ -550,7 +291,9 @@ def _rng_restored(gm: nn.Module, args: Any) -> Iterator[None]:
         yield
 
 
-def _run_fake(gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any) -> ShapeFailure | None:
+def _run_fake(
+    gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any, caller: str
+) -> ShapeFailure | None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = _model_device(gm)
@@ -562,8 +305,8 @@ def _run_fake(gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any) -> Shape
         return mode.from_tensor(t, static_shapes=True)
 
     with torch.no_grad(), _swapped(to_fake) as swap, _quiet_fake_mode(), mode:
-        pos, kw = _fake_inputs(gm, input_shapes, input_dtypes, device)
-        args = _arrange_inputs(gm, pos, kw)
+        pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device, caller)
+        args = arrange_inputs(gm, pos, kw, caller)
         return _interpret(gm, args, swap=swap)
 
 

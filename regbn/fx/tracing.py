@@ -131,6 +131,7 @@ class RegBNTracer(fx.Tracer):
         return next(iter(reversed(self.graph.nodes)), None)
 
     def _mark_output(self, call: tuple[str, int], result: Any, last_before: fx.Node | None) -> None:
+        node: fx.Node | None
         if isinstance(result, fx.Proxy):
             node = result.node
         else:
@@ -302,7 +303,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
             getattr(model, "_orig_mod", None), nn.Module
         ):
             wrappers.append("torch.compile")
-            model = model._orig_mod
+            model = getattr(model, "_orig_mod")  # noqa: B009  (checked to be a Module above)
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             wrappers.append(type(model).__name__)
             model = model.module
