@@ -1,7 +1,8 @@
 """Command line: ``regbn inspect MODULE:FACTORY --input 2x1x28x28 --input 2x3x28x28``.
 
 Shapes run on fake tensors, so no input data and no memory for activations is needed. Every user
-error is one line on stderr, ``regbn: error: ...``, and exit status 2, never a traceback.
+error is one line on stderr, ``regbn inspect: ...`` (the command that refused, then the message),
+and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from ._format import one_line
 from .fx.report import inspect
 
 __all__ = ["main"]
@@ -30,13 +32,21 @@ _DEBUG_ENV = "REGBN_DEBUG"  # set to 1 to get the traceback of an unexpected err
 
 
 class UserError(Exception):
-    """A mistake in the command line or the model it names: reported in one line, status 2."""
+    """A mistake in the command line or the model it names: reported in one line, status 2.
+
+    ``command`` is what refused (``regbn inspect``; ``regbn`` before a command is known).
+    """
+
+    def __init__(self, message: str, command: str = f"{_PROG} inspect") -> None:
+        super().__init__(message)
+        self.command = command
 
 
 class _Parser(argparse.ArgumentParser):
-    # argparse prints usage plus an error and exits; we want the one-line contract instead.
+    # argparse prints usage plus an error and exits; we want one line instead. Its prog is the
+    # command it parses: "regbn", or "regbn inspect" for the subcommand's own parser.
     def error(self, message: str) -> NoReturn:
-        raise UserError(message)
+        raise UserError(message, command=self.prog)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
         "--depth",
         type=_depth,
         default=None,
-        help="fold module calls deeper than N (default: automatic)",
+        help="fold module calls deeper than N; 0 folds every top-level call (default: "
+        "automatic)",
     )
     p.add_argument(
         "--all", dest="all_nodes", action="store_true", help="show every node, folding nothing"
@@ -99,12 +110,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _depth(text: str) -> int:
+    """``--depth N``: an int >= 0, as ``Report.lines`` takes it (0 folds top-level calls)."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--depth must be a positive integer, got {text!r}")
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--depth must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -229,16 +241,16 @@ def _import_module(name: str) -> ModuleType:
                 f"cannot import module {name!r}: no module named {e.name!r} "
                 "(give an importable module name or a path to a .py file)"
             ) from None
-        raise UserError(f"importing {name!r} failed: {_one_line(e)}") from None
+        raise UserError(f"importing {name!r} failed: {one_line(e)}") from None
     except Exception as e:  # the user's module raised while importing
-        raise UserError(f"importing {name!r} failed: {type(e).__name__}: {_one_line(e)}") from None
+        raise UserError(f"importing {name!r} failed: {type(e).__name__}: {one_line(e)}") from None
 
 
 def _run_user_code(fn, what: str) -> Any:
     try:
         return fn()
     except Exception as e:
-        raise UserError(f"{what} failed: {type(e).__name__}: {_one_line(e)}") from None
+        raise UserError(f"{what} failed: {type(e).__name__}: {one_line(e)}") from None
 
 
 def load_model(spec: str) -> nn.Module:
@@ -278,7 +290,7 @@ def _inspect(args: argparse.Namespace) -> int:
         report = inspect(model, input_shapes=shapes, modalities=modalities, leaf_modules=leaves)
     # TraceError is a ValueError; the others are inputs that do not fit the forward's arguments.
     except (ValueError, TypeError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -296,22 +308,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(error: object) -> str:
-    return " ".join(str(error).split())
-
-
-def _fail(message: str) -> int:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
+def _fail(message: str, command: str = f"{_PROG} inspect") -> int:
+    print(f"{command}: {message}", file=sys.stderr)
     return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script passes it to exit)."""
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
     except UserError as e:
-        return _fail(str(e))
+        # The top parser refuses unknown options even after a command: name the command then.
+        known = argv[:1] == ["inspect"]
+        return _fail(str(e), f"{_PROG} inspect" if known else e.command)
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else 0
     if args.command is None:
@@ -320,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _inspect(args)
     except UserError as e:
-        return _fail(str(e))
+        return _fail(str(e), e.command)
     except KeyboardInterrupt:
         return _fail("interrupted")
     except BrokenPipeError:  # `regbn inspect ... | head`: the reader left, nothing to report
@@ -330,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(_DEBUG_ENV):
             raise
         return _fail(
-            f"internal error: {type(e).__name__}: {_one_line(e)} "
+            f"internal error: {type(e).__name__}: {one_line(e)} "
             f"(set {_DEBUG_ENV}=1 for the traceback)"
         )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from regbn import inspect
 from regbn.cli import main, parse_shape
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +59,7 @@ ERRORS = {
         ["inspect", f"{MODELS}:two_branch", *TWO, "--draw", "m.jpg"],
         ".svg or .png",
     ),
-    "bad_depth": (["inspect", f"{MODELS}:two_branch", *TWO, "--depth", "0"], "--depth"),
+    "bad_depth": (["inspect", f"{MODELS}:two_branch", *TWO, "--depth", "-1"], "--depth"),
     "unknown_option": (["inspect", f"{MODELS}:two_branch", "--colour"], "--colour"),
     "unknown_command": (["frobnicate"], "frobnicate"),
 }
@@ -186,19 +187,41 @@ def test_draw_and_depth(capsys, tmp_path):
     assert r.stderr == f"regbn: wrote {tmp_path / 'm.svg'}\n"
 
 
-def check_one_line_error(returncode: int, stdout: str, stderr: str, expected: str) -> None:
+def test_depth_0_folds_top_level_calls_as_the_api_does(capsys, monkeypatch):
+    """``--depth 0`` is accepted, as ``report.table(depth=0)`` is, and prints the same table."""
+    monkeypatch.syspath_prepend(str(HERE))
+    r = run_main(["inspect", "cli_models:two_branch", *TWO, "--depth", "0"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "(4 nodes)  gray_net" in r.stdout
+
+    import cli_models
+
+    shapes = [(2, 1, 28, 28), (2, 3, 28, 28)]
+    report = inspect(cli_models.two_branch(), input_shapes=shapes)
+    assert r.stdout == report.table(depth=0) + "\n"
+
+
+def check_one_line_error(
+    returncode: int, stdout: str, stderr: str, expected: str, prefix: str = "regbn inspect: "
+) -> None:
     assert returncode == 2
     assert "Traceback" not in stderr and "Traceback" not in stdout
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("regbn: error: ")
+    assert lines[0].startswith(prefix)
     assert expected in lines[0]
+
+
+def prefix_of(argv: list[str]) -> str:
+    """The command that refuses: ``regbn inspect``, or ``regbn`` for an unknown command."""
+    return "regbn inspect: " if argv[0] == "inspect" else "regbn: "
 
 
 @pytest.mark.parametrize("case", IN_SUBPROCESS)
 def test_user_errors_in_a_subprocess(results, case):
     r = results[case]
-    check_one_line_error(r.returncode, r.stdout, r.stderr, ERRORS[case][1])
+    argv, expected = ERRORS[case]
+    check_one_line_error(r.returncode, r.stdout, r.stderr, expected, prefix_of(argv))
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
@@ -207,7 +230,7 @@ def test_every_user_error_is_one_line_and_status_2(case, capsys, tmp_path, monke
     monkeypatch.syspath_prepend(str(HERE))
     argv, expected = ERRORS[case]
     r = run_main(argv, capsys)
-    check_one_line_error(r.returncode, r.stdout, r.stderr, expected)
+    check_one_line_error(r.returncode, r.stdout, r.stderr, expected, prefix_of(argv))
 
 
 def test_shape_failure_still_prints_the_partial_table(results):
@@ -234,7 +257,7 @@ def test_parse_shape(text, expected):
 def test_main_returns_the_exit_status(capsys):
     assert main(["inspect", f"{MODELS}:two_branch", "-i", "2x"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("regbn: error: bad shape") and err.count("\n") == 1
+    assert err.startswith("regbn inspect: bad shape") and err.count("\n") == 1
     assert main(["--help"]) == 0
     assert main([]) == 2
 
@@ -285,7 +308,7 @@ def test_without_modalities_the_mask_joins_the_text(capsys):
 def test_bad_modalities_and_leaves(capsys, extra, message):
     assert main([*TEXT_IMAGE, *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("regbn: error: ") and message in err and len(err.splitlines()) == 1
+    assert err.startswith("regbn inspect: ") and message in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -5,16 +5,20 @@ from __future__ import annotations
 from .analysis import find_fusions
 from .insertion import insert, remove
 from .modality import Fusion, annotate_modalities, build_graph, detect_fusions
-from .report import Report, Row, inspect
+from .report import InputInfo, Line, Report, Row, inspect
+from .report_summary import Summary
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import ModeGraphModule, TraceError, trace
 
 __all__ = [
     "Fusion",
+    "InputInfo",
+    "Line",
     "ModeGraphModule",
     "Report",
     "Row",
     "ShapeFailure",
+    "Summary",
     "TraceError",
     "annotate_modalities",
     "build_graph",

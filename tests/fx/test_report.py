@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from regbn.errors import RegBNValueError
 from regbn.fx.report import Report, inspect
 from regbn.fx.tracing import TraceError, trace
 
@@ -446,8 +447,10 @@ def test_draw_svg_and_png_for_a_300_node_model(tmp_path):
     assert "audio_blocks_36_fc2" in text and "FUSION" in text  # text kept as text
     png = report.draw(tmp_path / "deep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="svg or .png"):
+    with pytest.raises(RegBNValueError, match=r"^Report\.draw: .*svg or .png"):
         report.draw(tmp_path / "deep.jpg")
+    with pytest.raises(RegBNValueError, match=r"^regbn\.inspect: depth must be an int >= 0"):
+        report.lines(depth=-1)
 
 
 def test_draw_marks_inserted_regbn_layers(tmp_path):

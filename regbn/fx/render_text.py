@@ -1,0 +1,235 @@
+"""Text views of a report: the terminal table (``str(report)``), its summary, and Markdown.
+
+A column is one header here and one cell in `table_cells` (terminal) or `markdown_cells`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .._format import dtype_name, format_count, format_shape
+
+if TYPE_CHECKING:
+    from .report import InputInfo, Line, Report
+
+__all__ = ["markdown", "markdown_cells", "summary", "table", "table_cells"]
+
+TABLE_HEADERS = ["", "node", "module", "layer", "output shape", "dtype", "modalities", "params"]
+# (column, narrowest) in the order columns give up room; the module path mostly repeats the
+# node name, so it gives up room first, and it is the column left out when that is not enough.
+_SHRINK = [(2, 12), (3, 10), (6, 12), (1, 16), (4, 14)]
+_OPTIONAL = 2
+_RIGHT = {7}
+_LEGEND = (
+    ("*F", "*F fusion"),
+    ("RB", "RB RegBN layer"),
+    ("!!", "!! shape propagation failed here"),
+)
+
+MARKDOWN_HEADER = "| node / module | layer | output shape | dtype | modalities | params | |"
+MARKDOWN_RULE = "|---|---|---|---|---|--:|---|"
+
+
+# -- terminal table ------------------------------------------------------------------------
+
+
+def table(report: Report, depth: int | None, all_nodes: bool, width: int | None) -> str:
+    """An aligned text table (80-120 columns), its legend, then the summary."""
+    width = width or _terminal_width()
+    failed = report.failure.node_name if report.failure is not None else None
+    body = [table_cells(report, line, failed) for line in report.lines(depth, all_nodes)]
+    text = _format_table(
+        TABLE_HEADERS, body, width, right_align=_RIGHT, shrink=_SHRINK, optional=_OPTIONAL
+    )
+    marks = {row[0] for row in body}
+    legend = "   ".join(text for mark, text in _LEGEND if mark in marks)
+    parts = [report.failure_text()] if report.failure is not None else []
+    parts += [text] + ([legend] if legend else []) + ["", summary(report)]
+    return "\n".join(parts)
+
+
+def table_cells(report: Report, line: Line, failed: str | None) -> list[str]:
+    """One line of the terminal table, a cell per `TABLE_HEADERS` entry."""
+    if failed in line.members:
+        mark = "!!"
+    else:
+        mark = "RB" if line.is_regbn else "*F" if line.is_fusion else ""
+    return [
+        mark,
+        f"({len(line.members)} nodes)" if line.folded else line.name,
+        line.module or "",
+        line.layer,
+        format_shape(line.shape),
+        dtype_name(line.dtype, short=True) or "-",
+        report.modality_label(line.modalities),
+        format_count(line.params),
+    ]
+
+
+def summary(report: Report) -> str:
+    """Inputs, parameters per modality branch, fusions and the suggested pairs, as text."""
+    s = report.overview
+    inputs = [
+        [i.name, format_shape(i.shape), dtype_name(i.dtype) or "-", _input_role(i)]
+        for i in s.inputs
+    ]
+    params = [[label, f"{count:,}"] for label, count in s.params]
+    lines = [s.headline]
+    lines += ["Inputs"] + (_align(inputs) if inputs else ["  (none)"])
+    lines += [f"Parameters per modality branch ({s.total_params:,} total)"]
+    lines += _align(params, right={1})
+    lines += [f"Fusions ({len(s.fusions)})"]
+    for fusion in s.fusions:
+        where = f" in {fusion.module}" if fusion.module else ""
+        done = "  (a RegBN layer: already normalised)" if fusion.name in s.normalised else ""
+        out = format_shape(fusion.output_shape)
+        lines.append(f"  {fusion.name} [{fusion.kind}]{where} -> {out}{done}")
+        operands = [
+            [name, report.modality_label(mods), format_shape(shape)]
+            for name, mods, shape in zip(
+                fusion.operands, fusion.modalities, fusion.shapes, strict=False
+            )
+        ]
+        lines += _align(operands, indent=6)
+    if s.pairs:
+        lines += ["Suggested pairs for regbn.insert", f"  pairs={s.pairs!r}"]
+        lines += [f"    {text}" for text in s.pair_lines]
+    if s.skipped:
+        lines += ["Left out of the suggested pairs"] + [f"  {m}" for m in s.skipped]
+    if s.failure:
+        lines.append(s.failure)
+    return "\n".join(lines)
+
+
+def _input_role(info: InputInfo) -> str:
+    if info.modality is None:
+        return "no modality of its own (joins what it gates)"
+    return "" if info.modality == info.name else f"modality {info.modality}"
+
+
+# -- Markdown ------------------------------------------------------------------------------
+
+
+def markdown(report: Report, depth: int | None, all_nodes: bool) -> str:
+    """A GitHub-flavoured Markdown table plus the summary as a list."""
+    s = report.overview
+    out = [f"### {_md(s.model_name)}", ""]
+    if s.failure:
+        out += [f"> **{_md(s.failure)}**", ""]
+    out += [MARKDOWN_HEADER, MARKDOWN_RULE]
+    for line in report.lines(depth, all_nodes):
+        out.append("| " + " | ".join(_md(v) for v in markdown_cells(report, line)) + " |")
+    out += [
+        "",
+        "**Inputs**: " + ", ".join(f"`{_md(i.name)}` {format_shape(i.shape)}" for i in s.inputs),
+        "",
+    ]
+    out.append(
+        f"**Parameters**: {s.total_params:,} total; "
+        + "; ".join(f"{_md(label)}: {count:,}" for label, count in s.params)
+    )
+    out += ["", f"**Fusions**: {len(s.fusions)}"]
+    out += [f"- {_md(text)}" for text in s.fusion_lines]
+    if s.pairs:
+        out += ["", f"Suggested: `regbn.insert(model, pairs={s.pairs!r}, ...)`"]
+    return "\n".join(out) + "\n"
+
+
+def markdown_cells(report: Report, line: Line) -> list[object]:
+    """One row of the Markdown table, a cell per column of `MARKDOWN_HEADER`."""
+    return [
+        f"`{line.name}`",
+        line.layer,
+        format_shape(line.shape),
+        dtype_name(line.dtype),
+        report.modality_label(line.modalities),
+        format_count(line.params),
+        "**fusion**" if line.is_fusion else "RegBN" if line.is_regbn else "",
+    ]
+
+
+def _md(value: object) -> str:
+    """A Markdown table cell: pipes escaped, on one line."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# -- layout --------------------------------------------------------------------------------
+
+
+def _format_table(
+    headers: list[str],
+    body: list[list[str]],
+    width: int,
+    right_align: set[int] | frozenset[int] = frozenset(),
+    shrink: Sequence[tuple[int, int]] = (),
+    optional: int | None = None,
+) -> str:
+    """Aligned columns, shortened (middle ellipsis) to fit ``width``.
+
+    ``shrink`` lists (column, narrowest) in the order columns give up room; if that is not
+    enough the ``optional`` column is left out, and then the widest column shrinks further.
+    """
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+    sep = 2
+    excess = sum(widths) + sep * (len(widths) - 1) - width
+    for i, narrowest in shrink:
+        cut = max(0, min(excess, widths[i] - max(narrowest, len(headers[i]))))
+        widths[i] -= cut
+        excess -= cut
+    if excess > 0 and optional is not None:
+        keep = [i for i in range(len(headers)) if i != optional]
+        renumber = {old: new for new, old in enumerate(keep)}
+        return _format_table(
+            [headers[i] for i in keep],
+            [[row[i] for i in keep] for row in body],
+            width,
+            {renumber[i] for i in right_align if i in renumber},
+            [(renumber[i], n) for i, n in shrink if i in renumber],
+        )
+    minimum = [max(len(h), 2) for h in headers]
+    while excess > 0:
+        i = max(range(len(widths)), key=lambda j: widths[j] - minimum[j])
+        if widths[i] <= minimum[i]:
+            break
+        widths[i] -= 1
+        excess -= 1
+
+    def fmt(cells: list[str]) -> str:
+        parts = []
+        for i, cell in enumerate(cells):
+            cell = _shorten(cell, widths[i])
+            parts.append(cell.rjust(widths[i]) if i in right_align else cell.ljust(widths[i]))
+        return (" " * sep).join(parts).rstrip()
+
+    rule = "-" * min(width, sum(widths) + sep * (len(widths) - 1))
+    return "\n".join([fmt(headers), rule] + [fmt(r) for r in body] + [rule])
+
+
+def _shorten(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    if width <= 3:
+        return text[:width]
+    head = (width - 2) // 2
+    return text[:head] + ".." + text[len(text) - (width - 2 - head) :]
+
+
+def _terminal_width() -> int:
+    return max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
+
+
+def _align(
+    rows: list[list[str]], indent: int = 2, right: set[int] | frozenset[int] = frozenset()
+) -> list[str]:
+    """Rows of cells as aligned text lines (the summary's small tables)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
+    return [
+        " " * indent
+        + "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
