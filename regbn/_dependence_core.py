@@ -210,22 +210,8 @@ def _check_options(lambda_rule: str, permutations: int) -> None:
         )
 
 
-def dependence_of(
-    f: Tensor,
-    g: Tensor,
-    *,
-    lambda_rule: str = "paper",
-    permutations: int = DEFAULT_PERMUTATIONS,
-    seed: int = 0,
-    pair: tuple[str, str] = ("f", "g"),
-    fusion: str | None = None,
-) -> DependenceRow:
-    """The dependence of ``f`` on ``g``: tensors of N samples each, flattened per sample.
-
-    See the module docstring for the numbers. Computed in float64 on the tensors' device; the
-    shuffled baseline draws its permutations from a ``torch.Generator`` seeded with ``seed``
-    (the global random state is not touched).
-    """
+def _check_pair(f: Any, g: Any) -> None:
+    """Both tensors of floating-point features over the same samples, else a clear error."""
     for name, x in (("f", f), ("g", g)):
         if not isinstance(x, Tensor):
             raise RegBNTypeError(
@@ -242,6 +228,25 @@ def dependence_of(
             f"{tuple(f.shape)}), g has {g.shape[0]} (shape {tuple(g.shape)}). Pair tensors that "
             "share the batch dimension"
         )
+
+
+def dependence_of(
+    f: Tensor,
+    g: Tensor,
+    *,
+    lambda_rule: str = "paper",
+    permutations: int = DEFAULT_PERMUTATIONS,
+    seed: int = 0,
+    pair: tuple[str, str] = ("f", "g"),
+    fusion: str | None = None,
+) -> DependenceRow:
+    """The dependence of ``f`` on ``g``: tensors of N samples each, flattened per sample.
+
+    See the module docstring for the numbers. Computed in float64 on the tensors' device; the
+    shuffled baseline draws its permutations from a ``torch.Generator`` seeded with ``seed``
+    (the global random state is not touched).
+    """
+    _check_pair(f, g)
     n = f.shape[0]
     if n < 2:
         raise RegBNValueError(

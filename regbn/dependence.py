@@ -66,7 +66,7 @@ from ._dependence_core import (
     pairs_argument,
 )
 from .errors import RegBNTypeError, RegBNValueError
-from .fx.analysis import analyse, split_by_projection
+from .fx.analysis import Analysis, analyse, split_by_projection
 from .fx.modality import Fusion
 from .fx.names import resolve_name
 from .fx.tracing import TraceError, in_mode, input_name, unwrap
@@ -397,42 +397,20 @@ def measure_dependence(
         )
     check_batch(first, 0)
     wanted = pairs_argument(pairs)
+    tracing = dict(
+        modalities=modalities,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+    )
     with in_mode(model, False):
-        try:
-            analysis = analyse(
-                model,
-                first,
-                modalities=modalities,
-                concrete_args=concrete_args,
-                leaf_modules=leaf_modules,
-                autowrap_functions=autowrap_functions,
-            )
-        except TraceError:
-            raise
-        except ValueError as e:
-            raise RegBNValueError(f"{WHERE}: {e}") from e
-        if analysis.failure is not None:
-            raise RegBNValueError(
-                f"{WHERE}: the model failed on batch 0, {analysis.failure}. Each batch must be "
-                "valid input of the model's forward"
-            )
+        analysis = _analysis(model, first, tracing)
         fusions: list[str | None] | None = None
         skipped: list[str] = []
-        chosen: list[tuple[str, str]]
-        if wanted == "auto":
-            chosen, fusions, skipped = pairs_of_fusions(analysis.fusions, max_projection_bytes)
-            for message in skipped:
-                warnings.warn(f"{WHERE}: {message}", UserWarning, stacklevel=2)
-            if not chosen:
-                raise RegBNValueError(
-                    f"{WHERE}: pairs='auto' found no fusion to measure (no node whose tensor "
-                    "operands come from disjoint sets of inputs"
-                    + ("; every one was skipped" if skipped else "")
-                    + "). Name the pairs explicitly; run regbn.inspect(model, ...) to list "
-                    "the tensors"
-                )
+        if isinstance(wanted, str):  # "auto"
+            chosen, fusions, skipped = _auto(analysis.fusions, max_projection_bytes)
         else:
-            chosen = [] if isinstance(wanted, str) else wanted
+            chosen = wanted
         meter = DependenceMeter(
             analysis.gm,
             chosen,
@@ -446,6 +424,38 @@ def measure_dependence(
         )
         meter.update(_chain(first, it))
     return meter.report()
+
+
+def _analysis(model: nn.Module, first: Any, tracing: dict[str, Any]) -> Analysis:
+    """`analyse` on the first batch (eval mode is the caller's), errors in this API's words."""
+    try:
+        analysis = analyse(model, first, **tracing)
+    except TraceError:
+        raise
+    except ValueError as e:
+        raise RegBNValueError(f"{WHERE}: {e}") from e
+    if analysis.failure is not None:
+        raise RegBNValueError(
+            f"{WHERE}: the model failed on batch 0, {analysis.failure}. Each batch must be "
+            "valid input of the model's forward"
+        )
+    return analysis
+
+
+def _auto(
+    fusions: list[Fusion], max_projection_bytes: int | None
+) -> tuple[list[tuple[str, str]], list[str | None], list[str]]:
+    """`pairs_of_fusions`, with a warning per skipped fusion and an error when none is left."""
+    chosen, names, skipped = pairs_of_fusions(fusions, max_projection_bytes)
+    for message in skipped:
+        warnings.warn(f"{WHERE}: {message}", UserWarning, stacklevel=3)
+    if not chosen:
+        raise RegBNValueError(
+            f"{WHERE}: pairs='auto' found no fusion to measure (no node whose tensor operands "
+            "come from disjoint sets of inputs" + ("; every one was skipped" if skipped else "")
+            + "). Name the pairs explicitly; run regbn.inspect(model, ...) to list the tensors"
+        )
+    return chosen, names, skipped
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
