@@ -189,11 +189,13 @@ def run_norm(norm: nn.Module, x: Tensor, training: bool) -> Tensor:
             return norm(x)
     # BatchNorm training in x's dtype with statistics kept in the layer's (nn.BatchNorm's
     # own bookkeeping: the counter, and a cumulative average when momentum is None).
+    tracked = norm.num_batches_tracked
+    assert tracked is not None  # RegBN's BatchNorms track running statistics
     with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
+        tracked.add_(1)
     momentum = norm.momentum
     if momentum is None:
-        momentum = 1.0 / float(norm.num_batches_tracked)
+        momentum = 1.0 / float(tracked)
     mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
     w = None if norm.weight is None else norm.weight.to(x.dtype)
     b = None if norm.bias is None else norm.bias.to(x.dtype)

@@ -22,6 +22,9 @@ from .errors import RegBNValueError
 
 __all__ = ["NORMS", "StateMixin"]
 
+# torch's type stubs omit this base class of UninitializedBuffer and UninitializedParameter.
+_UNINITIALIZED: type = getattr(nn.parameter, "UninitializedTensorMixin")  # noqa: B009
+
 NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
 
 
@@ -49,6 +52,10 @@ class StateMixin(nn.Module):
     g_shape: tuple[int, ...] | None
     _declared: tuple | None
     W: Tensor
+    norm_f: nn.Module
+    norm_g: nn.Module
+    norm_f_out: nn.Module
+    norm_g_out: nn.Module
     adam_m: Tensor
     adam_v: Tensor
     num_batches_tracked: Tensor
@@ -111,7 +118,7 @@ class StateMixin(nn.Module):
         self._build(f_shape, g_shape, device=self.adam_m.device, dtype=dtype)
         self._declared = None
 
-    def _unmaterialize(self, declared: tuple) -> None:
+    def _unmaterialize(self, declared: tuple | None) -> None:
         """Make the layer lazy again (its first batch was rejected)."""
         for name in NORMS:
             if name in self._modules:
@@ -148,11 +155,14 @@ class StateMixin(nn.Module):
         """:meth:`reset_running_stats`, and the affine norms' scale to 1 and shift to 0."""
         self.reset_running_stats()
         for norm in self._norms():
-            if hasattr(norm, "reset_parameters"):
-                norm.reset_parameters()
+            reset = getattr(norm, "reset_parameters", None)
+            if callable(reset):
+                reset()
 
     def _norms(self) -> list[nn.Module]:
-        return [self._modules[n] for n in NORMS if n in self._modules]
+        # A plain comprehension: torch.export's strict tracer cannot read a walrus's cell.
+        found = [self._modules.get(n) for n in NORMS]
+        return [m for m in found if m is not None]
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -162,7 +172,7 @@ class StateMixin(nn.Module):
         return None if math.isnan(value) else value
 
     def extra_repr(self) -> str:
-        if self.f_shape is None:
+        if self.f_shape is None or self.g_shape is None:
             shapes = "f=lazy, g=lazy"
         else:
             shapes = (
@@ -186,9 +196,13 @@ class StateMixin(nn.Module):
         """copy.deepcopy, also of a lazy layer: torch's UninitializedBuffer has no deep copy of
         its own, so the copy's is created here and the rest is copied as usual."""
         w = self._buffers.get("W")
-        if isinstance(w, nn.parameter.UninitializedTensorMixin) and id(w) not in memo:
-            memo[id(w)] = nn.parameter.UninitializedBuffer(device=w.device, dtype=w.dtype)
-        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        if w is not None and isinstance(w, _UNINITIALIZED) and id(w) not in memo:
+            # The stub of UninitializedBuffer omits its device and dtype arguments.
+            memo[id(w)] = nn.parameter.UninitializedBuffer(  # type: ignore[call-arg]
+                device=w.device, dtype=w.dtype
+            )
+        # copy's own reconstruction from __reduce_ex__, private and absent from typeshed.
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ checkpoints
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -197,7 +211,7 @@ class StateMixin(nn.Module):
         # Not yet materialised: W is saved uninitialised, as nn.LazyLinear saves its weight.
         for name, buf in self._buffers.items():
             if buf is not None and name not in self._non_persistent_buffers_set:
-                lazy = isinstance(buf, nn.parameter.UninitializedTensorMixin)
+                lazy = isinstance(buf, _UNINITIALIZED)
                 destination[prefix + name] = buf if keep_vars or lazy else buf.detach()
         destination[prefix + "_extra_state"] = self.get_extra_state()
 
@@ -205,7 +219,7 @@ class StateMixin(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         w = state_dict.get(prefix + "W")
-        if isinstance(w, nn.parameter.UninitializedTensorMixin):
+        if isinstance(w, _UNINITIALIZED):
             if self.f_shape is not None:
                 error_msgs.append(
                     f"RegBN {prefix!r}: the checkpoint holds a lazy RegBN that never saw a batch, "
@@ -241,9 +255,9 @@ class StateMixin(nn.Module):
         A tensor, not a dict, so that tools that walk the state dict as tensors (``jit.trace``,
         the ONNX exporters) accept the layer.
         """
-        if self.f_shape is None:
-            return torch.zeros(0, dtype=torch.long)
         fs, gs = self.f_shape, self.g_shape
+        if fs is None or gs is None:
+            return torch.zeros(0, dtype=torch.long)
         return torch.tensor([len(fs), *fs, len(gs), *gs], dtype=torch.long)
 
     def set_extra_state(self, state) -> None:

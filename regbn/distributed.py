@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import RegBNTypeError, RegBNValueError
 from .layer import RegBN
 
 __all__ = ["SyncRegBN", "convert_sync_regbn"]
@@ -76,7 +77,7 @@ class SyncRegBN(RegBN):
             messages: list = [None] * len(metas)
             dist.all_gather_object(messages, None if error is None else str(error), group=group)
             detail = "; ".join(f"rank {r}: {messages[r]}" for r in bad)
-            raise ValueError(
+            raise RegBNValueError(
                 f"SyncRegBN: the training batch was refused on rank(s) {bad}, so every rank "
                 f"stops here: {detail}"
             )
@@ -87,9 +88,10 @@ class SyncRegBN(RegBN):
         if not _active(group):
             return f, g, None
         sizes, self._sizes = self._sizes, None
+        assert sizes is not None  # _validate gathered them for this step
         if min(sizes) == 0:
             empty = [r for r, n in enumerate(sizes) if n == 0]
-            raise ValueError(
+            raise RegBNValueError(
                 f"SyncRegBN: rank(s) {empty} passed an empty training batch (batch sizes by rank: "
                 f"{sizes}); every rank must hold at least one sample. Drop empty batches, e.g. "
                 f"DistributedSampler(drop_last=True) or a DataLoader with drop_last=True"
@@ -113,6 +115,11 @@ def convert_sync_regbn(module: nn.Module, process_group=None) -> nn.Module:
     batches form the global batch. Works on plain models and on models patched by
     :func:`regbn.insert`. With no process group initialised the layers behave as before.
     """
+    if not isinstance(module, nn.Module):
+        raise RegBNTypeError(
+            f"regbn.convert_sync_regbn: module must be a torch.nn.Module; got "
+            f"{type(module).__name__}. Pass the model (or the RegBN layer) itself"
+        )
     if isinstance(module, RegBN) and not isinstance(module, SyncRegBN):
         out = SyncRegBN.__new__(SyncRegBN)
         out.__dict__.update(module.__dict__)

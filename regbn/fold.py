@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import operator
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
+from .errors import RegBNValueError
 from .layer import RegBN, eval_maths, norm_spec
 
 __all__ = ["fold"]
@@ -42,13 +44,13 @@ def fold(model: nn.Module) -> fx.GraphModule:
         caller's model is not changed.
 
     Raises:
-        ValueError: a lazy RegBN that has seen no batch, a call forced into training mode
+        RegBNValueError: a lazy RegBN that has seen no batch, a call forced into training mode
             (``is_training=True``), or a model that cannot be traced.
     """
     for path, module in model.named_modules():
         if isinstance(module, RegBN) and module.f_shape is None:
             where = f"at {path!r} " if path else ""
-            raise ValueError(
+            raise RegBNValueError(
                 f"regbn.fold: the RegBN {where}is lazy and has seen no batch, so it has no W "
                 f"yet; train it (or load its checkpoint) before folding"
             )
@@ -58,7 +60,7 @@ def fold(model: nn.Module) -> fx.GraphModule:
         for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RegBN)
     ]
-    layers = {str(n.target): gm.get_submodule(n.target) for n in calls}
+    layers = {str(n.target): cast(RegBN, gm.get_submodule(n.target)) for n in calls}
     for path, layer in layers.items():  # once per layer, however often it is called
         gm.set_submodule(path, _container(layer, _fold_dtype(layer)))
     for node in calls:
@@ -87,7 +89,7 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:
-        raise ValueError(
+        raise RegBNValueError(
             f"regbn.fold: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
             f"{e}). Fold the model that regbn.insert returned, or trace the model yourself (a "
             f"GraphModule is folded as it is)"
@@ -99,7 +101,7 @@ def _call_inputs(node: fx.Node) -> tuple:
     names = ("f", "g", "is_training", "n_epoch", "steps_per_epoch")
     bound = dict(zip(names, args, strict=False)) | kwargs
     if bound.get("is_training"):
-        raise ValueError(
+        raise RegBNValueError(
             f"regbn.fold: the call {node.name} ({node.target}) passes is_training=True, so it "
             f"always runs the training step; a folded model computes the eval maths only. "
             f"Drop is_training from that call before folding"
@@ -145,19 +147,26 @@ def _fold_call(gm: fx.GraphModule, node: fx.Node, layer: RegBN) -> None:
         return fx.Proxy(graph.get_attr(f"{path}.{name}"), tracer)
 
     with graph.inserting_before(node):
-        f, g = fx.Proxy(f_node, tracer), fx.Proxy(g_node, tracer)
+        # fx Proxies stand in for the tensors: eval_maths records its ops as graph nodes.
+        f: Any = fx.Proxy(f_node, tracer)
+        g: Any = fx.Proxy(g_node, tracer)
+        W: Any = attr("W")
+        fs, gs = layer.f_shape, layer.g_shape
+        assert fs is not None and gs is not None  # fold refuses lazy layers up front
         specs = [
             _spec_proxies(norm_spec(getattr(box, n)), n, getattr(box, n), attr) for n in _NORMS
         ]
+        f_r: Any
+        g_out: Any
         f_r, g_out = eval_maths(
-            f, g, attr("W"), specs, layer.f_shape, layer.g_shape, dtype, layer.projection
+            f, g, W, specs, fs, gs, dtype, layer.projection
         )
         # Like the layer: both outputs in f's dtype.
         outs = (f_r.to(f.dtype).node, g_out.to(f.dtype).node)
     for user in list(node.users):
         index = user.args[1] if len(user.args) > 1 else None
         if user.op == "call_function" and user.target is operator.getitem and index in (0, 1):
-            user.replace_all_uses_with(outs[index])
+            user.replace_all_uses_with(outs[cast(int, index)])
             graph.erase_node(user)
         else:
             user.args = fx.node.map_arg(user.args, lambda n: outs if n is node else n)

@@ -7,6 +7,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -260,9 +261,9 @@ class RegBN(StateMixin):
     def _record_call(self, f, g, is_training: bool | None) -> tuple:
         """Under any torch.fx tracer the layer is one ``call_module`` node (a leaf): its
         training step cannot be traced, and its eval maths belongs to ``regbn.fold``."""
-        tracer = (f if isinstance(f, fx.Proxy) else g).tracer
+        tracer: Any = (f if isinstance(f, fx.Proxy) else g).tracer
         kwargs = {} if is_training is None else {"is_training": is_training}
-        out = tracer.create_proxy("call_module", tracer.path_of_module(self), (f, g), kwargs)
+        out: Any = tracer.create_proxy("call_module", tracer.path_of_module(self), (f, g), kwargs)
         return out[0], out[1]
 
     def _validate(self, f: Tensor, g: Tensor, training: bool) -> None:
@@ -319,17 +320,12 @@ class RegBN(StateMixin):
     def _eval_forward(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         guard, autocast = self._autocast_off(f)
         out_dtype = f.dtype
+        fs, gs = self.f_shape, self.g_shape
+        assert fs is not None and gs is not None  # forward materialises a lazy layer first
         with guard:
             norms = [norm_spec(m) for m in self._norms()]
             f_r, g_n = eval_maths(
-                f,
-                g,
-                self.W,
-                norms,
-                self.f_shape,
-                self.g_shape,
-                self._compute_dtype(f),
-                self.projection,
+                f, g, self.W, norms, fs, gs, self._compute_dtype(f), self.projection
             )
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
@@ -407,9 +403,10 @@ class RegBN(StateMixin):
     def _workspace(self) -> Tensor:
         """A Dg×Df scratch tensor like W, kept across training steps (never saved or moved)."""
         W, work = self.W, self._work
-        same = work is not None and work.shape == W.shape and work.dtype == W.dtype
-        if not (same and work.device == W.device) or (
-            work.is_inference() and not torch.is_inference_mode_enabled()
+        if (
+            work is None
+            or (work.shape, work.dtype, work.device) != (W.shape, W.dtype, W.device)
+            or (work.is_inference() and not torch.is_inference_mode_enabled())
         ):
             with torch.inference_mode(False):
                 work = self._work = torch.empty_like(W)

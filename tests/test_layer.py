@@ -993,3 +993,29 @@ def test_n_epoch_has_no_effect_and_an_eval_step_keeps_the_batchnorm_statistics()
     before = buffers(a)  # the input BatchNorm2d's running statistics included
     a(*batch(4, fs, gs, seed=5, dtype=torch.float32), is_training=False)  # a train-mode layer
     assert_same_buffers(before, buffers(a))
+
+
+def test_verbose_reports_each_training_batch_through_logging(caplog, capsys):
+    layer = RegBN(5, 4, [], [], verbose=True)
+    f, g = torch.randn(8, 5), torch.randn(8, 4)
+    with caplog.at_level("INFO", logger="regbn"):
+        layer(f, g)
+    records = [r for r in caplog.records if r.name.startswith("regbn")]
+    assert len(records) == 1 and "lambda+=" in records[0].getMessage()
+    assert f"{layer.last_lambda:.6g}" in records[0].getMessage()
+    assert capsys.readouterr().out == ""  # nothing printed
+    caplog.clear()
+    layer.eval()
+    layer(f, g)
+    assert not caplog.records  # eval mode solves nothing
+
+
+def test_a_profiled_training_step_labels_its_phases():
+    from regbn._phases import PHASES
+
+    layer = RegBN(6, 9, [], [], normalize_input=True)
+    f, g = torch.randn(8, 6, requires_grad=True), torch.randn(8, 9)
+    with torch.profiler.profile() as prof:
+        layer(f, g)[0].sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {f"regbn.{p}" for p in PHASES} <= names
