@@ -100,7 +100,8 @@ class RegBN(StateMixin):
         sigma_THR: singular values of G at or below ``sigma_THR * max(s)`` become ``sigma_MIN``;
             in [0, 1).
         sigma_MIN: the value that replaces them (0 drops the direction).
-        verbose: print λ⁺ and ‖W_batch‖²_F after every training batch.
+        verbose: log λ⁺ and ‖W_batch‖²_F after every training batch (logger ``regbn.layer``,
+            level INFO: e.g. ``logging.basicConfig(level=logging.INFO)``).
         lambda_rule: ``"paper"`` (‖W‖_F = 1) or ``"official"`` (the published code's condition).
         max_projection_bytes: refuse a W (Dg×Df) larger than this many bytes.
         projection: ``"full"`` (the paper's W, Dg×Df, over the flattened features) or
