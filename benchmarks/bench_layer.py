@@ -273,7 +273,13 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
         res["speedup_vs_lbfgs"] = res["lbfgs_train_s"] / res["ours_train_s"]
         res["speedup_vs_lbfgs_lean"] = res["lbfgs_lean_train_s"] / res["ours_train_s"]
         res["minimal_speedup_vs_lbfgs"] = res["lbfgs_train_s"] / res["minimal_train_s"]
+    res.update(time_eval(layer, norms, f, g, device, args))
+    return res
 
+
+def time_eval(layer: RegBN, norms: Norms, f, g, device, args) -> dict:
+    """Eval of ours against ``f − g @ W`` plus the same norms, in eval form."""
+    B = f.shape[0]
     layer.eval()
     W = layer.W
 
@@ -292,7 +298,7 @@ def run_case(name: str, B: int, fs, gs, device, args, with_lbfgs: bool) -> dict:
 
     times = time_interleaved({"ours_eval": ours_eval, "ref_eval": ref_eval}, device,
                              args.case_time / 2, args.max_rounds)
-    res.update({f"{k}_s": v for k, v in times.items()})
+    res = {f"{k}_s": v for k, v in times.items()}
     res["eval_ratio"] = res["ours_eval_s"] / res["ref_eval_s"]
     return res
 
@@ -306,6 +312,23 @@ def accuracy(device) -> dict:
         f, g = make_inputs(50, (512,), (64, 7, 7), device, dtype)
         sol = solve_batch(f.reshape(50, -1), g.reshape(50, -1))
         out[str(dtype).replace("torch.", "")] = abs(float(sol.W.double().square().sum()) - 1)
+    return out
+
+
+def cases(args, device: torch.device) -> list[tuple[str, int, tuple, tuple, bool]]:
+    """(name, B, f shape, g shape, with the L-BFGS step) for each case; --quick: two tiny ones."""
+    if args.quick:
+        args.case_time, args.max_rounds = 0.05, 3
+        return [("quick", 8, (6,), (2, 2, 2), True), ("quick primal", 16, (4,), (3,), False)]
+    out: list[tuple[str, int, tuple, tuple, bool]] = [
+        ("official README: f 512, g 64x7x7", 50, (512,), (64, 7, 7), True),
+        ("PMR raw: f 1x28x28, g 3x28x28", 50, (1, 28, 28), (3, 28, 28), True),
+        ("f 128, g 16", 100, (128,), (16,), True),
+    ]
+    # B up to 4096 on a GPU; on the CPU up to 1024 (a B=4096 step takes seconds there).
+    sizes = (32, 64, 128, 256, 512, 1024) + ((2048, 4096) if device.type == "cuda" else ())
+    out += [(f"scale B={b}", b, (512,), (64, 7, 7), False) for b in sizes]
+    out += [(f"scale Dg={c * 49}", 128, (512,), (c, 7, 7), False) for c in (1, 4, 16, 64, 256)]
     return out
 
 
@@ -338,23 +361,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_profile.main(args, device)
 
-    cases: list[tuple[str, int, tuple, tuple, bool]] = [
-        ("official README: f 512, g 64x7x7", 50, (512,), (64, 7, 7), True),
-        ("PMR raw: f 1x28x28, g 3x28x28", 50, (1, 28, 28), (3, 28, 28), True),
-        ("f 128, g 16", 100, (128,), (16,), True),
-    ]
-    if args.quick:
-        args.case_time, args.max_rounds = 0.05, 3
-        cases = [("quick", 8, (6,), (2, 2, 2), True), ("quick primal", 16, (4,), (3,), False)]
-    else:
-        # B up to 4096 on a GPU; on the CPU up to 1024 (a B=4096 step takes seconds there).
-        sizes = (32, 64, 128, 256, 512, 1024) + ((2048, 4096) if device.type == "cuda" else ())
-        cases += [(f"scale B={b}", b, (512,), (64, 7, 7), False) for b in sizes]
-        cases += [(f"scale Dg={c * 49}", 128, (512,), (c, 7, 7), False)
-                  for c in (1, 4, 16, 64, 256)]
-
+    todo = cases(args, device)
     rows = [run_case(name, B, fs, gs, device, args, lb)
-            for name, B, fs, gs, lb in tqdm(cases, desc="bench_layer", unit="case")]
+            for name, B, fs, gs, lb in tqdm(todo, desc="bench_layer", unit="case")]
     result = {
         "device": str(device),
         "torch": torch.__version__,
