@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -75,11 +76,11 @@ def test_relative_links_lead_to_files(page):
     broken = []
     for base, dest in _relative_links(page):
         path, _, fragment = dest.partition("#")
-        target = (base / path).resolve() if path else page
-        if not target.exists():
-            broken.append(f"{dest} (no file {target.relative_to(REPO)})")
-        elif fragment and target.suffix == ".md" and fragment not in _anchors(target):
-            broken.append(f"{dest} (no heading #{fragment} in {target.relative_to(REPO)})")
+        linked = (base / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{dest} (no file {os.path.relpath(linked, REPO)})")
+        elif fragment and linked.suffix == ".md" and fragment not in _anchors(linked):
+            broken.append(f"{dest} (no heading #{fragment} in {os.path.relpath(linked, REPO)})")
     assert not broken, f"{page.relative_to(REPO)} links to: " + "; ".join(broken)
 
 
