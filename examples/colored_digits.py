@@ -16,12 +16,19 @@ inside scikit-learn (``load_digits``) into an MNIST-like set:
    digits, each a random label-preserving transform of one original: affine (rotation,
    scale, shear, shift), a smooth elastic displacement and a thicker or thinner stroke
    (``Augmentation``). Pure torch on the CPU with one seeded generator: bit-identical output
-   for a given ``split_seed``.
+   for a given ``split_seed``;
+4. each digit is painted with its class colour plus jitter (variance 0.02 per channel) in
+   training and a random palette colour at test. The default palette (``"pastel"``) is ten
+   hues 36 degrees apart at saturation 0.6: under the jitter the colour alone names the label
+   for about 69 % of the training digits. A strong shortcut, not a perfect one: with the
+   saturated ``"primary"`` palette (96 %) the colour alone carries the training loss and the
+   baseline's gray branch never learns, unlike on colored MNIST.
 
-How it differs from MNIST: about 1,350 distinct training writers' digits instead of 60,000, all
-drawn from 8x8 bitmaps (blurrier strokes, less variety in style), and 10,000 training images
-instead of 60,000. ``--mnist DIR`` (or ``mnist_dir=``) reads a local MNIST in its IDX files
-instead, with plain numpy.
+How it differs from MNIST: about 1,350 distinct training digits from a few dozen writers instead
+of 60,000 from about 250, all drawn from 8x8 bitmaps (blurrier strokes, less variety in style),
+10,000 training images instead of 60,000, and our own ten class colours (the exact colours of
+Kim et al.'s files are not available here). ``--mnist DIR`` (or ``mnist_dir=``) reads a local
+MNIST in its IDX files instead, with plain numpy, and paints it the same way.
 
 Run ``python examples/colored_digits.py`` for a summary, ``--preview grid.png`` for a picture.
 """
