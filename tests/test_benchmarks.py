@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# every test here runs a benchmark script end to end in a subprocess
+pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
