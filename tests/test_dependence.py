@@ -321,5 +321,5 @@ def test_dependence_example_quick(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert "| f | g |" in done.stdout
+    assert "| model | data | f by g |" in done.stdout
     assert {"colored_digits", "config"} <= set(data)
