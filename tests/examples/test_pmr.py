@@ -106,6 +106,9 @@ def test_presets():
     assert (full.epochs, full.n_train, full.n_test, full.seeds) == (75, 60_000, 10_000, 3)
     assert default.n_train is None and default.seeds == 3 and default.threads == 2
     assert parse_args(["--quick", "--epochs", "1"]).epochs == 1  # explicit values win
+    assert (default.palette, default.jitter_var) == ("pastel", 0.02)
+    other = parse_args(["--palette", "primary", "--jitter-var", "0.03"])
+    assert (other.palette, other.jitter_var) == ("primary", 0.03)
 
 
 def test_summary_and_table_by_hand():
@@ -174,6 +177,9 @@ def test_quick_end_to_end(quick_twice):
     assert cfg["threads"] == 1 and cfg["deterministic"] is True
     assert cfg["versions"]["torch"] == torch.__version__
     assert (cfg["n_train"], cfg["n_test"], cfg["epochs"]) == (300, 100, 2)
+    # The data recipe is recorded: palette, jitter and transform strengths.
+    assert (cfg["palette"], cfg["jitter_var"]) == ("pastel", 0.02)
+    assert cfg["augmentation"]["rotate_deg"] == 10.0 and cfg["augmentation"]["scale"] == [0.9, 1.1]
     for arm, runs in results["arms"].items():
         assert runs["seeds"] == cfg["seeds"] and len(runs["seeds"]) >= 2
         for curves in runs["per_seed"]:
