@@ -310,12 +310,12 @@ def _print_table(result: dict[str, Any]) -> None:
         print(
             f"{'towers: insert (auto)':<22}{towers['median_wall_s']:>10.3f}   pairs "
             f"{towers['auto_pairs']}; skipped {len(towers['skipped'])} (goal met: "
-            f"{towers['meets_target']})"
+            f"{towers['meets_goal']})"
         )
     cold = result["cold_first_call_wall_s"]
     print(
         f"cold first insert: {cold['insert']:.3f} s; insert / symbolic_trace = "
-        f"{result['insert_over_symbolic_trace']:.2f}x; goals met: {result['meets_targets']}"
+        f"{result['insert_over_symbolic_trace']:.2f}x; goals met: {result['meets_goals']}"
     )
 
 
