@@ -1,5 +1,6 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
+from .dependence import DependenceReport, DependenceRow, dependence_of, measure_dependence
 from .distributed import convert_sync_regbn
 from .errors import RegBNError, RegBNTypeError, RegBNValueError
 from .fold import fold
@@ -11,6 +12,8 @@ from .fx.tracing import TraceError
 from .layer import RegBN
 
 __all__ = [
+    "DependenceReport",
+    "DependenceRow",
     "Fusion",
     "RegBN",
     "RegBNError",
@@ -19,9 +22,11 @@ __all__ = [
     "Report",
     "TraceError",
     "convert_sync_regbn",
+    "dependence_of",
     "find_fusions",
     "fold",
     "insert",
     "inspect",
+    "measure_dependence",
     "remove",
 ]

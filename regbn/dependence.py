@@ -69,7 +69,8 @@ from .errors import RegBNTypeError, RegBNValueError
 from .fx.analysis import Analysis, analyse, split_by_projection
 from .fx.modality import Fusion
 from .fx.names import resolve_name
-from .fx.tracing import TraceError, in_mode, input_name, unwrap
+from .fx.shape_inputs import arrange_inputs, copy_containers, split_inputs
+from .fx.tracing import TraceError, in_mode, unwrap
 
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
@@ -125,40 +126,12 @@ def _plain(value: Any) -> Any:
 
 
 def _arrange(gm: fx.GraphModule, batch: Any, index: int) -> list[Any]:
-    """One batch as the traced forward's arguments: a tuple/list is positional, a dict is by
-    argument name, anything else is the one argument; containers are copied (tensors shared),
-    so a forward that updates its input dict leaves the caller's batch as it was."""
-    positional: tuple[Any, ...] = ()
-    named: dict[str, Any] = {}
-    if isinstance(batch, dict):
-        named = _plain(batch)
-    elif isinstance(batch, (tuple, list)):
-        positional = tuple(_plain(list(batch)))
-    else:
-        positional = (batch,)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [input_name(p) for p in placeholders]
-    unknown = [k for k in named if k not in names]
-    if unknown or len(positional) > len(names):
-        raise RegBNValueError(
-            f"{WHERE}: batch {index} does not fit the model's forward, which takes {names}: "
-            + (f"unknown names {unknown}" if unknown else f"{len(positional)} inputs given")
-            + ". Give each batch like example_inputs"
-        )
-    args: list[Any] = []
-    for i, (ph, name) in enumerate(zip(placeholders, names, strict=True)):
-        if i < len(positional):
-            args.append(positional[i])
-        elif name in named:
-            args.append(named[name])
-        elif ph.args:  # a default, or a concrete_args value
-            args.append(ph.args[0])
-        else:
-            raise RegBNValueError(
-                f"{WHERE}: batch {index} has no value for argument {name!r}; the model's forward "
-                f"takes {names}. Give each batch like example_inputs"
-            )
-    return args
+    """One batch as the traced forward's arguments (a tuple/list is positional, a dict by
+    argument name, anything else the one argument), lined up as shape propagation lines up
+    example_inputs; containers are copied (tensors shared), so a forward that updates its input
+    dict leaves the caller's batch as it was."""
+    positional, named = split_inputs(copy_containers(batch))
+    return arrange_inputs(gm, positional, named, f"{WHERE}: batch {index}")
 
 
 def _features(value: Any, name: str, node: fx.Node) -> Tensor:
@@ -351,11 +324,20 @@ def measure_graph(
     gm: fx.GraphModule,
     pairs: Sequence[tuple[str | fx.Node, str | fx.Node]],
     batches: Iterable[Any],
+    *,
+    caller: str = WHERE,
     **options: Any,
 ) -> DependenceReport:
     """`DependenceMeter` ``(gm, pairs, **options)`` over ``batches``, reported: for callers
-    that have traced and analysed the model already (``inspect``, ``insert``)."""
-    return DependenceMeter(gm, pairs, **options).update(batches).report()
+    that have traced and analysed the model already (``inspect``, ``insert``). An error names
+    ``caller``, the public callable that refused (``"regbn.inspect"``)."""
+    try:
+        return DependenceMeter(gm, pairs, **options).update(batches).report()
+    except (RegBNValueError, RegBNTypeError) as e:
+        text = str(e)
+        if caller == WHERE or not text.startswith(f"{WHERE}: "):
+            raise
+        raise type(e)(caller + text[len(WHERE) :]) from e
 
 
 # ----------------------------------------------------------------------------- public API
@@ -429,10 +411,12 @@ def measure_dependence(
 def _analysis(model: nn.Module, first: Any, tracing: dict[str, Any]) -> Analysis:
     """`analyse` on the first batch (eval mode is the caller's), errors in this API's words."""
     try:
-        analysis = analyse(model, first, **tracing)
+        analysis = analyse(model, first, caller=WHERE, **tracing)
     except TraceError:
         raise
     except ValueError as e:
+        if isinstance(e, RegBNValueError) and str(e).startswith(f"{WHERE}: "):
+            raise
         raise RegBNValueError(f"{WHERE}: {e}") from e
     if analysis.failure is not None:
         raise RegBNValueError(

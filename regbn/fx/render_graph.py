@@ -2,7 +2,9 @@
 
 Every graph node is one displayed line of the report; `node_label` writes what its box shows.
 The layout is layered from the inputs (top) to the outputs and needs no Graphviz; the picture is
-drawn with matplotlib, an optional dependency imported only by `draw`.
+drawn with matplotlib, an optional dependency imported only by `draw`. In a report measured on
+batches, a measured fusion's box is filled by its dependence above chance (pale blue at 0,
+orange at 1, the ramp of `report_dependence`) and shows the value.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import networkx as nx
 from .._format import format_shape, plural
 from ..errors import RegBNValueError
 from .render_html import colours
+from .report_dependence import RAMP, dependence_cell, dependence_colour, line_row
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.text import Text
 
+    from .._dependence_core import DependenceRow
     from .report import Line, Report
 
 __all__ = ["dot", "draw", "graph", "node_label"]
@@ -53,12 +57,15 @@ def graph(report: Report, depth: int | None, all_nodes: bool) -> nx.DiGraph:
     return g
 
 
-def node_label(line: Line) -> list[str]:
-    """The text lines of a graph node's box: name, layer, output shape, marks."""
+def node_label(line: Line, measured: DependenceRow | None = None) -> list[str]:
+    """The text lines of a graph node's box: name, layer, output shape, marks, and the
+    dependence above chance of a ``measured`` fusion."""
     layer = f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer
     label = [line.name, layer, format_shape(line.shape)]
     if line.is_fusion:
         label.append("FUSION")
+    if measured is not None:
+        label.append(f"dependence {dependence_cell(measured)}")
     if line.is_regbn:
         label.append("RegBN")
     return label
@@ -79,8 +86,9 @@ def dot(report: Report, depth: int | None, all_nodes: bool) -> str:
     ]
     for name, data in g.nodes(data=True):
         line: Line = data["line"]
-        label = "\\n".join(_escape_dot_label(s) for s in node_label(line))
-        fill = _REGBN_COLOUR if line.is_regbn else _fill(line.modalities, palette)
+        measured = line_row(report, line)
+        label = "\\n".join(_escape_dot_label(s) for s in node_label(line, measured))
+        fill = _box_colour(line, measured, palette)
         extra = f', color="{_FUSION_COLOUR}", penwidth=3' if line.is_fusion else ""
         out.append(f'  {q(name)} [label="{label}", fillcolor="{fill}"{extra}];')
     for u, v in g.edges:
@@ -112,7 +120,7 @@ def draw(report: Report, path: str | Path, depth: int | None, all_nodes: bool) -
     ax.set_axis_off()
     ax.set_xlim(-0.6, max(widest, 1) - 0.4)
     ax.set_ylim(-n_layers + 0.4, 0.6)
-    _draw_graph(ax, g, pos, colours(report))
+    _draw_graph(ax, g, pos, colours(report), report)
     _draw_legend(ax, report)
     title = f"{report.model_name}: {len(report.rows)} nodes, "
     title += plural(len(report.fusions), "fusion")
@@ -129,19 +137,24 @@ def draw(report: Report, path: str | Path, depth: int | None, all_nodes: bool) -
 
 
 def _draw_graph(
-    ax: Axes, g: nx.DiGraph, pos: dict[str, tuple[float, float]], palette: dict[str, str]
+    ax: Axes,
+    g: nx.DiGraph,
+    pos: dict[str, tuple[float, float]],
+    palette: dict[str, str],
+    report: Report,
 ) -> None:
     """One labelled box per node, one arrow per edge."""
     texts: dict[str, Text] = {}
     for name, data in g.nodes(data=True):
         line: Line = data["line"]
-        fill = _REGBN_COLOUR if line.is_regbn else _fill(line.modalities, palette)
+        measured = line_row(report, line)
+        fill = _box_colour(line, measured, palette)
         edge, lw = (_FUSION_COLOUR, 2.5) if line.is_fusion else ("#333333", 0.6)
         x, y = pos[name]
         texts[name] = ax.text(
             x,
             y,
-            "\n".join(node_label(line)),
+            "\n".join(node_label(line, measured)),
             ha="center",
             va="center",
             fontsize=6.5,
@@ -179,7 +192,21 @@ def _draw_legend(ax: Axes, report: Report) -> None:
     handles.append(Patch(fc="white", ec=_FUSION_COLOUR, lw=2.5, label="fusion"))
     if any(r.is_regbn for r in report.rows):
         handles.append(Patch(fc=_REGBN_COLOUR, label="RegBN"))
+    if report.dependence is not None:
+        handles += [
+            Patch(fc=colour, ec=_FUSION_COLOUR, lw=1, label=f"dependence {value:.1f}")
+            for value, colour in RAMP
+        ]
     ax.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
+
+
+def _box_colour(line: Line, measured: DependenceRow | None, palette: dict[str, str]) -> str:
+    """Gold for a RegBN layer, the dependence ramp for a measured fusion, else by modality."""
+    if line.is_regbn:
+        return _REGBN_COLOUR
+    if measured is not None:
+        return dependence_colour(measured.above_chance)
+    return _fill(line.modalities, palette)
 
 
 def _fill(modalities: frozenset[str], palette: dict[str, str]) -> str:

@@ -1,6 +1,7 @@
 """The notebook view of a report (``report._repr_html_()``): a styled table of every node.
 
-A column is one header in `HTML_HEADERS` and one cell in `html_cells`.
+A column is one header in `HTML_HEADERS` and one cell in `html_cells`. A report measured on
+batches has one more column, the dependence at each fusion, shaded by its value.
 """
 
 from __future__ import annotations
@@ -9,6 +10,12 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from .._format import dtype_name, format_count, format_shape, plural
+from .report_dependence import (
+    DEPENDENCE_HELP,
+    dependence_cell,
+    dependence_colour,
+    fusion_row,
+)
 
 if TYPE_CHECKING:
     from .report import Report, Row
@@ -49,7 +56,8 @@ def html(report: Report) -> str:
     """The summary above a scrolling table of every node (no folding: a notebook scrolls)."""
     failed = report.failure.node_name if report.failure is not None else None
     rows = "".join(_html_row(report, row, failed) for row in report.rows)
-    head = "".join(f"<th>{h}</th>" for h in HTML_HEADERS)
+    headers = HTML_HEADERS + (("dependence",) if report.dependence is not None else ())
+    head = "".join(f"<th>{h}</th>" for h in headers)
     return (
         f'<div class="regbn-report">{_CSS}'
         + "".join(f"<div>{s}</div>" for s in _summary(report))
@@ -68,10 +76,25 @@ def html_cells(report: Report, row: Row) -> list[str]:
         format_shape(row.shape_or_nested),
         dtype_name(row.dtype),
     ]
-    return [f"<td>{escape(str(c))}</td>" for c in text] + [
+    cells = [f"<td>{escape(str(c))}</td>" for c in text] + [
         f"<td>{_tags(report, row.modalities)}</td>",
         f'<td class="num">{escape(format_count(row.params))}</td>',
     ]
+    if report.dependence is not None:
+        cells.append(_dependence_td(report, row))
+    return cells
+
+
+def _dependence_td(report: Report, row: Row) -> str:
+    """The dependence cell: the value above chance, shaded as the picture shades the fusion."""
+    measured = fusion_row(report, row.name) if row.is_fusion else None
+    if measured is None:
+        return '<td class="num dependence"></td>'
+    colour = dependence_colour(measured.above_chance)
+    return (
+        f'<td class="num dependence" style="background:{colour}" '
+        f'title="{escape(measured.summary())}">{escape(dependence_cell(measured))}</td>'
+    )
 
 
 def _html_row(report: Report, row: Row, failed: str | None) -> str:
@@ -114,7 +137,12 @@ def _summary(report: Report) -> list[str]:
     out.append(
         "Parameters: " + "; ".join(f"{escape(label)}: {count:,}" for label, count in s.params)
     )
-    out += ["Fusion: " + escape(text) for text in s.fusion_lines]
+    for fusion, text in zip(s.fusions, s.fusion_lines, strict=True):
+        measured = fusion_row(report, fusion.name)
+        extra = f"; dependence {measured.summary()}" if measured is not None else ""
+        out.append("Fusion: " + escape(text + extra))
+    if report.dependence is not None:
+        out.append(escape(DEPENDENCE_HELP))
     if s.pairs:
         out.append(f"<code>regbn.insert(model, pairs={escape(repr(s.pairs))}, ...)</code>")
     return out

@@ -1,6 +1,7 @@
 """Text views of a report: the terminal table (``str(report)``), its summary, and Markdown.
 
-A column is one header here and one cell in `table_cells` (terminal) or `markdown_cells`.
+A column is one header here and one cell in `table_cells` (terminal) or `markdown_cells`. A
+report measured on batches has one more column, the dependence at each fusion.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .._format import dtype_name, format_count, format_shape
+from .report_dependence import DEPENDENCE_HELP, dependence_cell, fusion_row, line_row
 
 if TYPE_CHECKING:
     from .report import InputInfo, Line, Report
@@ -39,12 +41,20 @@ def table(report: Report, depth: int | None, all_nodes: bool, width: int | None)
     """An aligned text table (80-120 columns), its legend, then the summary."""
     width = width or _terminal_width()
     failed = report.failure.node_name if report.failure is not None else None
-    body = [table_cells(report, line, failed) for line in report.lines(depth, all_nodes)]
+    lines = report.lines(depth, all_nodes)
+    body = [table_cells(report, line, failed) for line in lines]
+    headers, right = TABLE_HEADERS, _RIGHT
+    if report.dependence is not None:
+        headers, right = [*TABLE_HEADERS, "dependence"], {*_RIGHT, len(TABLE_HEADERS)}
+        cells = [dependence_cell(line_row(report, line)) for line in lines]
+        body = [[*row, cell] for row, cell in zip(body, cells, strict=True)]
     text = _format_table(
-        TABLE_HEADERS, body, width, right_align=_RIGHT, shrink=_SHRINK, optional=_OPTIONAL
+        headers, body, width, right_align=right, shrink=_SHRINK, optional=_OPTIONAL
     )
     marks = {row[0] for row in body}
     legend = "   ".join(text for mark, text in _LEGEND if mark in marks)
+    if report.dependence is not None:
+        legend = "\n".join(filter(None, [legend, _dependence_legend(report)]))
     parts = [report.failure_text()] if report.failure is not None else []
     parts += [text] + ([legend] if legend else []) + ["", summary(report)]
     return "\n".join(parts)
@@ -93,6 +103,9 @@ def summary(report: Report) -> str:
             )
         ]
         lines += _align(operands, indent=6)
+        measured = fusion_row(report, fusion.name)
+        if measured is not None:
+            lines.append(f"      dependence: {measured.summary()}")
     if s.pairs:
         lines += ["Suggested pairs for regbn.insert", f"  pairs={s.pairs!r}"]
         lines += [f"    {text}" for text in s.pair_lines]
@@ -101,6 +114,18 @@ def summary(report: Report) -> str:
     if s.failure:
         lines.append(s.failure)
     return "\n".join(lines)
+
+
+def _dependence_legend(report: Report) -> str:
+    """What the dependence column means, and on how many samples it was measured."""
+    dep = report.dependence
+    if dep is None or not dep.rows:
+        return "dependence: no fusion measured (none found, or every one left out of the pairs)"
+    saturated = any(row.saturated for row in dep.rows)
+    return (
+        f"{DEPENDENCE_HELP}; N {dep.rows[0].n_samples}"
+        + ("; *: rank(G) >= N-1, measure more samples" if saturated else "")
+    )
 
 
 def _input_role(info: InputInfo) -> str:
@@ -118,9 +143,14 @@ def markdown(report: Report, depth: int | None, all_nodes: bool) -> str:
     out = [f"### {_md(s.model_name)}", ""]
     if s.failure:
         out += [f"> **{_md(s.failure)}**", ""]
-    out += [MARKDOWN_HEADER, MARKDOWN_RULE]
+    measured = report.dependence is not None
+    out += [MARKDOWN_HEADER + (" dependence |" if measured else "")]
+    out += [MARKDOWN_RULE + ("--:|" if measured else "")]
     for line in report.lines(depth, all_nodes):
-        out.append("| " + " | ".join(_md(v) for v in markdown_cells(report, line)) + " |")
+        cells = markdown_cells(report, line)
+        if measured:
+            cells.append(dependence_cell(line_row(report, line)))
+        out.append("| " + " | ".join(_md(v) for v in cells) + " |")
     out += [
         "",
         "**Inputs**: " + ", ".join(f"`{_md(i.name)}` {format_shape(i.shape)}" for i in s.inputs),
@@ -131,7 +161,11 @@ def markdown(report: Report, depth: int | None, all_nodes: bool) -> str:
         + "; ".join(f"{_md(label)}: {count:,}" for label, count in s.params)
     )
     out += ["", f"**Fusions**: {len(s.fusions)}"]
-    out += [f"- {_md(text)}" for text in s.fusion_lines]
+    for fusion, text in zip(s.fusions, s.fusion_lines, strict=True):
+        row = fusion_row(report, fusion.name)
+        out.append(f"- {_md(text)}" + (f"; dependence {_md(row.summary())}" if row else ""))
+    if measured:
+        out += ["", _md(_dependence_legend(report))]
     if s.pairs:
         out += ["", f"Suggested: `regbn.insert(model, pairs={s.pairs!r}, ...)`"]
     return "\n".join(out) + "\n"

@@ -8,7 +8,8 @@ This module holds the report's data: its rows, the folding of module calls into 
 and the JSON form. The summary is computed once, in `report_summary` (`Report.overview`); the
 graph is read in `report_rows`. The views live beside it: ``str(report)`` and ``to_markdown``
 in `render_text`, ``_repr_html_`` (notebooks) in `render_html`, ``to_dot`` (Graphviz text) and
-``draw`` (SVG/PNG) in `render_graph`.
+``draw`` (SVG/PNG) in `render_graph`, ``to_dict`` in `render_json`. With batches, the
+dependence at each fusion comes from `report_dependence`.
 
 A column of the views is one field of `Row` (and of `Line`, which folds rows: `_line_of`), plus
 one cell in each renderer's row function (``table_cells``, ``markdown_cells``, ``html_cells``,
@@ -28,13 +29,15 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
+from .._dependence_core import DependenceReport
 from .._format import dtype_name, plural, shape_to_json
 from ..errors import RegBNValueError
-from . import render_graph, render_html, render_text
+from . import render_graph, render_html, render_json, render_text
 from .analysis import analyse, split_by_projection
 from .modality import Fusion
+from .report_dependence import measure_fusions
 from .report_rows import input_order, params_by_modality, row_fields
-from .report_summary import Summary, failure_text, param_items, summarize
+from .report_summary import Summary, failure_text, summarize
 from .shapes import ShapeFailure
 
 __all__ = ["InputInfo", "Line", "Report", "Row", "inspect"]
@@ -151,6 +154,8 @@ class Report:
     unused_params: int = 0
     model_name: str = "model"
     module_types: dict[str, str] = field(default_factory=dict)  # module path -> class name
+    # The cross-modal dependence at each fusion (`regbn.inspect(..., batches=...)`), else None.
+    dependence: DependenceReport | None = None
 
     # -- summary -------------------------------------------------------------------------
 
@@ -160,16 +165,16 @@ class Report:
 
         A fusion at an inserted RegBN layer (a patched model) is already normalised: no pair.
         """
-        kept, _ = split_by_projection(self._open_fusions())
+        kept, _ = split_by_projection(self.open_fusions())
         return [(f.pair[0], f.pair[1]) for f in kept]
 
     @property
     def skipped(self) -> list[str]:
         """Why ``pairs="auto"`` would skip a fusion: its W would pass the layer's default
         ``max_projection_bytes`` (token-level features); each names smaller tensors to pair."""
-        return split_by_projection(self._open_fusions())[1]
+        return split_by_projection(self.open_fusions())[1]
 
-    def _open_fusions(self) -> list[Fusion]:
+    def open_fusions(self) -> list[Fusion]:
         """The fusions not at an inserted RegBN layer."""
         regbn = {row.name for row in self.rows if row.is_regbn}
         return [f for f in self.fusions if f.name not in regbn]
@@ -344,46 +349,11 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists, strings, numbers, None only)."""
-        fail = self.failure
-        return {
-            "model": self.model_name,
-            "inputs": [i.to_dict() for i in self.inputs],
-            "rows": [row.to_dict() for row in self.rows],
-            "fusions": [_fusion_to_dict(f) for f in self.fusions],
-            "pairs": [list(p) for p in self.pairs],
-            "skipped": list(self.skipped),
-            "parameters": {
-                "total": self.total_params,
-                "by_modality": dict(param_items(self)),
-            },
-            "failure": None
-            if fail is None
-            else {
-                "node": fail.node_name,
-                "target": str(fail.target),
-                "input_shapes": [shape_to_json(s) for s in fail.input_shapes or ()],
-                "message": str(fail.message),
-            },
-        }
+        return render_json.to_dict(self)
 
 
 def _path_depth(path: str | None) -> int:
     return 0 if not path else path.count(".") + 1
-
-
-def _fusion_to_dict(fusion: Fusion) -> dict[str, Any]:
-    return {
-        "name": fusion.name,
-        "kind": fusion.kind,
-        "operands": list(fusion.operands),
-        "modalities": [sorted(m) for m in fusion.modalities],
-        "shapes": [shape_to_json(s) for s in fusion.shapes],
-        "pair": list(fusion.pair),
-        "pair_shapes": [shape_to_json(s) for s in fusion.pair_shapes],
-        "projection_bytes": fusion.projection_bytes,
-        "module": fusion.module,
-        "output_shape": shape_to_json(fusion.output_shape),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,6 +371,7 @@ def inspect(
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] | None = None,
     autowrap_functions: Sequence[Callable] | None = None,
+    batches: Iterable[Any] | None = None,
 ) -> Report:
     """Trace ``model``, propagate shapes and modalities, and report every node.
 
@@ -411,6 +382,12 @@ def inspect(
     argument name whose values may be dicts for dict arguments. ``modalities`` maps a modality
     name to the inputs that make it. A shape-propagation failure gives a partial report
     (``report.failure``); a trace failure raises ``TraceError``.
+
+    ``batches`` (an iterable of batches, each like ``example_inputs``) adds the cross-modal
+    dependence at each fusion (`regbn.measure_dependence` on the pair ``pairs="auto"`` would
+    take there, run on the traced graph with every module in eval mode, no parameter or buffer
+    changed): ``report.dependence``, a column of the tables and the colour of the fusions in
+    ``draw``. Random batches measure the architecture, not the data.
     """
     result = analyse(
         model,
@@ -422,7 +399,10 @@ def inspect(
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
     )
-    return report_from_graph(result.gm, result.fusions, result.failure, model=model)
+    report = report_from_graph(result.gm, result.fusions, result.failure, model=model)
+    if batches is not None:
+        report.dependence = measure_fusions(result.gm, report.open_fusions(), batches, model)
+    return report
 
 
 def report_from_graph(
