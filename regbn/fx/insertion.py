@@ -34,6 +34,7 @@ from ..errors import RegBNTypeError, RegBNValueError
 from ..layer import RegBN
 from .analysis import Analysis, analyse, auto_pairs
 from .insert_checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
+from .insert_dependence import check_dependence_args, keep_dependent
 from .insert_modes import eval_pairs, mode_result, warn_mixed_modes
 from .mode_graph import ModeGraphModule, in_mode
 from .module_state import carry_missing_state
@@ -43,8 +44,8 @@ from .splice import finish, next_layer_index, reorder_topologically, splice, wit
 from .tracing import TraceError, is_regbn, same_trace, trace_graph
 
 # The steps of insert live in their own modules: its argument checks (insert_checks), the pairs
-# resolved and checked (pair_plan), the graph edits (splice) and the handling of training and
-# eval mode (insert_modes).
+# resolved and checked (pair_plan), the graph edits (splice), the handling of training and
+# eval mode (insert_modes) and the pairs kept by their measured dependence (insert_dependence).
 __all__ = ["insert", "remove", "resolve_name", "is_ambiguous"]
 
 # Names of the RegBN submodules insert added: in gm.meta (kept by deepcopy) and as an attribute of
@@ -102,7 +103,7 @@ def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[
     return pairs
 
 
-# Over 60 lines only by its docstring, which documents the public API; the body is ~45.
+# Over 60 lines only by its docstring, which documents the public API; the body is ~50.
 def insert(
     model: nn.Module,
     pairs: Any,
@@ -115,6 +116,8 @@ def insert(
     leaf_modules: Any = None,
     autowrap_functions: Any = None,
     copy: bool = False,
+    batches: Any = None,
+    min_dependence: float | None = None,
     **regbn_kwargs: Any,
 ) -> fx.GraphModule:
     """Return ``model`` as a ``GraphModule`` with a `regbn.RegBN` layer spliced in per pair.
@@ -137,6 +140,12 @@ def insert(
     layers (see the module docstring). A ``torch.compile`` d or ``(Distributed)DataParallel``
     model is patched through the module it wraps, with a warning: wrap the result again. The
     model itself is never modified; nothing is touched unless every pair is valid.
+
+    ``min_dependence`` with ``batches`` (a few batches, each like ``example_inputs``) inserts
+    only where the branches depend: each pair, ``"auto"`` or explicit alike, is measured as
+    `regbn.measure_dependence` measures it (on the raw tensors, every module in eval mode) and
+    kept when its dependence above chance, ``r2 - r2_shuffled``, reaches ``min_dependence``; a
+    ``UserWarning`` names the pairs skipped and their numbers.
     """
     if not isinstance(model, nn.Module):
         raise RegBNTypeError(
@@ -145,6 +154,7 @@ def insert(
     own = [n for n in inspect.signature(insert).parameters if n != "regbn_kwargs"]
     check_regbn_kwargs(regbn_kwargs, own)
     wanted = normalise_pairs(pairs)
+    check_dependence_args(batches, min_dependence)
     if example_inputs is None and input_shapes is None:
         raise RegBNValueError(
             f"{CALLER}: needs example_inputs (real tensors) or input_shapes (e.g. "
@@ -166,6 +176,9 @@ def insert(
     if wanted == "auto":
         wanted = _auto_pairs(train, regbn_kwargs)
     plans = plan_pairs(train.gm, wanted, model, train.graph)
+    if min_dependence is not None:  # every pair checked first, in insert's words
+        wanted = keep_dependent(train.gm, wanted, batches, min_dependence, model)
+        plans = plan_pairs(train.gm, wanted, model, train.graph)
     per_mode = [(train.gm, plans)]
     if ev is not None:
         in_eval = eval_pairs(plans, train.gm, ev.gm)
