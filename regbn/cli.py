@@ -1,6 +1,8 @@
 """Command line: ``regbn inspect MODULE:FACTORY --input 2x1x28x28 --input 2x3x28x28``.
 
-Shapes run on fake tensors, so no input data and no memory for activations is needed. Every user
+Shapes run on fake tensors, so no input data and no memory for activations is needed.
+``--measure N`` (random batches of those shapes) or ``--batches FILE`` (the user's batches) adds
+the cross-modal dependence at each fusion. Every user
 error is one line on stderr, ``regbn inspect: ...`` (the command that refused, then the message),
 and exit status 2, never a traceback.
 """
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from ._format import one_line
+from .cli_batches import BatchesError, load_batches, random_batches
 from .fx.report import inspect
 
 __all__ = ["main"]
@@ -106,7 +109,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all", dest="all_nodes", action="store_true", help="show every node, folding nothing"
     )
+    p.add_argument(
+        "--measure",
+        type=_count,
+        metavar="N",
+        help="measure the cross-modal dependence at each fusion on N batches of random inputs "
+        "of the --input shapes (floats standard normal, integers 0 or 1, booleans coin flips). "
+        "Random inputs measure the architecture (what it makes of unrelated inputs), not the "
+        "data: use --batches for that. Give a batch size well above the branches' widths",
+    )
+    p.add_argument(
+        "--batches",
+        metavar="FILE",
+        help="measure the cross-modal dependence at each fusion on your data: FILE holds a "
+        "torch.save'd list of input tuples (or dicts of keyword inputs), one per batch, loaded "
+        "with weights_only=True. Without --input, the first batch gives the shapes",
+    )
     return parser
+
+
+def _count(text: str) -> int:
+    """``--measure N``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--measure must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _depth(text: str) -> int:
@@ -282,15 +312,43 @@ def load_model(spec: str) -> nn.Module:
 def _inspect(args: argparse.Namespace) -> int:
     if args.draw is not None and Path(args.draw).suffix.lower() not in (".svg", ".png"):
         raise UserError(f"--draw writes .svg or .png, got {args.draw!r}")
-    shapes = _input_shapes(args.inputs)
+    if args.measure is not None and args.batches is not None:
+        raise UserError("--measure and --batches: give one (random inputs, or your batches)")
+    try:
+        batches = load_batches(args.batches) if args.batches is not None else None
+    except BatchesError as e:
+        raise UserError(str(e)) from None
+    example = None
+    if batches is not None and not args.inputs:
+        shapes, example = None, batches[0]  # the first batch gives the shapes
+    else:
+        shapes = _input_shapes(args.inputs)
     modalities = parse_modalities(args.modalities)
     model = load_model(args.model)
     leaves = leaf_modules(model, args.leaves)
+    if args.measure is not None:
+        try:
+            batches = random_batches(model, shapes, args.measure)
+        except BatchesError as e:
+            raise UserError(str(e)) from None
+        print(
+            f"{_PROG}: dependence measured on {args.measure} batches of random inputs: it shows "
+            "what the architecture makes of unrelated inputs, not the dependence in your data "
+            "(--batches FILE measures that)",
+            file=sys.stderr,
+        )
     try:
-        report = inspect(model, input_shapes=shapes, modalities=modalities, leaf_modules=leaves)
+        report = inspect(
+            model,
+            example,
+            input_shapes=shapes,
+            modalities=modalities,
+            leaf_modules=leaves,
+            batches=batches,
+        )
     # TraceError is a ValueError; the others are inputs that do not fit the forward's arguments.
     except (ValueError, TypeError) as e:
-        raise UserError(one_line(e)) from None
+        raise UserError(_api_message(e)) from None
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -306,6 +364,13 @@ def _inspect(args: argparse.Namespace) -> int:
     if report.failure is not None:
         raise UserError(report.failure_text())
     return 0
+
+
+def _api_message(error: Exception) -> str:
+    """An error of ``regbn.inspect`` in one line, without its ``regbn.inspect: `` prefix (the
+    line already starts with ``regbn inspect: ``)."""
+    text = one_line(error)
+    return text.removeprefix("regbn.inspect: ")
 
 
 def _fail(message: str, command: str = f"{_PROG} inspect") -> int:
