@@ -233,3 +233,26 @@ def test_converting_a_trained_model_keeps_every_buffer_and_other_modules():
     converted.eval()
     assert converted["a"](torch.randn(2, 4), torch.randn(2, 3))[0].shape == (2, 4)
     assert isinstance(convert_sync_regbn(RegBN(), process_group=None), RegBN)  # a lazy layer
+
+
+def test_conversion_keeps_a_channel_projection_and_its_state():
+    model = nn.ModuleDict(
+        {"n": RegBN(4, 3, [5, 5], [5, 5], projection="channel", lambda_rule="official")}
+    )
+    model["n"](torch.randn(6, 4, 5, 5), torch.randn(6, 3, 5, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_regbn(model)
+    layer = converted["n"]
+    assert isinstance(layer, SyncRegBN)
+    assert (layer.projection, layer.lambda_rule) == ("channel", "official")
+    assert layer.W.shape == (3, 4)  # Cg×Cf, not (3·25)×(4·25)
+    after = converted.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    # Without a process group it trains and evaluates as the channel layer it came from.
+    plain = RegBN(4, 3, [5, 5], [5, 5], projection="channel", lambda_rule="official")
+    plain.load_state_dict({k.removeprefix("n."): v for k, v in before.items()})
+    f, g = torch.randn(6, 4, 5, 5), torch.randn(6, 3, 5, 5)
+    torch.testing.assert_close(layer(f, g)[0], plain(f, g)[0], rtol=0, atol=0)
+    torch.testing.assert_close(layer.W, plain.W, rtol=0, atol=0)

@@ -1019,3 +1019,27 @@ def test_a_profiled_training_step_labels_its_phases():
         layer(f, g)[0].sum().backward()
     names = {e.name for e in prof.events()}
     assert {f"regbn.{p}" for p in PHASES} <= names
+
+
+def test_channel_projection_with_the_official_lambda_rule_trains_and_checkpoints():
+    torch.manual_seed(0)
+    layer = RegBN(4, 3, [5, 5], [5, 5], projection="channel", lambda_rule="official")
+    f = torch.randn(6, 4, 5, 5, requires_grad=True)
+    g = torch.randn(6, 3, 5, 5, requires_grad=True)
+    f_r, g_out = layer(f, g)
+    (f_r.square().sum() + g_out.sum()).backward()
+    assert layer.last_lambda is not None and math.isfinite(layer.last_lambda)
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+    assert int(layer.num_batches_tracked) == 1 and layer.W.abs().sum() > 0
+    # The checkpoint holds the channel W (Cg×Cf) and the feature shapes; the mode follows from
+    # W's shape: a channel layer (even a lazy one) reloads it and evaluates bit for bit, a full
+    # layer of the same feature shapes (W of 75×100) refuses it.
+    state = layer.state_dict()
+    assert state["W"].shape == (3, 4)
+    assert state["_extra_state"].tolist() == [3, 4, 5, 5, 3, 3, 5, 5]
+    lazy = RegBN(projection="channel", lambda_rule="official")
+    lazy.load_state_dict(state)
+    fe, ge = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5)
+    assert torch.equal(lazy.eval()(fe, ge)[0], layer.eval()(fe, ge)[0])
+    with pytest.raises(RuntimeError, match="size mismatch for W"):
+        RegBN(4, 3, [5, 5], [5, 5], lambda_rule="official").load_state_dict(state)
