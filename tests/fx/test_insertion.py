@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import pickle
 import re
@@ -785,3 +786,67 @@ def test_tied_weights_keep_their_keys_through_insert_and_remove():
         assert all(k in mine and torch.equal(mine[k], v) for k, v in original.items())
         assert set(remove(patched).state_dict()) == set(original)
     assert int(model.bn.num_batches_tracked) == 0  # insert ran nothing on the caller's buffers
+
+
+# ---------------------------------------------------------------------------------------------
+# min_dependence: RegBN only where the branches depend
+# ---------------------------------------------------------------------------------------------
+
+
+class TwoFusions(nn.Module):
+    """x meets y (dependent in the batches below) at add, and z (independent) at mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fx_a, self.fx_b = nn.Linear(6, 4), nn.Linear(6, 4)
+        self.fy, self.fz = nn.Linear(4, 4), nn.Linear(3, 4)
+
+    def forward(self, x, y, z):
+        return self.fx_a(x) + self.fy(y), self.fx_b(x) * self.fz(z)
+
+
+def _three_batches(n_batches: int = 3, size: int = 64) -> list[tuple]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(size, 6, generator=gen)
+        y = x[:, :4] + 0.1 * torch.randn(size, 4, generator=gen)
+        out.append((x, y, torch.randn(size, 3, generator=gen)))
+    return out
+
+
+def test_min_dependence_skips_an_independent_pair_and_keeps_a_dependent_one():
+    torch.manual_seed(0)
+    model, batches = TwoFusions(), _three_batches()
+    with pytest.warns(UserWarning, match=r"min_dependence=0\.2: skipped 1 of 2 pairs") as record:
+        patched = insert(model, "auto", batches[0], batches=batches, min_dependence=0.2)
+    (message,) = [str(w.message) for w in record if "min_dependence" in str(w.message)]
+    assert "by 'node:fz'" in message and "fy'" not in message  # the independent pair, named
+    assert "above -0.0" in message or "above 0.0" in message  # its number, near zero
+    (layer,) = [m for m in patched.modules() if isinstance(m, regbn.RegBN)]
+    call = next(n for n in patched.graph.nodes if n.op == "call_module" and n.target == "regbn_0")
+    assert "fy" in {str(a.target) for a in call.args}  # the dependent pair
+    out = patched(*batches[0])
+    assert out[0].shape == (64, 4)
+    # Explicit pairs are measured too; with none reaching the bar there is nothing to insert.
+    with pytest.raises(regbn.RegBNValueError, match=r"^regbn\.insert: min_dependence=0\.5: no "):
+        insert(model, [("fx_b", "fz")], batches[0], batches=batches, min_dependence=0.5)
+    kept = insert(model, [("fx_a", "fy")], batches[0], batches=batches, min_dependence=0.5)
+    assert sum(isinstance(m, regbn.RegBN) for m in kept.modules()) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"min_dependence": 0.1}, regbn.RegBNValueError, "min_dependence needs batches"),
+        ({"batches": "B"}, regbn.RegBNValueError, "batches is only used to measure"),
+        ({"batches": "B", "min_dependence": "x"}, regbn.RegBNTypeError, "min_dep.* a number"),
+        ({"batches": "B", "min_dependence": math.nan}, regbn.RegBNValueError, "min_dep.* finite"),
+        ({"batches": [(1, 2, 3)], "min_dependence": 0.1}, regbn.RegBNTypeError, "batch 0 holds"),
+    ],
+)
+def test_min_dependence_bad_arguments(kwargs, error, match):
+    batches = _three_batches(1, 8)
+    kwargs = {k: batches if v == "B" else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=r"^regbn\.insert: " + match):
+        insert(TwoFusions(), "auto", batches[0], **kwargs)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from regbn.errors import RegBNValueError
+from regbn.errors import RegBNTypeError, RegBNValueError
 from regbn.fx.report import Report, inspect
 from regbn.fx.tracing import TraceError, trace
 
@@ -535,3 +535,79 @@ def test_parameters_inside_leaf_modules_count_under_their_modality():
         model.head
     )
     assert "unused" not in report.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# The dependence at each fusion: inspect(..., batches=...)
+# ---------------------------------------------------------------------------------------------
+
+
+def _vector_batches(coupled: bool, n_batches: int = 3, size: int = 64) -> list[tuple]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        a = torch.randn(size, 10, generator=gen)
+        noise = torch.randn(size, 12, generator=gen)
+        b = torch.cat([a, a[:, :2]], 1) + 0.1 * noise if coupled else noise
+        out.append((a, b))
+    return out
+
+
+def test_inspect_with_batches_shows_the_dependence_in_every_view(tmp_path):
+    torch.manual_seed(0)
+    batches = _vector_batches(coupled=True)
+    report = inspect(Vectors(), batches[0], batches=batches)
+    (row,) = report.dependence.rows
+    assert row.fusion == "cat" and row.n_samples == 3 * 64 and row.above_chance > 0.3
+    value = f"{row.above_chance:+.3f}"
+    # Text: a dependence column, the value on the fusion's line, the full row in the summary.
+    table = report.table(width=120)
+    assert "dependence" in table.splitlines()[0]
+    (fusion_line,) = [line for line in table.splitlines() if line.startswith("*F  cat")]
+    assert fusion_line.rstrip().endswith(value)
+    assert f"dependence: {row.summary()}" in table
+    # Markdown: one more column, filled on the fusion's row only.
+    md = report.to_markdown().splitlines()
+    header = next(line for line in md if line.startswith("| node"))
+    assert header.endswith("| dependence |")
+    cat = next(line for line in md if line.startswith("| `cat`"))
+    assert cat.endswith(f"| {value} |") and header.count("|") == cat.count("|")
+    # HTML, parsed: the column's cells, the value on the fusion's row, shaded.
+    parser = _Cells()
+    html = report._repr_html_()
+    parser.feed(html)
+    body = [cells for cells in parser.rows if cells]
+    assert all(len(cells) == 8 for cells in body)
+    assert {cells[0]: cells[-1] for cells in body}["cat"] == value
+    assert [cells[-1] for cells in body].count("") == len(body) - 1
+    assert 'class="num dependence" style="background:#' in html
+    # The picture and Graphviz text: the value on the fusion's node, filled by the ramp.
+    assert f"dependence {value}" in report.to_dot()
+    svg = report.draw(tmp_path / "dep.svg")
+    ET.parse(svg)
+    assert f"dependence {value}" in svg.read_text()
+    assert report.draw(tmp_path / "dep.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(json.dumps(report.to_dict()))["dependence"]["rows"][0]["fusion"] == "cat"
+
+
+def test_inspect_dependence_tells_coupled_from_independent_and_is_off_by_default():
+    torch.manual_seed(0)
+    model = Vectors()
+    coupled = inspect(model, input_shapes=[(2, 10), (2, 12)], batches=_vector_batches(True))
+    independent = inspect(model, input_shapes=[(2, 10), (2, 12)], batches=_vector_batches(False))
+    assert coupled.dependence.rows[0].above_chance > 0.3
+    assert abs(independent.dependence.rows[0].above_chance) < 0.1
+    plain = inspect(model, input_shapes=[(2, 10), (2, 12)])
+    assert plain.dependence is None and plain.to_dict()["dependence"] is None
+    assert "dependence" not in str(plain) and "dependence" not in plain._repr_html_()
+
+
+def test_inspect_batches_errors_name_inspect():
+    model = Vectors()
+    shapes = [(2, 10), (2, 12)]
+    with pytest.raises(RegBNTypeError, match=r"^regbn\.inspect: batches must be an iterable"):
+        inspect(model, input_shapes=shapes, batches=torch.zeros(3))
+    with pytest.raises(RegBNValueError, match=r"^regbn\.inspect: batch 0: the model failed"):
+        inspect(model, input_shapes=shapes, batches=[(torch.zeros(4, 3), torch.zeros(4, 12))])
+    with pytest.raises(RegBNValueError, match=r"^regbn\.inspect: batch 0: inputs: got 3"):
+        inspect(model, input_shapes=shapes, batches=[(torch.zeros(4, 10),) * 3])
