@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -324,3 +325,70 @@ def test_more_user_errors_are_one_line_and_status_2(argv, capsys, tmp_path, monk
     monkeypatch.syspath_prepend(str(HERE))
     r = run_main(argv, capsys)
     check_one_line_error(r.returncode, r.stdout, r.stderr, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dependence at each fusion: --measure N (random batches) and --batches FILE
+# ---------------------------------------------------------------------------------------------
+
+SIXTEEN = ["-i", "16x1x28x28", "-i", "16x3x28x28"]
+
+
+def test_measure_runs_random_batches_and_says_what_they_measure(capsys):
+    r = run_main(["inspect", f"{MODELS}:two_branch", *SIXTEEN, "--measure", "2", "--json"], capsys)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["dependence"]["rows"]
+    assert row["fusion"] == "cat" and row["n_samples"] == 32
+    assert "random inputs" in r.stderr and "not the dependence in your data" in r.stderr
+    table = run_main(["inspect", f"{MODELS}:two_branch", *SIXTEEN, "--measure", "2"], capsys)
+    assert "dependence" in table.stdout.splitlines()[0]
+    (cat,) = [line for line in table.stdout.splitlines() if line.startswith("*F  cat")]
+    assert re.search(r"[+-]\d\.\d{3}\*?$", cat)  # the factory draws new weights: any value
+    help_text = " ".join(run_main(["inspect", "--help"], capsys).stdout.split())
+    assert "Random inputs measure the architecture" in help_text and "not the data" in help_text
+    assert "--batches FILE" in help_text and "weights_only=True" in help_text
+
+
+def test_batches_file_measures_the_users_batches(capsys, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        gray = torch.rand(16, 1, 28, 28, generator=gen)
+        batches.append((gray, gray.repeat(1, 3, 1, 1)))
+    path = tmp_path / "batches.pt"
+    torch.save(batches, path)
+    # Without --input the first batch gives the shapes.
+    r = run_main(["inspect", f"{MODELS}:two_branch", "--batches", str(path), "--json"], capsys)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["inputs"][0]["shape"] == [16, 1, 28, 28]
+    (row,) = data["dependence"]["rows"]
+    assert row["n_samples"] == 32 and "random inputs" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        ({"a": torch.zeros(2)}, [], "holds a dict; expected a torch.save'd list of input tuples"),
+        ([], [], "holds an empty list"),
+        ("not a torch file", [], "cannot load"),
+        (None, [], "no such file"),
+        ([(torch.zeros(2, 1, 28, 28), torch.zeros(2, 3, 28, 28))], ["--measure", "2"], "give one"),
+        ([("a", "b")], TWO, "batch 0 holds a str, not a tensor"),
+        ([(torch.zeros(2, 5),)], TWO, "batch 0"),
+    ],
+    ids=["dict", "empty", "text", "missing", "both", "strings", "bad_shape"],
+)
+def test_bad_batches_are_one_line_errors(content, extra, message, capsys, tmp_path):
+    path = tmp_path / "b.pt"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        torch.save(content, path)
+    r = run_main(["inspect", f"{MODELS}:two_branch", "--batches", str(path), *extra], capsys)
+    check_one_line_error(r.returncode, r.stdout, r.stderr, message)
+
+
+def test_measure_must_be_a_positive_count(capsys):
+    r = run_main(["inspect", f"{MODELS}:two_branch", *TWO, "--measure", "0"], capsys)
+    check_one_line_error(r.returncode, r.stdout, r.stderr, "--measure must be an integer >= 1")

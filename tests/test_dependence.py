@@ -323,3 +323,11 @@ def test_dependence_example_quick(tmp_path):
     data = json.loads(out.read_text())
     assert "| model | data | f by g |" in done.stdout
     assert {"colored_digits", "config"} <= set(data)
+
+
+def test_exported_from_regbn():
+    import regbn
+    import regbn.dependence as dependence
+
+    for name in ("measure_dependence", "dependence_of", "DependenceReport", "DependenceRow"):
+        assert name in regbn.__all__ and getattr(regbn, name) is getattr(dependence, name)
