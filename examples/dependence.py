@@ -1,7 +1,7 @@
 """How much of f does g explain where RegBN would go? Measured on two models.
 
 The official README (mogvision/regbn) says RegBN "can be employed as long as its inputs are not
-mutually independent". ``regbn.dependence.measure_dependence`` measures that on data: the share
+mutually independent". ``regbn.measure_dependence`` measures that on data: the share
 of f's variance that g explains linearly (features standardised), ``r2``; the same with g's rows
 shuffled across samples, the chance level ``r2 shuffled``; and ``above chance``, their
 difference, which is the number to read.
@@ -40,7 +40,7 @@ from colored_digits import build_colored_digits
 from pmr_colored_digits import PLACEMENTS, build_model, standardise
 from torch import nn
 
-from regbn.dependence import measure_dependence
+from regbn import measure_dependence
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange", "violet",

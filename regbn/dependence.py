@@ -22,20 +22,14 @@ layer's input normalisation does in training. Then
 One factorisation of G serves every number: a row permutation P of G permutes its left singular
 vectors, so the shuffled R² is ||Uᵀ Pᵀ F||² / ||F||² with the same U.
 
-How it plugs into the rest of regbn (for ``inspect``, ``insert`` and the command line):
+Where else it runs, on the graph those tools trace anyway (nothing is traced twice):
 
-* ``regbn.inspect(model, ..., batches=...)``: analyse as now, then call
-  ``measure_graph(analysis.gm, pairs, batches)`` with ``pairs = pairs_of_fusions(fusions)``
-  (the trace, the shapes and the names are those of the analysis; nothing is traced twice) and
-  show each fusion's row (``report.row_for(fusion.name)``) beside it.
-* ``regbn.insert(model, pairs, ..., batches=..., min_dependence=x)``: after pairs are resolved
-  (``"auto"`` or explicit), measure them on the training graph with `measure_graph`, keep the
-  pairs whose ``above_chance >= x`` and warn, once, which were skipped and their numbers
-  (``row.summary()``); with no pair left, refuse as ``pairs="auto"`` does with no fusion.
-* CLI ``regbn inspect ... --measure N``: N random batches of the ``--input`` shapes (random
-  inputs measure what the architecture does to unrelated inputs, not the data; say so in the
-  output), and ``--batches FILE``: a ``torch.save``'d list of input tuples (or dicts), passed
-  as ``batches``.
+* ``regbn.inspect(model, ..., batches=...)`` measures the pair of each open fusion
+  (`pairs_of_fusions`) and shows it in every view (`regbn.fx.report_dependence`);
+* ``regbn.insert(model, pairs, ..., batches=..., min_dependence=x)`` keeps the pairs whose
+  ``above_chance`` reaches x and warns which were skipped (`regbn.fx.insert_dependence`);
+* ``regbn inspect ... --measure N`` (random batches of the ``--input`` shapes: they measure the
+  architecture, not the data) or ``--batches FILE`` (a ``torch.save``'d list of input tuples).
 
 `measure_graph` takes a ``GraphModule`` as `regbn.fx.analysis.analyse` returns it and pairs as
 names or nodes of its graph. `DependenceMeter` is the same with batches added over several

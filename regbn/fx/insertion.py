@@ -173,7 +173,7 @@ def insert(
         autowrap_functions=autowrap_functions,
     )
     train, ev = _analyse_modes(model, example_inputs, options)
-    if wanted == "auto":
+    if isinstance(wanted, str):  # "auto", the only string normalise_pairs returns
         wanted = _auto_pairs(train, regbn_kwargs)
     plans = plan_pairs(train.gm, wanted, model, train.graph)
     if min_dependence is not None:  # every pair checked first, in insert's words
