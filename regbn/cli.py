@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all", dest="all_nodes", action="store_true", help="show every node, folding nothing"
     )
+    _add_measure_options(p)
+    return parser
+
+
+def _add_measure_options(p: argparse.ArgumentParser) -> None:
+    """``--measure N`` and ``--batches FILE``: the dependence at each fusion."""
     p.add_argument(
         "--measure",
         type=_count,
@@ -125,7 +131,6 @@ def _parser() -> argparse.ArgumentParser:
         "torch.save'd list of input tuples (or dicts of keyword inputs), one per batch, loaded "
         "with weights_only=True. Without --input, the first batch gives the shapes",
     )
-    return parser
 
 
 def _count(text: str) -> int:
