@@ -13,10 +13,17 @@ minus the RegBN call it hard-wires into its forward:
   ``("gray", "colored")``.
 * ``--placement late``: the branch features before the concat,
   pair ``("gray_net.fc", "colored_net.fc")``.
-* ``--placement both``: the two RegBN arms side by side, with the baseline;
+* ``--placement conv4``: the branches' last feature maps (conv4 after its ReLU, 64×7×7 each),
+  pair ``("node:gray_net_relu_3", "node:colored_net_relu_3")`` (the branch's ReLU module is
+  called four times; its fourth call is conv4's).
+* ``--placement both``: the input and late RegBN arms side by side, with the baseline;
   ``--placement none``: the baseline alone.
 * ``--lambda-rule paper|official|both``: ||W||_F = 1 (the paper), the published code's
   condition, or one arm of each per placement.
+* ``--projection full|channel|both``: the paper's full W (Dg×Df, default), one Cg×Cf W shared
+  over spatial positions (arm ``regbn-<placement>-channel``), or one arm of each. With ``both``
+  (or ``--cost``) every arm runs in a process of its own, which times each training step and
+  measures the peak resident memory of its training; the JSON's ``cost`` holds them.
 
 Which modality is f? ``RegBN(f, g)`` removes from f the part that g explains linearly and
 passes g on (layer-normalised only). The official example calls ``RegBN_(gray, colored)``, so
@@ -41,6 +48,7 @@ tables are printed as Markdown.
     python examples/pmr_colored_digits.py            # baseline + RegBN on the inputs, 3 seeds
     python examples/pmr_colored_digits.py --placement both --lambda-rule both   # four arms
     python examples/pmr_colored_digits.py --quick    # smoke test, < 1 minute
+    python examples/pmr_colored_digits.py --placement conv4 --projection both --epochs 2
     python examples/pmr_colored_digits.py --full --device cuda   # 60,000 digits, 75 epochs
 """
 
@@ -50,9 +58,12 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,7 +105,9 @@ OFFICIAL_REPORTED = {
 PLACEMENTS: dict[str, tuple[str, str]] = {
     "input": ("gray", "colored"),
     "late": ("gray_net.fc", "colored_net.fc"),
+    "conv4": ("node:gray_net_relu_3", "node:colored_net_relu_3"),
 }
+PROJECTIONS = ("full", "channel")
 MODALITIES = ("fused", "gray", "colored")
 
 
@@ -189,20 +202,30 @@ def standardise(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def arm_name(placement: str, lambda_rule: str) -> str:
-    """``regbn-<placement>`` for the paper's λ rule, ``regbn-<placement>-official`` else."""
-    return f"regbn-{placement}" + ("-official" if lambda_rule == "official" else "")
+def arm_name(placement: str, lambda_rule: str, projection: str = "full") -> str:
+    """``regbn-<placement>[-channel][-official]``: suffixes for the channel projection and the
+    published code's λ rule; the paper's rule with the full W has none."""
+    return (
+        f"regbn-{placement}"
+        + ("-channel" if projection == "channel" else "")
+        + ("-official" if lambda_rule == "official" else "")
+    )
 
 
 def parse_arm(arm: str) -> tuple[str, str]:
-    """Inverse of ``arm_name``: (placement, lambda_rule) of a RegBN arm."""
-    placement = arm.removeprefix("regbn-").removesuffix("-official")
+    """Inverse of ``arm_name``: (placement, lambda_rule) of a RegBN arm (see ``arm_projection``)."""
+    placement = arm.removeprefix("regbn-").removesuffix("-official").removesuffix("-channel")
     if not arm.startswith("regbn-") or placement not in PLACEMENTS:
         raise ValueError(
-            f"arm {arm!r} is not 'baseline' nor 'regbn-<placement>[-official]' with a placement "
-            f"in {sorted(PLACEMENTS)}; e.g. 'regbn-input' or 'regbn-late-official'"
+            f"arm {arm!r} is not 'baseline' nor 'regbn-<placement>[-channel][-official]' with a "
+            f"placement in {sorted(PLACEMENTS)}; e.g. 'regbn-input' or 'regbn-late-official'"
         )
     return placement, "official" if arm.endswith("-official") else "paper"
+
+
+def arm_projection(arm: str) -> str:
+    """``"channel"`` for a ``regbn-<placement>-channel[-official]`` arm, else ``"full"``."""
+    return "channel" if arm.removesuffix("-official").endswith("-channel") else "full"
 
 
 def build_model(
@@ -228,7 +251,18 @@ def build_model(
     if f_modality == "colored":
         pair = pair[::-1]
     kwargs = {**OFFICIAL_REGBN_KWARGS, "lambda_rule": lambda_rule, **(regbn_kwargs or {})}
+    if arm_projection(arm) == "channel":  # only then: the full arms' calls stay as they were
+        kwargs["projection"] = "channel"
     return regbn.insert(model, pairs=[pair], example_inputs=example_inputs, **kwargs)
+
+
+def _clock(step_times: list[float] | None, device: torch.device) -> float:
+    """perf_counter when steps are timed (after the device's queued work), else 0."""
+    if step_times is None:
+        return 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _regbn_layers(model: nn.Module) -> list[nn.Module]:
@@ -275,11 +309,14 @@ def train_run(
     regbn_kwargs: dict | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    step_times: list[float] | None = None,
 ) -> dict[str, list[float]]:
     """Train one arm with one seed; return per-epoch curves (``<metric>_<modality>``).
 
     ``seed`` fixes the initialisation and the batch order (a generator of its own), so a run
-    does not depend on which other runs the process made before it.
+    does not depend on which other runs the process made before it. A ``step_times`` list
+    receives the seconds of each training step (forward, backward and optimiser step; on CUDA
+    synchronised); timing changes no number.
     """
     x_gray, x_col, y = data["train_gray"], data["train_colored"], data["train_labels"]
     example = (x_gray[:batch_size].cpu(), x_col[:batch_size].cpu())
@@ -311,12 +348,15 @@ def train_run(
         lambdas: list[float] = []
         for b in range(n_batches):
             idx = perm[b * batch_size : (b + 1) * batch_size]
+            t0 = _clock(step_times, y.device)
             g, c, out = model(x_gray[idx], x_col[idx])
             out_gray, out_colored = modality_logits(head, g, c)
             loss = F.cross_entropy(out, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if step_times is not None:
+                step_times.append(_clock(step_times, y.device) - t0)
             with torch.no_grad():  # the per-modality losses the official example plots
                 sums += torch.stack(
                     [loss, F.cross_entropy(out_gray, y[idx]), F.cross_entropy(out_colored, y[idx])]
@@ -397,6 +437,8 @@ ARM_COLOURS = {
     "regbn-input-official": "tab:orange",
     "regbn-late": "tab:blue",
     "regbn-late-official": "tab:cyan",
+    "regbn-conv4": "tab:green",
+    "regbn-conv4-channel": "tab:purple",
 }
 
 
@@ -497,11 +539,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--placement",
-        choices=("input", "late", "both", "none"),
+        choices=("input", "late", "conv4", "both", "none"),
         default="input",
         help="where RegBN goes: 'input' = the raw inputs (the official placement, "
-        "default), 'late' = the branch features before the concat, 'both' = two "
-        "RegBN arms, 'none' = the baseline alone",
+        "default), 'late' = the branch features before the concat, 'conv4' = the branches' "
+        "last feature maps (64x7x7 each), 'both' = the input and late arms, 'none' = the "
+        "baseline alone",
+    )
+    p.add_argument(
+        "--projection",
+        choices=("full", "channel", "both"),
+        default="full",
+        help="RegBN's W: 'full' = the paper's Dg x Df W (default), 'channel' = one Cg x Cf W "
+        "shared over spatial positions, 'both' = one arm of each, with --cost",
+    )
+    p.add_argument(
+        "--cost",
+        action="store_true",
+        help="run each arm in a process of its own that times every training step and "
+        "measures its peak resident memory (on with --projection both)",
     )
     p.add_argument(
         "--lambda-rule",
@@ -562,6 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     args = p.parse_args(argv)
+    args.cost = args.cost or args.projection == "both"
     preset = QUICK if args.quick else FULL if args.full else {}
     for key, default in (
         ("epochs", DEFAULT_EPOCHS),
@@ -580,11 +637,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def arms_of(placement: str, lambda_rule: str) -> list[str]:
-    """The baseline, then one RegBN arm per (placement, λ rule) asked for."""
+def arms_of(placement: str, lambda_rule: str, projection: str = "full") -> list[str]:
+    """The baseline, then one RegBN arm per (placement, projection, λ rule) asked for."""
     placements = {"both": ("input", "late"), "none": ()}.get(placement, (placement,))
     rules = ("paper", "official") if lambda_rule == "both" else (lambda_rule,)
-    return ["baseline", *(arm_name(p, r) for p in placements for r in rules)]
+    projections = PROJECTIONS if projection == "both" else (projection,)
+    return [
+        "baseline",
+        *(arm_name(p, r, j) for p in placements for j in projections for r in rules),
+    ]
 
 
 def make_deterministic(threads: int, device: torch.device) -> None:
@@ -654,6 +715,9 @@ def make_config(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
         "arms": arms,
         "pairs": pairs,
         "regbn_kwargs": OFFICIAL_REGBN_KWARGS,
+        # Recorded only where asked, so that the default command's JSON stays as it was.
+        **({"projection": args.projection} if args.projection != "full" else {}),
+        **({"cost": COST_METHOD} if args.cost else {}),
         "quick": args.quick,
         "full": args.full,
         "versions": _versions(),
@@ -665,8 +729,149 @@ def make_config(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Cost per arm: time per training step and peak memory, each arm in a process of its own
+# --------------------------------------------------------------------------------------------
+COST_METHOD = (
+    "each arm's seeds run in a spawned process of their own; step_ms: median over every "
+    "training step of the arm (forward, backward, optimiser step); peak_rss_delta_mib: the "
+    "process's peak resident set during training minus its resident set just before (Linux: "
+    "the peak reset through /proc/self/clear_refs once the data are loaded); "
+    "regbn_buffer_mib: the RegBN layer's buffers (W and its running state; a training step "
+    "also keeps one scratch tensor of W's size)"
+)
+
+
+def _proc_kib(field: str) -> int | None:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in KiB; None off Linux."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(ln.split()[1]) for ln in lines if ln.startswith(field + ":")), None)
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset the peak resident set to the current one; the current one in KiB, or None."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_kib("VmRSS")
+
+
+def _regbn_buffer_bytes(arm: str, data: dict, batch_size: int, f_modality: str) -> int:
+    """Bytes of the RegBN layer's buffers (W, Adam moments, λ history) in the arm's model."""
+    if arm == "baseline":
+        return 0
+    example = (data["train_gray"][:batch_size].cpu(), data["train_colored"][:batch_size].cpu())
+    model = build_model(arm, 0, example, f_modality=f_modality)
+    return sum(b.numel() * b.element_size() for m in _regbn_layers(model) for b in m.buffers())
+
+
+def _arm_worker(conn, arm: str, data_path: str, opts: dict) -> None:
+    """Spawned: train ``arm`` for every seed; send its curves, step times and peak memory."""
+    try:
+        device = torch.device(opts["device"])
+        make_deterministic(opts["threads"], device)
+        data = {k: v.to(device) for k, v in torch.load(data_path).items()}
+        before = _reset_peak_rss()
+        times: list[float] = []
+        per_seed = []
+        for seed in opts["seeds"]:
+            t0 = time.perf_counter()
+            curves = train_run(arm, seed, data, step_times=times, **opts["train"])
+            curves["seconds"] = time.perf_counter() - t0
+            per_seed.append(curves)
+        peak = _proc_kib("VmHWM")
+        cost = {
+            "step_ms": 1e3 * statistics.median(times),
+            "step_ms_per_seed": [
+                1e3 * statistics.median(chunk) for chunk in _chunks(times, len(opts["seeds"]))
+            ],
+            "peak_rss_delta_mib": None if before is None or peak is None
+            else (peak - before) / 1024,
+            "regbn_buffer_mib": _regbn_buffer_bytes(
+                arm, data, opts["train"]["batch_size"], opts["train"]["f_modality"]
+            ) / 2**20,
+        }
+        conn.send({"per_seed": per_seed, "cost": cost})
+    except BaseException as exc:  # the parent re-raises it with the arm's name
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
+
+
+def _chunks(values: list[float], n: int) -> list[list[float]]:
+    """``values`` cut into ``n`` equal consecutive parts (one per seed)."""
+    size = len(values) // n
+    return [values[i * size : (i + 1) * size] for i in range(n)]
+
+
+def run_all_costed(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
+    """``run_all`` with every arm in a spawned process of its own, which also measures cost.
+
+    Each run seeds its own initialisation and batch order, so its curves are those of the
+    sequential command.
+    """
+    results: dict = {"config": make_config(args, data, arms), "arms": {}, "cost": {}}
+    opts = {
+        "device": str(args.device),
+        "threads": args.threads,
+        "seeds": list(range(args.seeds)),
+        "train": dict(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            f_modality=args.f_modality,
+            progress=not args.no_progress,
+        ),
+    }
+    start = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = str(Path(tmp) / "data.pt")
+        torch.save({k: v.cpu() for k, v in data.items()}, data_path)
+        for arm in tqdm(arms, desc="arms", unit="arm", disable=args.no_progress):
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_arm_worker, args=(child, arm, data_path, opts))
+            proc.start()
+            child.close()
+            reply = parent.recv()
+            proc.join()
+            if "error" in reply:
+                raise RuntimeError(f"arm {arm}: {reply['error']}")
+            results["arms"][arm] = {"seeds": opts["seeds"], "per_seed": reply["per_seed"]}
+            results["cost"][arm] = reply["cost"]
+    results["wall_time_s"] = time.perf_counter() - start
+    results["final"] = summarise(results)
+    return results
+
+
+def format_cost(cost: dict[str, dict]) -> str:
+    """A Markdown table of the cost per arm (``run_all_costed``)."""
+
+    def mib(v: float | None) -> str:
+        return "not measured" if v is None else f"{v:.1f}"
+
+    rows = [
+        "| arm | time per step (ms, median) | per seed | peak RSS Δ in training (MiB) "
+        "| RegBN buffers (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for arm, c in cost.items():
+        rows.append(
+            f"| {arm} | {c['step_ms']:.1f} | "
+            + " / ".join(f"{t:.1f}" for t in c["step_ms_per_seed"])
+            + f" | {mib(c['peak_rss_delta_mib'])} | {c['regbn_buffer_mib']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def run_all(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
     """Every (arm, seed) run, in that order; per-run curves and seconds."""
+    if args.cost:
+        return run_all_costed(args, data, arms)
     results: dict = {"config": make_config(args, data, arms), "arms": {}}
     start = time.perf_counter()
     runs = [(arm, seed) for arm in arms for seed in range(args.seeds)]
@@ -720,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     data = {k: v.to(device) for k, v in standardise(raw).items()}
-    arms = arms_of(args.placement, args.lambda_rule)
+    arms = arms_of(args.placement, args.lambda_rule, args.projection)
     results = run_all(args, data, arms)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -735,6 +940,9 @@ def main(argv: list[str] | None = None) -> int:
         f"mean ± std (n − 1):\n"
     )
     print(format_table(results["final"]))
+    if "cost" in results:
+        print("\nCost per arm (each arm in a process of its own):\n")
+        print(format_cost(results["cost"]))
     print(f"\nwall time {results['wall_time_s']:.0f} s; wrote {fig_path} and {json_path}")
     return 0
 

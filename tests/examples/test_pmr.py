@@ -14,8 +14,10 @@ import torch
 from conftest import EXAMPLES, REPO, run_script
 from pmr_colored_digits import (
     CGClassifier,
+    arm_projection,
     arms_of,
     build_model,
+    format_cost,
     format_table,
     modality_logits,
     parse_args,
@@ -202,6 +204,111 @@ def test_quick_is_identical_in_two_processes(quick_twice):
     assert format_table(a["final"]) in proc_b.stdout
     # The RegBN arms really differ from the baseline (a broken splice would equal it).
     assert a["arms"]["regbn-input"]["per_seed"][0] != a["arms"]["baseline"]["per_seed"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# conv4: the branches' last feature maps, with the full W or one W per channel
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("arm", "projection", "w_shape"),
+    [("regbn-conv4", "full", (64 * 49, 64 * 49)), ("regbn-conv4-channel", "channel", (64, 64))],
+)
+def test_conv4_pair_names_resolve_to_the_last_feature_maps(arm, projection, w_shape):
+    example = _inputs(8)
+    model = build_model(arm, 0, example)
+    (layer,) = [m for m in model.modules() if isinstance(m, regbn.RegBN)]
+    assert (layer.projection, layer.lambda_rule) == (projection, "paper")
+    assert layer.f_shape == layer.g_shape == (64, 7, 7)
+    assert tuple(layer.W.shape) == w_shape
+    # The layer sits between conv4's ReLU and the average pooling, in both branches.
+    (node,) = [n for n in model.graph.nodes if n.target == "regbn_0"]
+    assert [a.name for a in node.args] == ["gray_net_relu_3", "colored_net_relu_3"]  # (f, g)
+    pooled = sorted(u.target for out in node.users for u in out.users)
+    assert pooled == ["colored_net.avgpool", "gray_net.avgpool"]
+    baseline = build_model("baseline", 0, example)
+    state = model.state_dict()
+    for key, value in baseline.state_dict().items():
+        assert torch.equal(state[key], value), key
+    model.train()
+    assert model(*example)[2].shape == (8, 10)
+
+
+def test_projection_arms_and_their_names():
+    assert arms_of("conv4", "paper", "both") == ["baseline", "regbn-conv4", "regbn-conv4-channel"]
+    assert arms_of("conv4", "both", "channel") == [
+        "baseline",
+        "regbn-conv4-channel",
+        "regbn-conv4-channel-official",
+    ]
+    assert arms_of("both", "paper") == ["baseline", "regbn-input", "regbn-late"]  # unchanged
+    assert parse_arm("regbn-conv4-channel-official") == ("conv4", "official")
+    assert arm_projection("regbn-conv4-channel-official") == "channel"
+    assert arm_projection("regbn-conv4-official") == arm_projection("baseline") == "full"
+    default, both = parse_args([]), parse_args(["--placement", "conv4", "--projection", "both"])
+    assert (default.projection, default.cost) == ("full", False)
+    assert (both.projection, both.cost) == ("both", True)
+
+
+def test_cost_table_by_hand():
+    cost = {
+        "baseline": {
+            "step_ms": 40.04,
+            "step_ms_per_seed": [40.0, 41.26],
+            "peak_rss_delta_mib": 80.0,
+            "regbn_buffer_mib": 0.0,
+        },
+        "regbn-conv4-channel": {
+            "step_ms": 51.0,
+            "step_ms_per_seed": [50.0, 52.0],
+            "peak_rss_delta_mib": None,
+            "regbn_buffer_mib": 0.0157,
+        },
+    }
+    text = format_cost(cost)
+    assert "| baseline | 40.0 | 40.0 / 41.3 | 80.0 | 0.00 |" in text
+    assert "| regbn-conv4-channel | 51.0 | 50.0 / 52.0 | not measured | 0.02 |" in text
+
+
+@pytest.mark.slow
+def test_quick_projection_comparison_writes_both_arms_and_their_cost(tmp_path):
+    proc = run_script(
+        SCRIPT,
+        *("--quick", "--placement", "conv4", "--projection", "both", "--threads", "1"),
+        *("--epochs", "1", "--n-train", "150", "--out", str(tmp_path)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "pmr_colored_digits.json").read_text())
+    arms = ["baseline", "regbn-conv4", "regbn-conv4-channel"]
+    cfg = results["config"]
+    assert cfg["arms"] == list(results["arms"]) == list(results["cost"]) == arms
+    assert cfg["projection"] == "both" and "spawned process" in cfg["cost"]
+    pair = ["node:gray_net_relu_3", "node:colored_net_relu_3"]
+    assert cfg["pairs"]["regbn-conv4-channel"] == cfg["pairs"]["regbn-conv4"] == pair
+    for arm in arms:
+        cost = results["cost"][arm]
+        assert cost["step_ms"] > 0 and len(cost["step_ms_per_seed"]) == len(cfg["seeds"])
+        assert cost["peak_rss_delta_mib"] is None or cost["peak_rss_delta_mib"] >= 0
+        assert len(results["arms"][arm]["per_seed"]) == len(cfg["seeds"])
+    # The RegBN layer's buffers: the full W is 3136×3136 float32 (37.5 MiB), the channel W 64×64.
+    full_w_mib = 3136**2 * 4 / 2**20
+    assert results["cost"]["regbn-conv4"]["regbn_buffer_mib"] == pytest.approx(full_w_mib, rel=1e-4)
+    assert results["cost"]["regbn-conv4-channel"]["regbn_buffer_mib"] < 0.02
+    assert results["cost"]["baseline"]["regbn_buffer_mib"] == 0
+    assert format_table(results["final"]) in proc.stdout
+    assert format_cost(results["cost"]) in proc.stdout
+    # Each arm in a process of its own computes the curves of the sequential command.
+    seq = tmp_path / "sequential"
+    proc = run_script(
+        SCRIPT,
+        *("--quick", "--placement", "conv4", "--projection", "channel", "--threads", "1"),
+        *("--epochs", "1", "--n-train", "150", "--out", str(seq)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sequential = _numbers(json.loads((seq / "pmr_colored_digits.json").read_text()))["arms"]
+    for arm in ("baseline", "regbn-conv4-channel"):
+        assert _numbers(results)["arms"][arm] == sequential[arm], arm
 
 
 @pytest.mark.parametrize(
