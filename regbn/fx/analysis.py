@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import RegBNValueError
 from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
+from .modality_inputs import describe_input_modalities
 from .module_state import carry_missing_state
 from .names import is_ambiguous
 from .shapes import ShapeFailure, propagate_shapes
@@ -225,6 +226,7 @@ def auto_pairs(
     fusions: list[Fusion],
     max_projection_bytes: int | None = None,
     projection: str = "full",
+    gm: fx.GraphModule | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The pairs ``regbn.insert(..., pairs="auto")`` uses, and a message per fusion it skips.
 
@@ -233,7 +235,9 @@ def auto_pairs(
     bytes for ``projection="full"``, Cf·Cg·4 for ``"channel"`` (8 per entry for float64). Those
     are skipped, typically token-level fusions of two transformer towers, and the message names
     the pooled or CLS tensors of the same branches to pair instead. Names are ``node:``-prefixed.
-    Raises ``ValueError`` when no fusion is left (none found, or every one skipped).
+    Raises ``ValueError`` when no fusion is left (none found, or every one skipped); with the
+    annotated ``gm``, the message of "none found" lists each input's modalities (or why it has
+    none), since one input left without a modality is the usual reason.
     """
     kept, skipped = split_by_projection(fusions, max_projection_bytes, projection)
     pairs: list[tuple[str, str]] = []
@@ -248,10 +252,13 @@ def auto_pairs(
                 "regbn.insert: pairs='auto': every fusion was skipped, so there is nowhere to "
                 "insert RegBN. " + " ".join(skipped)
             )
+        inputs = f" Inputs: {describe_input_modalities(gm)}." if gm is not None else ""
         raise RegBNValueError(
             "regbn.insert: pairs='auto': found no fusion (no node whose tensor operands come from "
-            "disjoint sets of inputs), so there is nowhere to insert RegBN. Name the pairs "
-            "explicitly; run regbn.inspect(model, ...) to list the tensors"
+            f"disjoint sets of inputs), so there is nowhere to insert RegBN.{inputs} Group the "
+            "inputs with modalities={'text': ['input_ids', 'attention_mask'], 'image': "
+            "['pixel_values']}, or name the pairs explicitly; run regbn.inspect(model, ...) to "
+            "list the tensors"
         )
     return pairs, skipped
 

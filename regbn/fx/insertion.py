@@ -97,6 +97,7 @@ def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[
         analysis.fusions,
         regbn_kwargs.get("max_projection_bytes"),
         regbn_kwargs.get("projection", "full"),
+        gm=analysis.gm,
     )
     for message in skipped:
         warnings.warn(message, UserWarning, stacklevel=3)

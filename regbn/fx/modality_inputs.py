@@ -26,7 +26,7 @@ from .names import entry_name, is_constant_getitem
 from .node_facts import is_integral, is_tensor_node, nodes_in, submodule
 from .tracing import input_name, is_regbn
 
-__all__ = ["build_graph", "input_labels", "modality_sources"]
+__all__ = ["build_graph", "describe_input_modalities", "input_labels", "modality_sources"]
 
 
 def build_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -268,3 +268,27 @@ def modality_sources(
             sources[name] = label
     return sources
 
+
+
+def describe_input_modalities(gm: fx.GraphModule) -> str:
+    """Each input of an annotated ``gm`` with its modalities, or why it carries none, on one line.
+
+    For messages that must say why no fusion was found: a token-id input that a model version
+    feeds to its tower in a way the rules above do not follow shows up as "none" here.
+    """
+    parts = []
+    for node in gm.graph.nodes:
+        label = node.meta.get("regbn_input")
+        if label is None:
+            continue
+        mods = node.meta.get("regbn_modalities") or frozenset()
+        if mods:
+            parts.append(f"{label}: {', '.join(sorted(mods))}")
+        elif _AUX_NAME.search(_own_name(label)):
+            parts.append(f"{label}: none (named as a mask, lengths or positions)")
+        else:
+            parts.append(
+                f"{label}: none (integer values that reach no embedding lookup and are not the "
+                "first tensor given to a leaf module)"
+            )
+    return "; ".join(parts)

@@ -175,6 +175,59 @@ def test_two_hf_towers_on_fake_tensors_and_draw(towers, tmp_path):
         ET.parse(report.draw(tmp_path / f"d{depth}.svg", depth=depth))
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bert_vit_fusions_do_not_depend_on_the_attention_implementation(attn):
+    # transformers versions differ in the attention code a tower runs by default; kept whole as
+    # leaves on the meta device (as benchmarks/bench_fx.py builds them), the towers' fusions
+    # and auto pairs must be the same whichever one runs.
+    with torch.device("meta"):
+        model = TwoTower(_bert(), _vit())
+    for tower in (model.text, model.image):
+        tower.set_attn_implementation(attn)
+        assert tower.config._attn_implementation == attn
+    leaves = [transformers.BertModel, transformers.ViTModel]
+    shapes = [(B, N), (B, N), (B, 3, 16, 16)]
+    dtypes = [torch.int64, torch.int64, None]
+    fusions = regbn.find_fusions(
+        model, input_shapes=shapes, input_dtypes=dtypes, leaf_modules=leaves
+    )
+    ids, px = frozenset({"input_ids"}), frozenset({"pixel_values"})
+    found = [(f.kind, f.modalities) for f in fusions]
+    assert found == [("cat", (ids, px)), ("attention", (px, ids))]
+    patched = regbn.insert(
+        model, "auto", input_shapes=shapes, input_dtypes=dtypes, leaf_modules=leaves
+    )
+    assert len([n for n in patched.graph.nodes if str(n.target).startswith("regbn_")]) == 2
+
+
+class _IdsRemapped(TwoTower):
+    """The text tower reads ``input_ids % 99``: an op the token-id rule does not follow."""
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        t = self.text(input_ids=input_ids % 99, attention_mask=attention_mask)
+        v = self.image(pixel_values=pixel_values)
+        return self.head(torch.cat([t.pooler_output, v.pooler_output], 1))
+
+
+def test_no_fusion_message_says_which_input_carries_no_modality():
+    # Where a model feeds its token ids to the text tower in a way the rules do not follow,
+    # pairs="auto" finds no fusion; the message must say why (the ids carry no modality) and
+    # how to say what the modalities are, and that grouping must find the fusion.
+    torch.manual_seed(0)
+    model = _IdsRemapped(_bert(), _vit())
+    leaves = [transformers.BertModel, transformers.ViTModel]
+    with pytest.raises(ValueError, match=r"pairs='auto': found no fusion") as caught:
+        regbn.insert(model, "auto", _inputs(), leaf_modules=leaves)
+    message = str(caught.value)
+    assert "input_ids: none (integer values that reach no embedding lookup" in message
+    assert "attention_mask: none (named as a mask" in message
+    assert "pixel_values: pixel_values" in message
+    assert "modalities={" in message
+    groups = {"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]}
+    fusions = regbn.find_fusions(model, _inputs(), leaf_modules=leaves, modalities=groups)
+    assert [f.kind for f in fusions] == ["cat"]
+
+
 def _train_and_compare(patched, hand, make_inputs, steps: int) -> None:
     opt_p = torch.optim.SGD(patched.parameters(), lr=0.01)
     opt_h = torch.optim.SGD(hand.parameters(), lr=0.01)
