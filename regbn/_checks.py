@@ -158,14 +158,19 @@ def check_inputs(
         )
 
 
-def check_training_batch(f: Tensor, g: Tensor) -> None:
-    """A training batch (the global one, when synchronised) must allow a solve."""
+def check_batch_size(f: Tensor) -> None:
+    """A training batch needs two samples (no read of the data)."""
     if f.shape[0] < 2:
         raise RegBNValueError(
             "RegBN: a training batch needs at least 2 samples to estimate the projection; "
             f"got a batch of {f.shape[0]}. Use a larger batch, or call layer.eval() for "
             "single-sample inference"
         )
+
+
+def check_training_batch(f: Tensor, g: Tensor) -> None:
+    """A training batch (the global one, when synchronised) must allow a solve."""
+    check_batch_size(f)
     # A NaN or Inf anywhere reaches the sum; only then pay for the element-wise test.
     if bool(torch.isfinite(f.sum() + g.sum())):
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ def _input_eps(dtype: torch.dtype) -> float:
     return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
 
 
-def _zero_tol(top: Tensor, n: int, gram_dtype: torch.dtype, in_dtype: torch.dtype) -> Tensor:
+def _zero_tol(top, n: int, gram_dtype: torch.dtype, in_dtype: torch.dtype):
     """The eigenvalue of the Gram at or below which a singular value of G counts as zero.
 
     Two floors, the larger wins: the round-off of the Gram itself (n·ε·max e in the precision
@@ -59,20 +60,20 @@ def _zero_tol(top: Tensor, n: int, gram_dtype: torch.dtype, in_dtype: torch.dtyp
 class Classified:
     """The verdict on a Gram's eigenvalues: which singular values of G count as zero, which the
     thresholds replace, and which stay live (s̃ > 0). Masks after ``nonzero`` index its
-    non-zero entries."""
+    non-zero entries. Tensors, or NumPy arrays for eigenvalues read on the host."""
 
-    top: Tensor  # the largest eigenvalue, max(s)² (0-dim, ≥ 0)
-    tol: Tensor  # the eigenvalue at or below which a singular value is zero (:func:`_zero_tol`)
-    nonzero: Tensor  # over all eigenvalues
-    s: Tensor  # the non-zero singular values
+    top: Any  # the largest eigenvalue, max(s)² (0-dim, ≥ 0)
+    tol: Any  # the eigenvalue at or below which a singular value is zero (:func:`_zero_tol`)
+    nonzero: Any  # over all eigenvalues
+    s: Any  # the non-zero singular values
     cols: Tensor | None  # G V_r or Gᵀ U_r when s was read off its column norms
-    kept: Tensor  # s > sigma_THR · max(s): left as they are by the thresholds
-    s_eff: Tensor  # s̃: s where kept, else sigma_MIN
-    live: Tensor  # s̃ > 0; an s̃ of 0 contributes nothing to W, f_r or either secular equation
+    kept: Any  # s > sigma_THR · max(s): left as they are by the thresholds
+    s_eff: Any  # s̃: s where kept, else sigma_MIN
+    live: Any  # s̃ > 0; an s̃ of 0 contributes nothing to W, f_r or either secular equation
 
 
 def classify(
-    evals: Tensor,
+    evals: Tensor | np.ndarray,
     n: int,
     gram_dtype: torch.dtype,
     in_dtype: torch.dtype,
@@ -83,12 +84,16 @@ def classify(
     """Decide, for every path alike, which singular values are zero, thresholded and live.
 
     Args:
-        evals: the Gram's eigenvalues (autograd flows to ``s`` and ``s_eff`` when read off them).
+        evals: the Gram's eigenvalues (autograd flows to ``s`` and ``s_eff`` when read off them);
+            a NumPy array where the training step has read them on the host, and the verdict
+            then comes in NumPy arrays (no further read of a tensor).
         n: max(B, Dg); gram_dtype: the precision the Gram was formed in; in_dtype: G's.
         columns: maps the non-zero mask to G V_r (or Gᵀ U_r), whose column norms are then the
             singular values: √e loses relative accuracy below √ε·max(s), the norms keep it.
             By default s = √e.
     """
+    if isinstance(evals, np.ndarray):  # read on the host: NumPy throughout
+        return _classify_host(evals, n, gram_dtype, in_dtype, sigma_THR, sigma_MIN)
     ev = evals.detach()
     top = ev.max().clamp_min(0) if ev.numel() else ev.new_zeros(())
     tol = _zero_tol(top, n, gram_dtype, in_dtype)
@@ -99,6 +104,20 @@ def classify(
     s_eff = torch.where(kept, s, torch.full_like(s, sigma_MIN))
     live = s_eff.detach() > 0
     return Classified(top, tol, nonzero, s, cols, kept, s_eff, live)
+
+
+def _classify_host(
+    evals: np.ndarray, n: int, gram_dtype: torch.dtype, in_dtype: torch.dtype,
+    sigma_THR: float, sigma_MIN: float,
+) -> Classified:
+    """:func:`classify` on eigenvalues read on the host, the same rules in NumPy."""
+    top = evals.max().clip(min=0) if evals.shape[0] else np.zeros(())
+    tol = _zero_tol(top, n, gram_dtype, in_dtype)
+    nonzero = evals > tol
+    s = np.sqrt(evals[nonzero].clip(min=0))
+    kept = s > sigma_THR * np.sqrt(top)
+    s_eff = np.where(kept, s, sigma_MIN)
+    return Classified(top, tol, nonzero, s, None, kept, s_eff, s_eff > 0)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ._norms import (
 from ._phases import phase
 from ._state import StateMixin
 from .errors import RegBNTypeError, RegBNValueError
-from .solver import solve_batch, solve_dtype
+from .solver import NonFiniteGuard, solve_batch, solve_dtype
 
 __all__ = ["RegBN", "NormSpec", "eval_maths", "layer_norm", "norm_spec"]
 
@@ -49,6 +49,11 @@ def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
         n = min(block, x.numel() - i)
         total += torch.abs(x[i : i + n], out=buf[:n]).sum()
     return total / max(x.numel(), 1)
+
+
+def _sum(x: Tensor) -> Tensor:
+    """x's sum in its own precision (float32 at least): non-finite when an entry is."""
+    return x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)).reshape(1)
 
 
 class RegBN(StateMixin):
@@ -171,6 +176,8 @@ class RegBN(StateMixin):
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
         self._work: Tensor | None = None
+        # A bound on max|W| and the (storage, version) of W it holds for (:meth:`_w_max`).
+        self._w_bound: tuple[Tensor, tuple[int, int]] | None = None
         if f_num_channels is None or g_num_channels is None:
             # Lazy, like nn.LazyBatchNorm: shapes come from the first batch or a checkpoint.
             self._declared = (f_num_channels, g_num_channels, f_layer_dim, g_layer_dim)
@@ -188,7 +195,7 @@ class RegBN(StateMixin):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._work = None
+        self._work = self._w_bound = None
         # The λ⁺ history and the Adam moments live in the solve dtype of their device: float64,
         # or float32 where the device has none (MPS), which they must be cast to before the move.
         target = fn(torch.zeros(()))
@@ -354,24 +361,37 @@ class RegBN(StateMixin):
     def _train_step(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Solve one training batch; buffers change only once every output is known finite.
 
-        Each phase runs under a profiler label ``regbn.<phase>`` (see :mod:`regbn._phases`).
+        One host read on the common path: the solve reads the spectrum together with the
+        checks (the sums of the inputs and of the updated input-norm statistics, a bound on
+        the output norms and on the running W); the host then proves from λ⁺ and the spectrum
+        that nothing overflows (:meth:`_proven_finite`), else every output is tested. Each
+        phase runs under a profiler label ``regbn.<phase>`` (see :mod:`regbn._phases`).
         """
         f, g, rows = self._gather(f, g)
-        with phase("checks"):
-            self._check_training_batch(f, g)
+        _checks.check_batch_size(f)
         saved = self._norm_state()
         try:
             with phase("input_norms"):
                 f_n = self._norm(self.norm_f, f, True)
                 g_n = self._norm(self.norm_g, g, True)
+            stats = [live for live, _ in saved if live.is_floating_point()]
             channel = self.projection == "channel"
-            sol = solve_batch(
-                as_rows(f_n, f.shape[1:], channel),
-                as_rows(g_n, g.shape[1:], channel),
-                self.lambda_rule,
-                self.sigma_THR,
-                self.sigma_MIN,
-            )
+            with phase("checks"):  # the checks' sums, read with the spectrum by the solve
+                guard = self._guard(f, g, stats)
+            try:
+                sol = solve_batch(
+                    as_rows(f_n, f.shape[1:], channel),
+                    as_rows(g_n, g.shape[1:], channel),
+                    self.lambda_rule,
+                    self.sigma_THR,
+                    self.sigma_MIN,
+                    guard=guard,
+                )
+            except NonFiniteGuard:
+                with phase("checks"):  # which one: a message for each (more reads, refusal only)
+                    self._check_training_batch(f, g)
+                    self._check_finite([*stats, self.W], f, g)
+                raise
             with phase("w_batch"):
                 # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
                 # lerp.
@@ -380,9 +400,9 @@ class RegBN(StateMixin):
             with phase("output_norms"):
                 f_r = self._norm(self.norm_f_out, from_rows(sol.f_r, f.shape[1:], channel), True)
                 g_out = self._norm(self.norm_g_out, g_n, True)
-            with phase("checks"):
-                stats = [live for live, _ in saved if live.is_floating_point()]
-                self._check_finite([sol.f_r, f_r, g_out, d, *stats], f, g)
+            if not self._proven_finite(sol):
+                with phase("checks"):
+                    self._check_finite([sol.f_r, f_r, g_out, d, *stats], f, g)
             if self.verbose and logger.isEnabledFor(logging.INFO):
                 norm2 = float((D + self.W).square().sum())
                 logger.info("RegBN: lambda+=%.6g  ||W_batch||_F^2=%.6g", sol.lam, norm2)
@@ -392,10 +412,51 @@ class RegBN(StateMixin):
                 live.copy_(before)
             raise
         with phase("running_update"):
-            self._update_running(D, d, sol.lam)
+            self._update_running(D, d, sol.lam, sol.bound)
         if rows is not None:
             f_r, g_out = f_r[rows], g_out[rows]
         return f_r, g_out
+
+    def _guard(self, f: Tensor, g: Tensor, stats: list[Tensor]) -> Tensor:
+        """What the checks read, as device values read once with the spectrum: the sums of
+        f, g and the input-norm statistics (non-finite when an entry is), a bound on the
+        output norms' values (√D·max|w| + max|b|) and one on max|W| (:meth:`_w_max`)."""
+        parts = [_sum(f) + _sum(g), *(_sum(s) for s in stats)]
+        total = torch.cat(parts).sum().reshape(1)
+        outs = []
+        for norm in (self.norm_f_out, self.norm_g_out):
+            if isinstance(norm, nn.LayerNorm):
+                size = math.sqrt(math.prod(norm.normalized_shape))
+                bound = torch.full((1,), size, dtype=total.dtype, device=total.device)
+                if norm.weight is not None:
+                    bound = bound * norm.weight.detach().abs().amax().to(total.dtype)
+                if norm.bias is not None:
+                    bound = bound + norm.bias.detach().abs().amax().to(total.dtype)
+                outs.append(bound.reshape(1))
+        return torch.cat([total, *outs, self._w_max().to(total.dtype).reshape(1)])
+
+    def _w_max(self) -> Tensor:
+        """A bound on max|W| (0-dim, on W's device), carried through the running updates
+        without a pass over W; measured again (one reduction) when W changed otherwise."""
+        W = self.W
+        held = getattr(self, "_w_bound", None)  # absent in a layer pickled before it existed
+        key = (W.data_ptr(), W._version)
+        if held is None or held[1] != key:
+            with torch.no_grad():
+                held = self._w_bound = (W.abs().amax().to(solve_dtype(W.device)), key)
+        return held[0]
+
+    def _proven_finite(self, sol) -> bool:
+        """Whether the host bounds show that f_r, W_batch, D = W_batch − W, the outputs and
+        the running update stay finite, so that no output need be tested: the fast path's
+        bound on f_r and W_batch (:func:`regbn.solver._bound`), the guard's bounds on the
+        output norms and on max|W|, all a 2¹⁰ margin below the largest float32/float64."""
+        if sol.guard is None or not math.isfinite(sol.bound):
+            return False
+        lim = torch.finfo(self.W.dtype).max * 2.0**-10
+        *_, w_max = sol.guard
+        outs = sol.guard[1:-1]
+        return sol.bound + float(w_max) <= lim and all(float(b) <= lim for b in outs)
 
     def _check_finite(self, outs: list[Tensor], f: Tensor, g: Tensor) -> None:
         """Refuse a batch whose solution, outputs or statistics are not finite."""
@@ -414,12 +475,13 @@ class RegBN(StateMixin):
         return work
 
     @torch.no_grad()
-    def _update_running(self, D: Tensor, d: Tensor, lam: float) -> None:
+    def _update_running(self, D: Tensor, d: Tensor, lam: float, bound: float = math.inf) -> None:
         """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1.
 
-        ``D`` is W_batch − W and ``d`` its mean absolute entry.
+        ``D`` is W_batch − W, ``d`` its mean absolute entry and ``bound`` one on ‖W_batch‖_F.
+        Nothing is read on the host: t, η and the bound on max|W| stay on the device.
         """
-        t = int(self.num_batches_tracked) + 1
+        t = self.num_batches_tracked.to(self.adam_m.dtype).reshape(1) + 1
         d = d.to(self.adam_m.dtype).reshape(1)
         # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps. Written through 1-element
         # views: torch.compile drops in-place updates of a 0-dim float64 CPU tensor (it treats
@@ -427,11 +489,17 @@ class RegBN(StateMixin):
         m, v = self.adam_m.view(1), self.adam_v.view(1)
         m.lerp_(d, 1 - self.beta1)
         v.lerp_(d * d, 1 - self.beta2)
-        m_hat = m / (1 - self.beta1**t)
-        v_hat = v / (1 - self.beta2**t)
+        m_hat = m / (1 - torch.pow(self.beta1, t))
+        v_hat = v / (1 - torch.pow(self.beta2, t))
         eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
-        # η stays a tensor: no host sync on an accelerator.
+        w_max = self._w_max()
         self.W.addcmul_(D, eta.to(self.W.dtype))
+        if math.isfinite(bound):
+            # |W_new| ≤ |1 − η|·max|W| + η·‖W_batch‖_F, entry by entry.
+            w_max = (1 - eta).abs().mul_(w_max).add_(eta.abs() * bound).reshape(())
+            self._w_bound = (w_max, (self.W.data_ptr(), self.W._version))
+        else:
+            self._w_bound = None  # no bound on W_batch (the general path): measure W anew
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
-        self.lambda_history[-1] = lam
+        self.lambda_history[-1:].fill_(lam)

@@ -50,6 +50,7 @@ from .errors import RegBNValueError
 __all__ = [
     "LAMBDA_RULES",
     "BatchSolution",
+    "NonFiniteGuard",
     "Spectrum",
     "batch_spectrum",
     "secular_root",
@@ -74,7 +75,7 @@ class BatchSolution:
             (:meth:`projection`).
     """
 
-    __slots__ = ("f_r", "lam", "_W", "_factors", "_dtype")
+    __slots__ = ("_f_r", "lam", "_W", "_factors", "_dtype", "bound", "guard")
 
     def __init__(
         self,
@@ -84,7 +85,12 @@ class BatchSolution:
         factors: tuple[Tensor, Tensor] | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.f_r, self.lam, self._W, self._factors = f_r, lam, W, factors
+        self._f_r, self.lam, self._W, self._factors = f_r, lam, W, factors
+        # An upper bound on the Frobenius norms of f_r, W and the fast path's intermediates,
+        # known on the host (inf where the path gives none), and the caller's ``guard`` values
+        # read with the spectrum (see :func:`solve_batch`).
+        self.bound = math.inf
+        self.guard: np.ndarray | None = None
         if dtype is None:
             held = W if W is not None else factors[0] if factors is not None else None
             assert held is not None, "a BatchSolution needs W or its factors"
@@ -104,8 +110,22 @@ class BatchSolution:
         return self._W if out is None else out.copy_(self._W)
 
     @property
+    def f_r(self) -> Tensor:
+        return self._f_r
+
+    @f_r.setter
+    def f_r(self, value: Tensor) -> None:
+        # ``bound`` speaks of the residual the solve formed, not of one put in its place.
+        self._f_r, self.bound = value, math.inf
+
+    @property
     def W(self) -> Tensor:
         return self.projection()
+
+
+class NonFiniteGuard(RegBNValueError):
+    """The caller's ``guard`` values (see :func:`solve_batch`) were not all finite: the caller
+    tells which input or statistic it was."""
 
 
 class _Next(enum.Enum):
@@ -138,39 +158,81 @@ def _fast_gram(F: Tensor, G: Tensor, wd: torch.dtype, primal: bool):
     return Fk, None, gram(G.to(wd), False), Fk
 
 
-def _fast_verdict(e: Tensor, n: int, wd: torch.dtype, G: Tensor, sigma_THR: float, precise: bool):
-    """(eh, nz, top, tol): the eigenvalues on the host, the non-zero mask, max(e) and the zero
-    tolerance (:func:`classify`), or what to do instead:
+def _fast_verdict(eh: np.ndarray, n: int, wd: torch.dtype, G: Tensor, sigma_THR: float,
+                  precise: bool):
+    """(nz, top, tol): the non-zero mask, max(e) and the zero tolerance (:func:`classify`) of
+    the eigenvalues ``eh`` read on the host, or what to do instead:
     retry a pass whose eigenvalues the inputs' precision does not resolve, or leave to the
     general path a batch with nothing to remove, an active threshold or an eigenvalue at the
     Gram's round-off (where the general path reads s off G)."""
-    eh = e.cpu().double().numpy().clip(min=0.0)
-    sp = classify(torch.from_numpy(eh), n, wd, G.dtype, sigma_THR, 0.0)
+    if not np.isfinite(eh).all():
+        return _Next.RETRY if not precise else _Next.GENERAL  # an overflowed Gram
+    sp = classify(eh, n, wd, G.dtype, sigma_THR, 0.0)
     top, tol = float(sp.top), float(sp.tol)
     if not precise:
         info = torch.finfo(wd)
         resolved = math.isfinite(top) and float(eh.min()) > _SAFE * tol
         if not (resolved and float(eh.min()) > info.tiny / info.eps):
             return _Next.RETRY  # a small singular value, an overflow or an underflow
-    nz = sp.nonzero.numpy()
+    nz = sp.nonzero
     d = eh[nz]
     if d.size == 0 or not bool(sp.kept.all()):
         return _Next.GENERAL
     if float(d.min()) <= _SAFE * top * n * torch.finfo(wd).eps:
         return _Next.GENERAL
-    return eh, nz, top, tol
+    return nz, top, tol
+
+
+def _read(e: Tensor, qn: Tensor, fn2: Tensor | None, guard: Tensor | None):
+    """The training step's one host read: the eigenvalues, the squared row norms of Q, ‖F‖²
+    (primal case) and the caller's guard values, in one transfer. Raises
+    :class:`NonFiniteGuard` when a guard value is not finite."""
+    dt = solve_dtype(e.device)
+    parts = [e.to(dt), qn.to(dt)]
+    if fn2 is not None:
+        parts.append(fn2.to(dt).reshape(1))
+    if guard is not None:
+        parts.append(guard.detach().to(dt).reshape(-1))
+    host = torch.cat(parts).cpu().numpy()
+    n = e.shape[0]
+    eh, qnh = host[:n].clip(min=0.0), host[n : 2 * n]
+    rest = host[2 * n :]
+    fnh = None
+    if fn2 is not None:
+        fnh, rest = float(rest[0]), rest[1:]
+    if guard is not None and not np.isfinite(rest).all():
+        raise NonFiniteGuard("RegBN: a guard value is not finite")
+    return eh, qnh, fnh, (rest if guard is not None else None)
+
+
+def _bound(eh, qn, nz, lam, primal: bool, fn2: float | None) -> float:
+    """An upper bound, from the eigenvalues and ‖Q_i‖² alone, on the Frobenius norms of what
+    the fast path forms: X = (K + λI)⁻¹F, S = K(K + λI)⁻²F, f_r and W (dual); W and f_r
+    (primal). Zero directions enter with e = 0 (X keeps F's part there)."""
+    e = np.where(nz, eh, 0.0)
+    inv2 = 1.0 / (e + lam) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = math.sqrt(float(np.sum(np.where(nz, qn * e * inv2, 0.0))))
+        if primal:
+            wp = math.sqrt(float(np.sum(np.where(nz, qn * inv2, 0.0))))
+            return max(wp, math.sqrt(fn2 or 0.0) + math.sqrt(float(eh.max())) * wp)
+        x = math.sqrt(float(np.sum(qn * inv2)))
+        sn = math.sqrt(float(np.sum(qn * e * e * inv2 * inv2)))
+    bound = max(x, sn, lam * x, w)
+    return bound if math.isfinite(bound) else math.inf
 
 
 def _attempt(
-    F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool, wd: torch.dtype
+    F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool, wd: torch.dtype,
+    guard: Tensor | None = None,
 ) -> BatchSolution | _Next:
     """One pass of the fast path in the working precision ``wd``: λ⁺ > 0, thresholds inactive.
 
     One eigendecomposition of the smaller Gram: K = GGᵀ = U diag(e) Uᵀ when B ≤ Dg, giving
     f_r = λ⁺ U diag(1/(e+λ⁺)) UᵀF; K = GᵀG = V diag(e) Vᵀ when B > Dg, giving
     W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition and the projections run in ``wd``, the
-    secular root in float64 on the host; each case has its backward written out. A pass in
-    the solve dtype (``precise``) never asks for a retry.
+    secular root in float64 on the host, from one read (:func:`_read`); each case has its
+    backward written out. A pass in the solve dtype (``precise``) never asks for a retry.
     """
     precise = wd == solve_dtype(F.device)
     B, Dg = G.shape
@@ -182,34 +244,44 @@ def _attempt(
             # In the Gram's own precision: float64 could not repair a float32 Gram's round-off.
             e, U = torch.linalg.eigh(K.detach())
         except torch.linalg.LinAlgError:
+            if guard is not None:
+                _read(K.new_zeros(0), K.new_zeros(0), None, guard)  # a non-finite input?
             if precise:
                 raise
             return _Next.RETRY  # a float32 Gram that overflowed
-        verdict = _fast_verdict(e, n, wd, G, sigma_THR, precise)
-    if isinstance(verdict, _Next):
-        return verdict
-    eh, nz, top, tol = verdict
-    d = eh[nz]
     with phase("secular_root"):
         Q = U.mT @ P  # UᵀF (B×Df), or VᵀGᵀF (Dg×Df)
-        if rule == "paper":
-            # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
-            qn = Q.double().square().sum(1).cpu().numpy()[nz]  # a float32 square may overflow
-            a = qn * (1.0 if primal else d)
-        else:
-            a = d * d
+        # ‖Q_i‖² in the working precision, no float64 copy of Q: a float32 square that
+        # overflows reads as inf and the pass is retried in float64.
+        qn = torch.linalg.vector_norm(Q, dim=1).square()
+        fn2 = torch.linalg.vector_norm(Fk).square() if primal else None
+        eh, qn_h, fn2_h, held = _read(e, qn, fn2, guard)
+        verdict = _fast_verdict(eh, n, wd, G, sigma_THR, precise)
+        if isinstance(verdict, _Next):
+            return verdict
+        nz, top, tol = verdict
+        if not precise and not np.isfinite(qn_h).all():
+            return _Next.RETRY
+        d = eh[nz]
+        # ‖W‖² = Σ ‖(VᵀGᵀF)_i‖² / (e_i + λ)², and (VᵀGᵀF)_i = s_i (UᵀF)_i
+        a = (qn_h[nz] * (1.0 if primal else d)) if rule == "paper" else d * d
         lam = secular_root(d, a)
     if lam == 0.0:
         return _Next.GENERAL
     if not precise and not (math.isfinite(lam) and lam > _SAFE * tol):
         return _Next.RETRY  # λ⁺ near the round-off of the float32 Gram: its root is ill-determined
+    bound = _bound(eh, qn_h, nz, lam, primal, fn2_h)
+    if not precise and not bound <= torch.finfo(wd).max * 2.0**-10:
+        return _Next.RETRY  # (K + λI)⁻¹F or W would overflow the inputs' precision
     dphi = slope(d, a, lam)
     with phase("projections"):
         if primal:
             assert Gd is not None
-            return _primal_fast(F, G, Fk, Gd, U, e, Q, nz, lam, dphi, rule, need_grad)
-        ridge = (K, U, e, Q, nz, d, top)
-        return _dual_fast(F, G, ridge, lam, dphi, rule, need_grad, precise)
+            sol = _primal_fast(F, G, Fk, Gd, U, e, Q, nz, lam, dphi, rule, need_grad)
+        else:
+            sol = _dual_fast(F, G, (K, U, e, Q, nz, d, top), lam, dphi, rule, need_grad)
+    sol.bound, sol.guard = bound, held
+    return sol
 
 
 def _masked(e: Tensor, nz: np.ndarray, lam: float) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -218,7 +290,7 @@ def _masked(e: Tensor, nz: np.ndarray, lam: float) -> tuple[Tensor, Tensor, Tens
     e = e.clamp(min=0)
     keep = None
     if not bool(nz.all()):
-        keep = torch.as_tensor(nz, device=e.device)
+        keep = torch.from_numpy(nz).to(e.device, non_blocking=True)
         e = torch.where(keep, e, 0.0)
     return e, (e + lam).reciprocal(), keep
 
@@ -234,7 +306,7 @@ def _primal_fast(F, G, Fk, Gd, V, e, Q, nz, lam, dphi, rule, need_grad) -> Batch
     return BatchSolution(f_r, lam, W=W, dtype=G.dtype)
 
 
-def _dual_fast(F, G, ridge, lam, dphi, rule, need_grad, precise) -> BatchSolution | _Next:
+def _dual_fast(F, G, ridge, lam, dphi, rule, need_grad) -> BatchSolution:
     """The fast path's solution when B ≤ Dg: f_r = λ⁺ X with X = (K + λ⁺I)⁻¹F, and W = GᵀX
     held as its two factors (:class:`BatchSolution`)."""
     K, U, e, Q, nz, d, top = ridge
@@ -246,10 +318,7 @@ def _dual_fast(F, G, ridge, lam, dphi, rule, need_grad, precise) -> BatchSolutio
         XS = torch.cat([Ui, Ui * (e * inv)]) @ Q
         X, S = XS[:B], XS[B:]
     else:
-        X = XS = Ui @ Q
-    # One reduction is the cheap test: a NaN or Inf anywhere reaches the float64 sum.
-    if not precise and not math.isfinite(float(XS.sum(dtype=torch.float64))):
-        return _Next.RETRY  # (K + λI)⁻¹F overflowed the inputs' precision
+        X = Ui @ Q
     if need_grad:
         f_r = DualRidge.apply(F, K, X, S, U, Ui, e, lam, dphi, rule)
     else:
@@ -339,6 +408,7 @@ def solve_batch(
     sigma_THR: float = 0.0,
     sigma_MIN: float = 0.0,
     need_grad: bool | None = None,
+    guard: Tensor | None = None,
 ) -> BatchSolution:
     """Solve one training batch exactly: λ⁺, the residual f_r and the batch projection W.
 
@@ -348,12 +418,18 @@ def solve_batch(
     :class:`PrimalRidge` in :mod:`regbn._autograd`); otherwise the general path differentiates
     through the eigendecomposition (:func:`_general`).
 
+    The fast path reads the device once: the eigenvalues, ‖Q_i‖² and ``guard`` in one
+    transfer; the retries and the general path read more.
+
     Args:
         F: (B, Df) features to normalise.
         G: (B, Dg) features whose linear effect is removed.
         rule: "paper" or "official", see the module docstring.
         sigma_THR, sigma_MIN: singular-value thresholding, see :func:`batch_spectrum`.
         need_grad: build the autograd graph; default: when grad mode is on and F or G needs it.
+        guard: values the caller needs on the host (e.g. the checks' sums), read with the
+            spectrum: they come back as ``BatchSolution.guard``, and :class:`NonFiniteGuard` is
+            raised when one is not finite.
     """
     if rule not in LAMBDA_RULES:
         raise RegBNValueError(f"RegBN: lambda_rule must be one of {LAMBDA_RULES}; got {rule!r}")
@@ -364,10 +440,15 @@ def solve_batch(
     # The one loop over precisions: a pass returns a solution, or asks for a retry in the next
     # (more precise) one, or hands the batch to the general path.
     for wd in _precisions(F, G):
-        out = _attempt(F, G, rule, sigma_THR, need_grad, wd)
+        out = _attempt(F, G, rule, sigma_THR, need_grad, wd, guard)
         if isinstance(out, BatchSolution):
             return out
         if out is _Next.GENERAL:
             break
         assert wd != solve_dtype(F.device), "the pass in the solve dtype never retries"
-    return _general(F, G, rule, sigma_THR, sigma_MIN, need_grad)
+    held = None
+    if guard is not None:
+        held = _read(G.new_zeros(0), G.new_zeros(0), None, guard)[3]
+    sol = _general(F, G, rule, sigma_THR, sigma_MIN, need_grad)
+    sol.guard = held
+    return sol

@@ -1043,3 +1043,54 @@ def test_channel_projection_with_the_official_lambda_rule_trains_and_checkpoints
     assert torch.equal(lazy.eval()(fe, ge)[0], layer.eval()(fe, ge)[0])
     with pytest.raises(RuntimeError, match="size mismatch for W"):
         RegBN(4, 3, [5, 5], [5, 5], lambda_rule="official").load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- host reads
+class _HostReads:
+    """Counts the reads of tensor data on the host (what is a synchronisation on an
+    accelerator): item, tolist, bool/float/int/index of a tensor, and numpy."""
+
+    NAMES = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counted(real))
+
+    def _counted(self, real):
+        def wrapper(t, *args, **kwargs):
+            self.count += 1
+            return real(t, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"normalize_input": True, "normalize_output": True, "affine": True}],
+    ids=["default", "official"],
+)
+@pytest.mark.parametrize("shapes", [((512,), (64, 7, 7)), ((1, 28, 28), (3, 28, 28))],
+                         ids=["readme", "pmr"])
+def test_a_training_step_reads_the_host_once(monkeypatch, shapes, options, rule):
+    """The success path of a training step (forward and backward, after the first) reads
+    tensor data on the host once: the spectrum, with every check fused into that read."""
+    fs, gs = shapes
+    torch.manual_seed(0)
+    layer = make(fs, gs, lambda_rule=rule, **options)
+    f, g = batch(16, fs, gs, dtype=torch.float32)
+    f.requires_grad_()
+    layer(f, g)[0].sum().backward()
+    counter = _HostReads(monkeypatch)
+    for seed in (1, 2, 3):
+        before = counter.count
+        f, g = batch(16, fs, gs, seed=seed, dtype=torch.float32)
+        f.requires_grad_()
+        f_r, g_out = layer(f, g)
+        (f_r.sum() + g_out.sum()).backward()
+        assert counter.count - before <= 1, counter.count - before
+    assert counter.count > 0  # the counter sees the one read
+    monkeypatch.undo()
+    assert int(layer.num_batches_tracked) == 4 and math.isfinite(layer.last_lambda)
