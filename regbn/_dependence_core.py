@@ -212,20 +212,26 @@ def _check_options(lambda_rule: str, permutations: int) -> None:
 
 def _check_pair(f: Any, g: Any) -> None:
     """Both tensors of floating-point features over the same samples, else a clear error."""
-    for name, x in (("f", f), ("g", g)):
-        if not isinstance(x, Tensor):
-            raise RegBNTypeError(
-                f"{WHERE}: {name} must be a torch.Tensor of N samples; got {type(x).__name__}"
-            )
-        if x.dim() == 0 or not (x.is_floating_point() or x.dtype == torch.bool):
+    named = {"f": f, "g": g}
+    not_tensors = [name for name, x in named.items() if not isinstance(x, Tensor)]
+    if not_tensors:
+        name = not_tensors[0]
+        raise RegBNTypeError(
+            f"{WHERE}: {name} must be a torch.Tensor of N samples; got {type(named[name]).__name__}"
+        )
+    # Booleans count as features (a mask that a fusion reads as data).
+    features = [x.dim() > 0 and (x.is_floating_point() or x.dtype == torch.bool) for x in (f, g)]
+    for (name, x), ok in zip(named.items(), features, strict=True):
+        if not ok:
             raise RegBNValueError(
                 f"{WHERE}: {name} must hold floating-point features shaped (N, ...); got "
                 f"{x.dtype} of shape {tuple(x.shape)}. Measure features, not token ids"
             )
-    if f.shape[0] != g.shape[0]:
+    n_f, n_g = f.shape[0], g.shape[0]
+    if n_f != n_g:
         raise RegBNValueError(
-            f"{WHERE}: f and g must hold the same samples; f has {f.shape[0]} (shape "
-            f"{tuple(f.shape)}), g has {g.shape[0]} (shape {tuple(g.shape)}). Pair tensors that "
+            f"{WHERE}: f and g must hold the same samples; f has {n_f} (shape "
+            f"{tuple(f.shape)}), g has {n_g} (shape {tuple(g.shape)}). Pair tensors that "
             "share the batch dimension"
         )
 

@@ -60,10 +60,11 @@ from ._dependence_core import (
     pairs_argument,
 )
 from .errors import RegBNTypeError, RegBNValueError
-from .fx.analysis import Analysis, analyse, split_by_projection
+from .fx.analysis import Analysis, analyse, split_by_projection, trace_options
 from .fx.modality import Fusion
 from .fx.names import resolve_name
 from .fx.shape_inputs import arrange_inputs, copy_containers, split_inputs
+from .fx.shapes import ThawingInterpreter
 from .fx.tracing import TraceError, in_mode, unwrap
 
 __all__ = [
@@ -86,7 +87,7 @@ class _Stop(Exception):
     """Raised once every wanted tensor of a batch is recorded: the rest of the model is not run."""
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(ThawingInterpreter):
     """Runs a traced model and keeps the values of ``wanted`` nodes."""
 
     def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
@@ -102,21 +103,6 @@ class _Recorder(fx.Interpreter):
                 raise _Stop
         return result
 
-    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
-        # Plain dicts and lists, as in eager mode (see ShapeInterpreter).
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return _plain(args), _plain(kwargs)
-
-
-def _plain(value: Any) -> Any:
-    """fx's immutable dicts and lists as plain ones (a module may update the dict it gets)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if type(value) is tuple:
-        return tuple(_plain(v) for v in value)
-    return value
 
 
 def _arrange(gm: fx.GraphModule, batch: Any, index: int) -> list[Any]:
@@ -373,12 +359,7 @@ def measure_dependence(
         )
     check_batch(first, 0)
     wanted = pairs_argument(pairs)
-    tracing = dict(
-        modalities=modalities,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-    )
+    tracing = trace_options(locals())
     with in_mode(model, False):
         analysis = _analysis(model, first, tracing)
         fusions: list[str | None] | None = None

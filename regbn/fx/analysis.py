@@ -20,7 +20,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegBNValueError
+from ..errors import RegBNTypeError, RegBNValueError
 from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
 from .modality_inputs import describe_input_modalities
@@ -36,6 +36,7 @@ __all__ = [
     "auto_pairs",
     "find_fusions",
     "split_by_projection",
+    "trace_options",
 ]
 
 # The layer's own default, so that "auto" skips exactly what the layer would refuse.
@@ -60,17 +61,33 @@ class Analysis:
     graph: nx.DiGraph
 
 
+# The keywords every public entry point (find_fusions, insert, inspect, measure_dependence) takes
+# for tracing and shapes, and passes on here unchanged.
+TRACE_OPTIONS = (
+    "input_shapes",
+    "input_dtypes",
+    "modalities",
+    "concrete_args",
+    "leaf_modules",
+    "autowrap_functions",
+)
+
+
+def trace_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The `TRACE_OPTIONS` among a public function's arguments (its ``locals()``), for `analyse`.
+
+    The public signatures list these keywords one by one, so that users and type checkers see
+    them; this keeps the forwarding in one place.
+    """
+    return {name: arguments[name] for name in TRACE_OPTIONS if name in arguments}
+
+
 def analyse(
     model: nn.Module,
     example_inputs: Any = None,
     *,
-    input_shapes: Any = None,
-    input_dtypes: Any = None,
-    modalities: dict[str, Any] | None = None,
-    concrete_args: dict[str, Any] | None = None,
-    leaf_modules: Any = None,
-    autowrap_functions: Any = None,
     caller: str = "regbn.inspect",
+    **options: Any,
 ) -> Analysis:
     """Trace, propagate shapes, annotate modalities and detect fusions, in that order.
 
@@ -81,13 +98,15 @@ def analyse(
     returned in ``failure`` and the modalities still hold for every node. ``caller``: the public
     callable that starts the message of any error (``"regbn.insert"``, ...).
     """
-    traced = trace_graph(
-        model,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-        caller=caller,
-    ).graph_module()
+    unknown = sorted(set(options) - set(TRACE_OPTIONS))
+    if unknown:
+        raise RegBNTypeError(
+            f"{caller}: unexpected tracing keywords {unknown}; the known ones are {TRACE_OPTIONS}"
+        )
+    input_shapes, input_dtypes = options.get("input_shapes"), options.get("input_dtypes")
+    modalities = options.get("modalities")
+    tracing = {k: options.get(k) for k in ("concrete_args", "leaf_modules", "autowrap_functions")}
+    traced = trace_graph(model, caller=caller, **tracing).graph_module()
     gm = private_copy(traced) if traced is model else traced
     failure = None
     if example_inputs is not None or input_shapes is not None:
@@ -132,15 +151,7 @@ def find_fusions(
     `Fusion` for ``pair``. A shape-propagation failure raises ``ValueError`` naming the node.
     """
     result = analyse(
-        model,
-        example_inputs,
-        input_shapes=input_shapes,
-        input_dtypes=input_dtypes,
-        modalities=modalities,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-        caller="regbn.find_fusions",
+        model, example_inputs, caller="regbn.find_fusions", **trace_options(locals())
     )
     if result.failure is not None:
         raise RegBNValueError(

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError
 from ..layer import RegBN
-from .analysis import Analysis, analyse, auto_pairs
+from .analysis import Analysis, analyse, auto_pairs, trace_options
 from .insert_checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
 from .insert_dependence import check_dependence_args, keep_dependent
 from .insert_modes import eval_pairs, mode_result, warn_mixed_modes
@@ -165,14 +165,7 @@ def insert(
     warn_existing_layers(model)
     if copy:
         model = copy_module.deepcopy(model)
-    options = dict(
-        input_shapes=input_shapes,
-        input_dtypes=input_dtypes,
-        modalities=modalities,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-    )
+    options = trace_options(locals())
     train, ev = _analyse_modes(model, example_inputs, options)
     if isinstance(wanted, str):  # "auto", the only string normalise_pairs returns
         wanted = _auto_pairs(train, regbn_kwargs)

@@ -33,7 +33,7 @@ from .._dependence_core import DependenceReport
 from .._format import dtype_name, plural, shape_to_json
 from ..errors import RegBNValueError
 from . import render_graph, render_html, render_json, render_text
-from .analysis import analyse, split_by_projection
+from .analysis import analyse, split_by_projection, trace_options
 from .modality import Fusion
 from .report_dependence import measure_fusions
 from .report_rows import input_order, params_by_modality, row_fields
@@ -389,16 +389,7 @@ def inspect(
     changed): ``report.dependence``, a column of the tables and the colour of the fusions in
     ``draw``. Random batches measure the architecture, not the data.
     """
-    result = analyse(
-        model,
-        example_inputs,
-        input_shapes=input_shapes,
-        input_dtypes=input_dtypes,
-        modalities=modalities,
-        concrete_args=concrete_args,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-    )
+    result = analyse(model, example_inputs, **trace_options(locals()))
     report = report_from_graph(result.gm, result.fusions, result.failure, model=model)
     if batches is not None:
         report.dependence = measure_fusions(result.gm, report.open_fusions(), batches, model)

@@ -34,7 +34,7 @@ from ..errors import RegBNValueError
 from .fast_shapes import same_shape_output
 from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
 
-__all__ = ["ShapeFailure", "propagate_shapes", "clear_shapes"]
+__all__ = ["ShapeFailure", "ThawingInterpreter", "propagate_shapes", "clear_shapes"]
 
 META_KEYS = ("regbn_shape", "regbn_dtype", "regbn_device", "regbn_nested")
 
@@ -98,7 +98,18 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
 
 
-class ShapeInterpreter(fx.Interpreter):
+class ThawingInterpreter(fx.Interpreter):
+    """An ``fx.Interpreter`` that hands modules plain dicts and lists, as eager mode does."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # fx hands dicts and lists in as immutable_dict/immutable_list; a module that updates
+        # the dict it receives (sentence-transformers' SentenceTransformer.forward) needs a
+        # plain one, as it gets in eager mode.
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _thaw(args), _thaw(kwargs)
+
+
+class ShapeInterpreter(ThawingInterpreter):
     """Runs the graph once and writes each node's shape into its meta.
 
     With ``swap`` (shape-only runs on fake tensors) each module's tensors are converted when it
@@ -141,12 +152,6 @@ class ShapeInterpreter(fx.Interpreter):
         n.meta["regbn_nested"] = nested
         return result
 
-    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
-        # fx hands dicts and lists in as immutable_dict/immutable_list; a module that updates
-        # the dict it receives (sentence-transformers' SentenceTransformer.forward) needs a
-        # plain one, as it gets in eager mode.
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return _thaw(args), _thaw(kwargs)
 
 
 def _thaw(value: Any) -> Any:
