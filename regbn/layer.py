@@ -37,18 +37,24 @@ _HISTORY = 32  # λ⁺ values kept in the ``lambda_history`` buffer
 logger = logging.getLogger(__name__)
 
 
-def _mean_abs(x: Tensor, block: int = 1 << 18) -> Tensor:
-    """mean |x|, accumulated in float64 where the device has it (on the CPU each block is summed
-    in x's dtype, through a small reused buffer: a Dg×Df temporary costs page faults)."""
-    x = x.reshape(-1)
-    if x.device.type != "cpu":
-        return x.abs().sum(dtype=solve_dtype(x.device)) / max(x.numel(), 1)
+def _delta(work: Tensor, W: Tensor, block: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """(D, mean |D|) for D = W_batch − W, written over W_batch in ``work``: one pass over W.
+
+    On the CPU each block of D is summed while it is in cache (|D| through a small reused
+    buffer: a Dg×Df temporary costs a pass and page faults); elsewhere one L1 reduction with no
+    temporary. The block sums are added in float64 where the device has it.
+    """
+    if work.device.type != "cpu" or not (work.is_contiguous() and W.is_contiguous()):
+        D = work.sub_(W)
+        return D, torch.linalg.vector_norm(D, 1) / max(D.numel(), 1)
+    x, w = work.reshape(-1), W.reshape(-1)
     buf = torch.empty(min(block, x.numel()), dtype=x.dtype)
-    total = x.new_zeros((), dtype=torch.float64)
+    sums = []
     for i in range(0, x.numel(), block):
         n = min(block, x.numel() - i)
-        total += torch.abs(x[i : i + n], out=buf[:n]).sum()
-    return total / max(x.numel(), 1)
+        sums.append(torch.abs(x[i : i + n].sub_(w[i : i + n]), out=buf[:n]).sum())
+    total = torch.stack(sums).sum(dtype=torch.float64) if sums else x.new_zeros(())
+    return work, total / max(x.numel(), 1)
 
 
 def _sum(x: Tensor) -> Tensor:
@@ -395,8 +401,7 @@ class RegBN(StateMixin):
             with phase("w_batch"):
                 # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
                 # lerp.
-                D = sol.projection(out=self._workspace()).sub_(self.W)
-                d = _mean_abs(D)
+                D, d = _delta(sol.projection(out=self._workspace()), self.W)
             with phase("output_norms"):
                 f_r = self._norm(self.norm_f_out, from_rows(sol.f_r, f.shape[1:], channel), True)
                 g_out = self._norm(self.norm_g_out, g_n, True)
