@@ -341,7 +341,11 @@ def test_too_few_training_digits_is_one_line():
 # The README's tables are the docs JSON's, under the command that produced them
 # --------------------------------------------------------------------------------------------
 # The README shows the official placement; the four-arm run is in docs/experiment.md.
-DOCS_RUNS = [("pmr_colored_digits.json", "README.md"), ("pmr_four_arms.json", "docs/experiment.md")]
+DOCS_RUNS = [
+    ("pmr_colored_digits.json", "README.md"),
+    ("pmr_four_arms.json", "docs/experiment.md"),
+    ("pmr_projection.json", "docs/experiment.md"),
+]
 
 
 @pytest.mark.parametrize(("name", "page"), DOCS_RUNS)
@@ -359,6 +363,13 @@ def test_readme_tables_are_the_docs_json(name, page):
     assert command in before, command
     assert not results["config"]["quick"]
     assert results["config"]["deterministic"] is True
+
+
+def test_projection_cost_table_is_the_docs_json():
+    results = json.loads((REPO / "docs" / "pmr_projection.json").read_text())
+    page = (REPO / "docs" / "experiment.md").read_text()
+    assert list(results["cost"]) == ["baseline", "regbn-conv4", "regbn-conv4-channel"]
+    assert format_cost(results["cost"]) in page
 
 
 def test_readme_first_command_runs_the_experiment():
