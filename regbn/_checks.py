@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ._format import shape_str
@@ -222,3 +222,40 @@ def autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return torch.is_autocast_enabled()
+
+
+def _sum(x: Tensor) -> Tensor:
+    """x's sum in its own precision (float32 at least): non-finite when an entry is."""
+    return x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)).reshape(1)
+
+
+def guard_values(
+    f: Tensor, g: Tensor, stats: list[Tensor], out_norms: list[nn.LayerNorm], w_max: Tensor
+) -> Tensor:
+    """What the checks read, as device values that the solve reads once with the spectrum:
+    the sum of f, g and the input-norm statistics (non-finite when an entry is), a bound on
+    each output LayerNorm's values (√D·max|w| + max|b|) and ``w_max``, one on max|W|."""
+    total = torch.cat([_sum(f) + _sum(g), *(_sum(s) for s in stats)]).sum().reshape(1)
+    outs = []
+    for norm in out_norms:
+        size = math.sqrt(math.prod(norm.normalized_shape))
+        bound = torch.full((1,), size, dtype=total.dtype, device=total.device)
+        if norm.weight is not None:
+            bound = bound * norm.weight.detach().abs().amax().to(total.dtype)
+        if norm.bias is not None:
+            bound = bound + norm.bias.detach().abs().amax().to(total.dtype)
+        outs.append(bound)
+    return torch.cat([total, *outs, w_max.to(total.dtype).reshape(1)])
+
+
+def proven_finite(bound: float, guard, dtype: torch.dtype) -> bool:
+    """Whether the host bounds show that f_r, W_batch, D = W_batch − W, the outputs and the
+    running update stay finite, so that no output need be tested: ``bound`` on f_r and W_batch
+    (:func:`regbn._spectrum.bound_of_fast_path`, inf where the path gives none) and the
+    guard's bounds on the output norms and on max|W| (:func:`guard_values`), all a 2¹⁰
+    margin below the largest value of ``dtype`` (W's)."""
+    if guard is None or not math.isfinite(bound):
+        return False
+    lim = torch.finfo(dtype).max * 2.0**-10
+    *outs, w_max = guard[1:]
+    return bound + float(w_max) <= lim and all(float(b) <= lim for b in outs)

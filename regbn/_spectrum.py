@@ -21,7 +21,10 @@ from .errors import RegBNValueError
 
 __all__ = [
     "LAMBDA_RULES",
+    "NonFiniteGuard",
     "Spectrum",
+    "bound_of_fast_path",
+    "read_spectrum",
     "batch_spectrum",
     "gram",
     "projection_from_spectrum",
@@ -118,6 +121,50 @@ def _classify_host(
     kept = s > sigma_THR * np.sqrt(top)
     s_eff = np.where(kept, s, sigma_MIN)
     return Classified(top, tol, nonzero, s, None, kept, s_eff, s_eff > 0)
+
+
+def read_spectrum(e: Tensor, qn: Tensor, fn2: Tensor | None, guard: Tensor | None):
+    """The training step's one host read: the eigenvalues, the squared row norms of Q, ‖F‖²
+    (primal case) and the caller's guard values, in one transfer. Raises
+    :class:`NonFiniteGuard` when a guard value is not finite."""
+    dt = solve_dtype(e.device)
+    parts = [e.to(dt), qn.to(dt)]
+    if fn2 is not None:
+        parts.append(fn2.to(dt).reshape(1))
+    if guard is not None:
+        parts.append(guard.detach().to(dt).reshape(-1))
+    host = torch.cat(parts).cpu().numpy()
+    n = e.shape[0]
+    eh, qnh = host[:n].clip(min=0.0), host[n : 2 * n]
+    rest = host[2 * n :]
+    fnh = None
+    if fn2 is not None:
+        fnh, rest = float(rest[0]), rest[1:]
+    if guard is not None and not np.isfinite(rest).all():
+        raise NonFiniteGuard("RegBN: a guard value is not finite")
+    return eh, qnh, fnh, (rest if guard is not None else None)
+
+
+def bound_of_fast_path(eh, qn, nz, lam, primal: bool, fn2: float | None) -> float:
+    """An upper bound, from the eigenvalues and ‖Q_i‖² alone, on the Frobenius norms of what
+    the fast path forms: X = (K + λI)⁻¹F, S = K(K + λI)⁻²F, f_r and W (dual); W and f_r
+    (primal). Zero directions enter with e = 0 (X keeps F's part there)."""
+    e = np.where(nz, eh, 0.0)
+    inv2 = 1.0 / (e + lam) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = math.sqrt(float(np.sum(np.where(nz, qn * e * inv2, 0.0))))
+        if primal:
+            wp = math.sqrt(float(np.sum(np.where(nz, qn * inv2, 0.0))))
+            return max(wp, math.sqrt(fn2 or 0.0) + math.sqrt(float(eh.max())) * wp)
+        x = math.sqrt(float(np.sum(qn * inv2)))
+        sn = math.sqrt(float(np.sum(qn * e * e * inv2 * inv2)))
+    bound = max(x, sn, lam * x, w)
+    return bound if math.isfinite(bound) else math.inf
+
+
+class NonFiniteGuard(RegBNValueError):
+    """The caller's ``guard`` values (see :func:`solve_batch`) were not all finite: the caller
+    tells which input or statistic it was."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import _checks
 from ._format import shape_str
 from ._norms import input_norm, output_norm
+from ._spectrum import solve_dtype
 from .errors import RegBNValueError
 
 __all__ = ["NORMS", "StateMixin"]
@@ -61,6 +62,7 @@ class StateMixin(nn.Module):
     num_batches_tracked: Tensor
     lambda_history: Tensor
     _work: Tensor | None
+    _w_bound: tuple[Tensor, tuple[int, int]] | None
     lambda_rule: str
     momentum: float
     projection: str
@@ -272,3 +274,46 @@ class StateMixin(nn.Module):
                     f"RegBN: the checkpoint was saved for {key} {shape_str(saved)} but this layer "
                     f"has {shape_str(mine)}; build the layer with the checkpoint's shapes"
                 )
+
+    def _workspace(self) -> Tensor:
+        """A Dg×Df scratch tensor like W, kept across training steps (never saved or moved)."""
+        W, work = self.W, self._work
+        if (
+            work is None
+            or (work.shape, work.dtype, work.device) != (W.shape, W.dtype, W.device)
+            or (work.is_inference() and not torch.is_inference_mode_enabled())
+        ):
+            with torch.inference_mode(False):
+                work = self._work = torch.empty_like(W)
+        return work
+
+    def _w_max(self) -> Tensor:
+        """A bound on max|W| (0-dim, on W's device), carried through the running updates
+        without a pass over W; measured again (one reduction) when W changed otherwise."""
+        W = self.W
+        held = getattr(self, "_w_bound", None)  # absent in a layer pickled before it existed
+        key = (W.data_ptr(), W._version)
+        if held is None or held[1] != key:
+            with torch.no_grad():
+                held = self._w_bound = (W.abs().amax().to(solve_dtype(W.device)), key)
+        return held[0]
+
+
+def running_delta(work: Tensor, W: Tensor, block: int = 1 << 18) -> tuple[Tensor, Tensor]:
+    """(D, mean |D|) for D = W_batch − W, written over W_batch in ``work``: one pass over W.
+
+    On the CPU each block of D is summed while it is in cache (|D| through a small reused
+    buffer: a Dg×Df temporary costs a pass and page faults); elsewhere one L1 reduction with no
+    temporary. The block sums are added in float64 where the device has it.
+    """
+    if work.device.type != "cpu" or not (work.is_contiguous() and W.is_contiguous()):
+        D = work.sub_(W)
+        return D, torch.linalg.vector_norm(D, 1) / max(D.numel(), 1)
+    x, w = work.reshape(-1), W.reshape(-1)
+    buf = torch.empty(min(block, x.numel()), dtype=x.dtype)
+    sums = []
+    for i in range(0, x.numel(), block):
+        n = min(block, x.numel() - i)
+        sums.append(torch.abs(x[i : i + n].sub_(w[i : i + n]), out=buf[:n]).sum())
+    total = torch.stack(sums).sum(dtype=torch.float64) if sums else x.new_zeros(())
+    return work, total / max(x.numel(), 1)

@@ -24,7 +24,7 @@ from ._norms import (
     run_norm,
 )
 from ._phases import phase
-from ._state import StateMixin
+from ._state import StateMixin, running_delta
 from .errors import RegBNTypeError, RegBNValueError
 from .solver import NonFiniteGuard, solve_batch, solve_dtype
 
@@ -35,31 +35,6 @@ _HISTORY = 32  # λ⁺ values kept in the ``lambda_history`` buffer
 # ``verbose`` reports each training batch here; enable it with logging.basicConfig(level=INFO)
 # or logging.getLogger("regbn").setLevel(logging.INFO) and a handler.
 logger = logging.getLogger(__name__)
-
-
-def _delta(work: Tensor, W: Tensor, block: int = 1 << 16) -> tuple[Tensor, Tensor]:
-    """(D, mean |D|) for D = W_batch − W, written over W_batch in ``work``: one pass over W.
-
-    On the CPU each block of D is summed while it is in cache (|D| through a small reused
-    buffer: a Dg×Df temporary costs a pass and page faults); elsewhere one L1 reduction with no
-    temporary. The block sums are added in float64 where the device has it.
-    """
-    if work.device.type != "cpu" or not (work.is_contiguous() and W.is_contiguous()):
-        D = work.sub_(W)
-        return D, torch.linalg.vector_norm(D, 1) / max(D.numel(), 1)
-    x, w = work.reshape(-1), W.reshape(-1)
-    buf = torch.empty(min(block, x.numel()), dtype=x.dtype)
-    sums = []
-    for i in range(0, x.numel(), block):
-        n = min(block, x.numel() - i)
-        sums.append(torch.abs(x[i : i + n].sub_(w[i : i + n]), out=buf[:n]).sum())
-    total = torch.stack(sums).sum(dtype=torch.float64) if sums else x.new_zeros(())
-    return work, total / max(x.numel(), 1)
-
-
-def _sum(x: Tensor) -> Tensor:
-    """x's sum in its own precision (float32 at least): non-finite when an entry is."""
-    return x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)).reshape(1)
 
 
 class RegBN(StateMixin):
@@ -401,7 +376,7 @@ class RegBN(StateMixin):
             with phase("w_batch"):
                 # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
                 # lerp.
-                D, d = _delta(sol.projection(out=self._workspace()), self.W)
+                D, d = running_delta(sol.projection(out=self._workspace()), self.W)
             with phase("output_norms"):
                 f_r = self._norm(self.norm_f_out, from_rows(sol.f_r, f.shape[1:], channel), True)
                 g_out = self._norm(self.norm_g_out, g_n, True)
@@ -423,61 +398,17 @@ class RegBN(StateMixin):
         return f_r, g_out
 
     def _guard(self, f: Tensor, g: Tensor, stats: list[Tensor]) -> Tensor:
-        """What the checks read, as device values read once with the spectrum: the sums of
-        f, g and the input-norm statistics (non-finite when an entry is), a bound on the
-        output norms' values (√D·max|w| + max|b|) and one on max|W| (:meth:`_w_max`)."""
-        parts = [_sum(f) + _sum(g), *(_sum(s) for s in stats)]
-        total = torch.cat(parts).sum().reshape(1)
-        outs = []
-        for norm in (self.norm_f_out, self.norm_g_out):
-            if isinstance(norm, nn.LayerNorm):
-                size = math.sqrt(math.prod(norm.normalized_shape))
-                bound = torch.full((1,), size, dtype=total.dtype, device=total.device)
-                if norm.weight is not None:
-                    bound = bound * norm.weight.detach().abs().amax().to(total.dtype)
-                if norm.bias is not None:
-                    bound = bound + norm.bias.detach().abs().amax().to(total.dtype)
-                outs.append(bound.reshape(1))
-        return torch.cat([total, *outs, self._w_max().to(total.dtype).reshape(1)])
-
-    def _w_max(self) -> Tensor:
-        """A bound on max|W| (0-dim, on W's device), carried through the running updates
-        without a pass over W; measured again (one reduction) when W changed otherwise."""
-        W = self.W
-        held = getattr(self, "_w_bound", None)  # absent in a layer pickled before it existed
-        key = (W.data_ptr(), W._version)
-        if held is None or held[1] != key:
-            with torch.no_grad():
-                held = self._w_bound = (W.abs().amax().to(solve_dtype(W.device)), key)
-        return held[0]
+        """What the checks read with the spectrum (:func:`regbn._checks.guard_values`)."""
+        outs = [m for m in (self.norm_f_out, self.norm_g_out) if isinstance(m, nn.LayerNorm)]
+        return _checks.guard_values(f, g, stats, outs, self._w_max())
 
     def _proven_finite(self, sol) -> bool:
-        """Whether the host bounds show that f_r, W_batch, D = W_batch − W, the outputs and
-        the running update stay finite, so that no output need be tested: the fast path's
-        bound on f_r and W_batch (:func:`regbn.solver._bound`), the guard's bounds on the
-        output norms and on max|W|, all a 2¹⁰ margin below the largest float32/float64."""
-        if sol.guard is None or not math.isfinite(sol.bound):
-            return False
-        lim = torch.finfo(self.W.dtype).max * 2.0**-10
-        *_, w_max = sol.guard
-        outs = sol.guard[1:-1]
-        return sol.bound + float(w_max) <= lim and all(float(b) <= lim for b in outs)
+        """Whether no output need be tested (:func:`regbn._checks.proven_finite`)."""
+        return _checks.proven_finite(sol.bound, sol.guard, self.W.dtype)
 
     def _check_finite(self, outs: list[Tensor], f: Tensor, g: Tensor) -> None:
         """Refuse a batch whose solution, outputs or statistics are not finite."""
         _checks.check_finite(outs, f, g, self.normalize_input)
-
-    def _workspace(self) -> Tensor:
-        """A Dg×Df scratch tensor like W, kept across training steps (never saved or moved)."""
-        W, work = self.W, self._work
-        if (
-            work is None
-            or (work.shape, work.dtype, work.device) != (W.shape, W.dtype, W.device)
-            or (work.is_inference() and not torch.is_inference_mode_enabled())
-        ):
-            with torch.inference_mode(False):
-                work = self._work = torch.empty_like(W)
-        return work
 
     @torch.no_grad()
     def _update_running(self, D: Tensor, d: Tensor, lam: float, bound: float = math.inf) -> None:

@@ -17,6 +17,13 @@ written out in :mod:`regbn._autograd`) when λ⁺ > 0 and the thresholds change 
 general path (:func:`_general`) otherwise. Which singular values count as zero, thresholded
 or live is decided on every path by one function, :func:`regbn._spectrum.classify`.
 
+Float64 copies of a B×D tensor are made only where a precision rule asks for one: the primal
+case (B > Dg), whose Dg×Dg Gram is solved in the solve dtype (:func:`_precisions`); a float32
+pass retried in float64 because its spectrum or its bounds fail (:func:`_attempt`), where X
+also stays float64 for W = GᵀX when float32 would amplify its round-off past ``_SAFE``
+(:func:`_dual_fast`); and the general path, which sits at the Gram's round-off. The common
+float32 step copies nothing to float64 but the n eigenvalues and ‖Q_i‖² it reads on the host.
+
 Nothing here holds state; :class:`regbn.RegBN` calls these functions and owns the buffers.
 """
 
@@ -33,11 +40,14 @@ from ._autograd import DualRidge, FirstOrderOnly, PrimalRidge
 from ._phases import phase
 from ._spectrum import (
     LAMBDA_RULES,
+    NonFiniteGuard,
     Spectrum,
     batch_spectrum,
+    bound_of_fast_path,
     classify,
     gram,
     projection_from_spectrum,
+    read_spectrum,
     residual,
     secular_root,
     secular_weights,
@@ -123,11 +133,6 @@ class BatchSolution:
         return self.projection()
 
 
-class NonFiniteGuard(RegBNValueError):
-    """The caller's ``guard`` values (see :func:`solve_batch`) were not all finite: the caller
-    tells which input or statistic it was."""
-
-
 class _Next(enum.Enum):
     """What a fast-path attempt that gives no solution asks :func:`solve_batch` to do next."""
 
@@ -183,45 +188,6 @@ def _fast_verdict(eh: np.ndarray, n: int, wd: torch.dtype, G: Tensor, sigma_THR:
     return nz, top, tol
 
 
-def _read(e: Tensor, qn: Tensor, fn2: Tensor | None, guard: Tensor | None):
-    """The training step's one host read: the eigenvalues, the squared row norms of Q, ‖F‖²
-    (primal case) and the caller's guard values, in one transfer. Raises
-    :class:`NonFiniteGuard` when a guard value is not finite."""
-    dt = solve_dtype(e.device)
-    parts = [e.to(dt), qn.to(dt)]
-    if fn2 is not None:
-        parts.append(fn2.to(dt).reshape(1))
-    if guard is not None:
-        parts.append(guard.detach().to(dt).reshape(-1))
-    host = torch.cat(parts).cpu().numpy()
-    n = e.shape[0]
-    eh, qnh = host[:n].clip(min=0.0), host[n : 2 * n]
-    rest = host[2 * n :]
-    fnh = None
-    if fn2 is not None:
-        fnh, rest = float(rest[0]), rest[1:]
-    if guard is not None and not np.isfinite(rest).all():
-        raise NonFiniteGuard("RegBN: a guard value is not finite")
-    return eh, qnh, fnh, (rest if guard is not None else None)
-
-
-def _bound(eh, qn, nz, lam, primal: bool, fn2: float | None) -> float:
-    """An upper bound, from the eigenvalues and ‖Q_i‖² alone, on the Frobenius norms of what
-    the fast path forms: X = (K + λI)⁻¹F, S = K(K + λI)⁻²F, f_r and W (dual); W and f_r
-    (primal). Zero directions enter with e = 0 (X keeps F's part there)."""
-    e = np.where(nz, eh, 0.0)
-    inv2 = 1.0 / (e + lam) ** 2
-    with np.errstate(over="ignore", invalid="ignore"):
-        w = math.sqrt(float(np.sum(np.where(nz, qn * e * inv2, 0.0))))
-        if primal:
-            wp = math.sqrt(float(np.sum(np.where(nz, qn * inv2, 0.0))))
-            return max(wp, math.sqrt(fn2 or 0.0) + math.sqrt(float(eh.max())) * wp)
-        x = math.sqrt(float(np.sum(qn * inv2)))
-        sn = math.sqrt(float(np.sum(qn * e * e * inv2 * inv2)))
-    bound = max(x, sn, lam * x, w)
-    return bound if math.isfinite(bound) else math.inf
-
-
 def _attempt(
     F: Tensor, G: Tensor, rule: str, sigma_THR: float, need_grad: bool, wd: torch.dtype,
     guard: Tensor | None = None,
@@ -231,7 +197,7 @@ def _attempt(
     One eigendecomposition of the smaller Gram: K = GGᵀ = U diag(e) Uᵀ when B ≤ Dg, giving
     f_r = λ⁺ U diag(1/(e+λ⁺)) UᵀF; K = GᵀG = V diag(e) Vᵀ when B > Dg, giving
     W = V diag(1/(e+λ⁺)) VᵀGᵀF. The eigendecomposition and the projections run in ``wd``, the
-    secular root in float64 on the host, from one read (:func:`_read`); each case has its
+    secular root in float64 on the host, from one read (:func:`read_spectrum`); each case has its
     backward written out. A pass in the solve dtype (``precise``) never asks for a retry.
     """
     precise = wd == solve_dtype(F.device)
@@ -245,7 +211,7 @@ def _attempt(
             e, U = torch.linalg.eigh(K.detach())
         except torch.linalg.LinAlgError:
             if guard is not None:
-                _read(K.new_zeros(0), K.new_zeros(0), None, guard)  # a non-finite input?
+                read_spectrum(K.new_zeros(0), K.new_zeros(0), None, guard)  # a non-finite input?
             if precise:
                 raise
             return _Next.RETRY  # a float32 Gram that overflowed
@@ -255,7 +221,7 @@ def _attempt(
         # overflows reads as inf and the pass is retried in float64.
         qn = torch.linalg.vector_norm(Q, dim=1).square()
         fn2 = torch.linalg.vector_norm(Fk).square() if primal else None
-        eh, qn_h, fn2_h, held = _read(e, qn, fn2, guard)
+        eh, qn_h, fn2_h, held = read_spectrum(e, qn, fn2, guard)
         verdict = _fast_verdict(eh, n, wd, G, sigma_THR, precise)
         if isinstance(verdict, _Next):
             return verdict
@@ -270,7 +236,7 @@ def _attempt(
         return _Next.GENERAL
     if not precise and not (math.isfinite(lam) and lam > _SAFE * tol):
         return _Next.RETRY  # λ⁺ near the round-off of the float32 Gram: its root is ill-determined
-    bound = _bound(eh, qn_h, nz, lam, primal, fn2_h)
+    bound = bound_of_fast_path(eh, qn_h, nz, lam, primal, fn2_h)
     if not precise and not bound <= torch.finfo(wd).max * 2.0**-10:
         return _Next.RETRY  # (K + λI)⁻¹F or W would overflow the inputs' precision
     dphi = slope(d, a, lam)
@@ -448,7 +414,7 @@ def solve_batch(
         assert wd != solve_dtype(F.device), "the pass in the solve dtype never retries"
     held = None
     if guard is not None:
-        held = _read(G.new_zeros(0), G.new_zeros(0), None, guard)[3]
+        held = read_spectrum(G.new_zeros(0), G.new_zeros(0), None, guard)[3]
     sol = _general(F, G, rule, sigma_THR, sigma_MIN, need_grad)
     sol.guard = held
     return sol
