@@ -1072,21 +1072,24 @@ class _HostReads:
     [{}, {"normalize_input": True, "normalize_output": True, "affine": True}],
     ids=["default", "official"],
 )
-@pytest.mark.parametrize("shapes", [((512,), (64, 7, 7)), ((1, 28, 28), (3, 28, 28))],
-                         ids=["readme", "pmr"])
+@pytest.mark.parametrize(
+    "shapes",
+    [((512,), (64, 7, 7), 16), ((1, 28, 28), (3, 28, 28), 16), ((128,), (16,), 40)],
+    ids=["readme", "pmr", "primal"],
+)
 def test_a_training_step_reads_the_host_once(monkeypatch, shapes, options, rule):
     """The success path of a training step (forward and backward, after the first) reads
     tensor data on the host once: the spectrum, with every check fused into that read."""
-    fs, gs = shapes
+    fs, gs, B = shapes
     torch.manual_seed(0)
     layer = make(fs, gs, lambda_rule=rule, **options)
-    f, g = batch(16, fs, gs, dtype=torch.float32)
+    f, g = batch(B, fs, gs, dtype=torch.float32)
     f.requires_grad_()
     layer(f, g)[0].sum().backward()
     counter = _HostReads(monkeypatch)
     for seed in (1, 2, 3):
         before = counter.count
-        f, g = batch(16, fs, gs, seed=seed, dtype=torch.float32)
+        f, g = batch(B, fs, gs, seed=seed, dtype=torch.float32)
         f.requires_grad_()
         f_r, g_out = layer(f, g)
         (f_r.sum() + g_out.sum()).backward()
