@@ -95,32 +95,25 @@ def classify(
             singular values: √e loses relative accuracy below √ε·max(s), the norms keep it.
             By default s = √e.
     """
-    if isinstance(evals, np.ndarray):  # read on the host: NumPy throughout
-        return _classify_host(evals, n, gram_dtype, in_dtype, sigma_THR, sigma_MIN)
-    ev = evals.detach()
-    top = ev.max().clamp_min(0) if ev.numel() else ev.new_zeros(())
+    host = isinstance(evals, np.ndarray)  # read on the host: NumPy throughout, no tensor read
+    sqrt, where = (np.sqrt, np.where) if host else (torch.sqrt, torch.where)
+
+    def plain(x: Any) -> Any:  # the verdicts never carry autograd
+        return x if host else x.detach()
+
+    ev: Any = plain(evals)
+    if ev.shape[0]:
+        top = ev.max().clip(min=0)
+    else:
+        top = np.zeros(()) if host else ev.new_zeros(())
     tol = _zero_tol(top, n, gram_dtype, in_dtype)
     nonzero = ev > tol
-    cols = None if columns is None else columns(nonzero)
-    s = evals[nonzero].clamp_min(0).sqrt() if cols is None else cols.norm(dim=0)
-    kept = s.detach() > sigma_THR * top.sqrt()
-    s_eff = torch.where(kept, s, torch.full_like(s, sigma_MIN))
-    live = s_eff.detach() > 0
+    cols = None if columns is None or host else columns(nonzero)
+    s: Any = sqrt(evals[nonzero].clip(min=0)) if cols is None else cols.norm(dim=0)
+    kept = plain(s) > sigma_THR * sqrt(top)
+    s_eff = where(kept, s, sigma_MIN if host else torch.full_like(s, sigma_MIN))
+    live = plain(s_eff) > 0
     return Classified(top, tol, nonzero, s, cols, kept, s_eff, live)
-
-
-def _classify_host(
-    evals: np.ndarray, n: int, gram_dtype: torch.dtype, in_dtype: torch.dtype,
-    sigma_THR: float, sigma_MIN: float,
-) -> Classified:
-    """:func:`classify` on eigenvalues read on the host, the same rules in NumPy."""
-    top = evals.max().clip(min=0) if evals.shape[0] else np.zeros(())
-    tol = _zero_tol(top, n, gram_dtype, in_dtype)
-    nonzero = evals > tol
-    s = np.sqrt(evals[nonzero].clip(min=0))
-    kept = s > sigma_THR * np.sqrt(top)
-    s_eff = np.where(kept, s, sigma_MIN)
-    return Classified(top, tol, nonzero, s, None, kept, s_eff, s_eff > 0)
 
 
 def read_spectrum(e: Tensor, qn: Tensor, fn2: Tensor | None, guard: Tensor | None):
