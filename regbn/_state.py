@@ -29,20 +29,32 @@ _UNINITIALIZED: type = getattr(nn.parameter, "UninitializedTensorMixin")  # noqa
 NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
 
 
-def _decode_shapes(state) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """(f_shape, g_shape) from a saved extra state: the int64 tensor this version writes, or the
-    dict of earlier checkpoints; None for a lazy layer's."""
+# The projection's code at the end of the saved extra state.
+_PROJECTION_CODES = {"full": 0, "channel": 1}
+
+
+def _decode_state(state) -> tuple[tuple[tuple[int, ...], tuple[int, ...]] | None, str | None]:
+    """(f_shape, g_shape) and the projection from a saved extra state.
+
+    This version writes an int64 tensor ``[len(f), *f, len(g), *g, projection]``, or
+    ``[-1, projection]`` for a lazy layer. Earlier checkpoints wrote the same without the
+    projection (an empty tensor when lazy) or a dict; their projection is None (unknown).
+    """
     if isinstance(state, dict):
         if state.get("f_shape") is None or state.get("g_shape") is None:
-            return None
-        return tuple(state["f_shape"]), tuple(state["g_shape"])
+            return None, None
+        return (tuple(state["f_shape"]), tuple(state["g_shape"])), None
     if not isinstance(state, Tensor) or state.numel() == 0:
-        return None
+        return None, None
     v = [int(x) for x in state.tolist()]
+    names = {code: name for name, code in _PROJECTION_CODES.items()}
+    if v[0] == -1:
+        return None, names.get(v[1]) if len(v) > 1 else None
     nf = v[0]
-    f_shape = tuple(v[1 : 1 + nf])
-    g_shape = tuple(v[2 + nf : 2 + nf + v[1 + nf]])
-    return f_shape, g_shape
+    ng = v[1 + nf]
+    f_shape, g_shape = tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng])
+    rest = v[2 + nf + ng :]
+    return (f_shape, g_shape), names.get(rest[0]) if rest else None
 
 
 class StateMixin(nn.Module):
@@ -221,6 +233,14 @@ class StateMixin(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         w = state_dict.get(prefix + "W")
+        shapes, projection = _decode_state(state_dict.get(prefix + "_extra_state"))
+        if projection is not None and projection != self.projection:
+            # Raised before torch loads this layer's norms (its children), so nothing changes.
+            raise RegBNValueError(
+                f"RegBN {prefix!r}: the checkpoint was saved with projection={projection!r} but "
+                f"this layer has projection={self.projection!r}; build it with "
+                f"RegBN(..., projection={projection!r}) to load it"
+            )
         if isinstance(w, _UNINITIALIZED):
             if self.f_shape is not None:
                 error_msgs.append(
@@ -238,7 +258,6 @@ class StateMixin(nn.Module):
             if prefix + "W" in missing_keys:
                 missing_keys.remove(prefix + "W")
             return
-        shapes = _decode_shapes(state_dict.get(prefix + "_extra_state"))
         if self.f_shape is None and shapes is not None:
             self._build(
                 shapes[0],
@@ -252,18 +271,21 @@ class StateMixin(nn.Module):
         )
 
     def get_extra_state(self) -> Tensor:
-        """The feature shapes as an int64 tensor ``[len(f), *f, len(g), *g]`` (empty when lazy).
+        """The feature shapes and the projection as an int64 tensor
+        ``[len(f), *f, len(g), *g, projection]`` (``[-1, projection]`` when lazy; projection 0 is
+        "full", 1 "channel").
 
         A tensor, not a dict, so that tools that walk the state dict as tensors (``jit.trace``,
         the ONNX exporters) accept the layer.
         """
         fs, gs = self.f_shape, self.g_shape
+        code = _PROJECTION_CODES[self.projection]
         if fs is None or gs is None:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.tensor([len(fs), *fs, len(gs), *gs], dtype=torch.long)
+            return torch.tensor([-1, code], dtype=torch.long)
+        return torch.tensor([len(fs), *fs, len(gs), *gs, code], dtype=torch.long)
 
     def set_extra_state(self, state) -> None:
-        shapes = _decode_shapes(state)
+        shapes, _ = _decode_state(state)
         if shapes is None:
             return
         for key, saved, mine in zip(

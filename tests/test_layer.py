@@ -1031,18 +1031,31 @@ def test_channel_projection_with_the_official_lambda_rule_trains_and_checkpoints
     assert layer.last_lambda is not None and math.isfinite(layer.last_lambda)
     assert f.grad is not None and torch.isfinite(f.grad).all()
     assert int(layer.num_batches_tracked) == 1 and layer.W.abs().sum() > 0
-    # The checkpoint holds the channel W (Cg×Cf) and the feature shapes; the mode follows from
-    # W's shape: a channel layer (even a lazy one) reloads it and evaluates bit for bit, a full
-    # layer of the same feature shapes (W of 75×100) refuses it.
+    # The checkpoint holds the channel W (Cg×Cf), the feature shapes and the projection: a
+    # channel layer (even a lazy one) reloads it and evaluates bit for bit, a full layer refuses
+    # it by name, before touching a buffer.
     state = layer.state_dict()
     assert state["W"].shape == (3, 4)
-    assert state["_extra_state"].tolist() == [3, 4, 5, 5, 3, 3, 5, 5]
+    assert state["_extra_state"].tolist() == [3, 4, 5, 5, 3, 3, 5, 5, 1]
     lazy = RegBN(projection="channel", lambda_rule="official")
     lazy.load_state_dict(state)
     fe, ge = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5)
     assert torch.equal(lazy.eval()(fe, ge)[0], layer.eval()(fe, ge)[0])
-    with pytest.raises(RuntimeError, match="size mismatch for W"):
-        RegBN(4, 3, [5, 5], [5, 5], lambda_rule="official").load_state_dict(state)
+    full = RegBN(4, 3, [5, 5], [5, 5], lambda_rule="official")
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    with pytest.raises(ValueError, match="saved with projection='channel'.*projection='full'"):
+        full.load_state_dict(state)
+    after = full.state_dict()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
+    # A layer that never trained records its projection too.
+    lazy_state = RegBN(projection="channel").state_dict()
+    with pytest.raises(regbn.RegBNError, match="saved with projection='channel'"):
+        RegBN().load_state_dict(lazy_state)
+    RegBN(projection="channel").load_state_dict(lazy_state)
+    # Checkpoints written before the projection was recorded still load.
+    old = dict(state)
+    old["_extra_state"] = state["_extra_state"][:-1]
+    RegBN(projection="channel", lambda_rule="official").load_state_dict(old)
 
 
 # ----------------------------------------------------------------------------- host reads
