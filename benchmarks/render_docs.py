@@ -1,0 +1,331 @@
+"""Rewrite the generated tables of docs/benchmarks.md from benchmarks/results/*.json.
+
+    python benchmarks/render_docs.py           # rewrite every generated block in place
+    python benchmarks/render_docs.py --check   # exit 1 when the page is out of date
+
+A block sits between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; the prose
+outside is kept. Each table names the command that wrote its JSON and the run's torch, threads
+and machine; a JSON that is not there renders as "not measured yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+LAYER = "python benchmarks/bench_layer.py"
+# The command that writes each JSON, for the JSON files that do not record their own.
+COMMANDS = {
+    "bench_layer_official.json": f"{LAYER} --options official "
+    "--out benchmarks/results/bench_layer_official.json",
+    "bench_layer.json": f"{LAYER} --threads 1 --case-time 16",
+    "bench_layer_threads2.json": f"{LAYER} --out benchmarks/results/bench_layer_threads2.json",
+    "bench_layer_profile.json": f"{LAYER} --profile",
+    "bench_layer_cuda.json": f"{LAYER} --device cuda --options official --case-time 0.6",
+    "bench_layer_profile_cuda.json": f"{LAYER} --device cuda --profile",
+    "bench_layer_sync_cuda.json": f"{LAYER} --device cuda --sync-debug",
+    "bench_scaling.json": "python benchmarks/bench_scaling.py",
+    "bench_fx.json": "python benchmarks/bench_fx.py",
+    "bench_distributed.json": "python benchmarks/bench_distributed.py",
+}
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def header(name: str, res: dict[str, Any]) -> str:
+    """The command that wrote ``name`` and the run's torch, threads and machine."""
+    env = res.get("env", {})
+    torch_v = res.get("torch") or env.get("torch")
+    first = (res.get("cases") or [{}])[0]
+    threads = (res.get("threads") or res.get("threads_per_process") or env.get("cpus")
+               or first.get("threads"))
+    parts = [f"torch {torch_v}"] if torch_v else []
+    if threads:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}"
+                     + (" per process" if "threads_per_process" in res else ""))
+    if res.get("gpu"):
+        parts.append(str(res["gpu"]))
+    if res.get("machine") or env.get("machine"):
+        parts.append(res.get("machine") or env["machine"])
+    opts = res.get("options")
+    if isinstance(opts, dict):
+        parts.append(f"{opts['name']} options")
+    cmd = res.get("command") or COMMANDS[name]
+    return f"`{cmd}` → `{name}` ({', '.join(parts)})"
+
+
+def missing(name: str) -> str:
+    return f"`{COMMANDS[name]}` → `{name}`: not measured yet."
+
+
+def ms(seconds: float | None, digits: int = 2) -> str:
+    return "–" if seconds is None else f"{seconds * 1e3:.{digits}f}"
+
+
+def ratio(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}×"
+
+
+def layer_table(name: str) -> str:
+    """The layer's cases: ours against the L-BFGS step, the floor with norms and eval."""
+    res = load(name)
+    if res is None:
+        return missing(name)
+    lines = [header(name, res), "",
+             "| case | B | Df | Dg | ours: train step (ms) | L-BFGS step (ms) | speed-up "
+             "| floor with norms (ms) | ours / floor with norms | ours: eval (ms) "
+             "| f − gW + norms (ms) | eval ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["cases"]:
+        lines.append(
+            f"| {r['case']} | {r['B']} | {r['Df']} | {r['Dg']} | {ms(r['ours_train_s'])} "
+            f"| {ms(r.get('lbfgs_train_s'), 1)} | {ratio(r.get('speedup_vs_lbfgs'), 1)} "
+            f"| {ms(r.get('floor_norms_s'))} | {ratio(r.get('ratio_to_floor_norms'))} "
+            f"| {ms(r['ours_eval_s'], 3)} | {ms(r['ref_eval_s'], 3)} "
+            f"| {ratio(r.get('eval_ratio'))} |")
+    if any("floor_norms_s" not in r for r in res["cases"]):
+        lines += ["", "This JSON predates the floor with norms (–); rerun the command for it."]
+    return "\n".join(lines)
+
+
+def goal(text: str, value: float | None, ok: bool, note: str = "") -> str:
+    if value is None:
+        return f"- {text}: – — **not measured**"
+    return f"- {text}: {value:.2f}×{note} — **{'met' if ok else 'not met'}**"
+
+
+def cpu_goals() -> str:
+    res = load("bench_layer_official.json")
+    if res is None:
+        return "Goals: not measured yet."
+    c = res["cases"]
+    slow = min(c[0].get("speedup_vs_lbfgs", 0.0), c[1].get("speedup_vs_lbfgs", 0.0))
+    floor = c[0].get("ratio_to_floor_norms")
+    ev = c[0].get("eval_ratio")
+    return "\n".join([
+        "Goals (torch's default threads, official options):",
+        goal("≥ 25× the L-BFGS step at the first two shapes (the lower of the two)", slow,
+             slow >= 25),
+        goal("≤ 2× the floor with norms at the first shape", floor,
+             floor is not None and floor <= 2),
+        goal("eval within 1.05× of f − gW + norms at the first shape", ev,
+             ev is not None and ev <= 1.05),
+    ])
+
+
+def layer_official() -> str:
+    return layer_table("bench_layer_official.json") + "\n\n" + cpu_goals()
+
+
+def gpu_layer() -> str:
+    name = "bench_layer_cuda.json"
+    res = load(name)
+    if res is None:
+        return missing(name)
+    first = res["cases"][0]
+    speed, floor = first.get("speedup_vs_lbfgs"), first.get("ratio_to_floor")
+    with_norms = first.get("ratio_to_floor_norms")
+    note = "" if with_norms is None else f" ({with_norms:.2f}× the floor with norms)"
+    return "\n".join([
+        layer_table(name), "",
+        "Goals on the GPU:",
+        goal("≥ 50× the L-BFGS step at the first shape", speed, (speed or 0.0) >= 50),
+        goal("≤ 2× the floor at the first shape", floor, floor is not None and floor <= 2, note),
+    ])
+
+
+def profile_table(name: str) -> str:
+    """Per-phase time of a training step under the profiler, and the step against the floor."""
+    res = load(name)
+    if res is None:
+        return missing(name)
+    total = sum(res["phases_ms"].values())
+    timed = res["timed_ms"]
+    grouped = res["grouped_by"].replace("regbn.<phase>", "`regbn.<phase>`")
+    lines = [header(name, res), "", f"Grouped by {grouped}; {res['profiled_steps']} steps, "
+             f"{res['profiled_step_ms']:.2f} ms each under the profiler.", "",
+             "| phase | ms per step (profiled) | share |", "|---|---:|---:|"]
+    for phase, t in res["phases_ms"].items():
+        lines.append(f"| {phase} | {t:.3f} | {100 * t / total:.0f} % |")
+    lines += ["", "| timed in the same run (no profiler) | ms |", "|---|---:|"]
+    lines += [f"| {label} | {timed[key]:.3f} |" for key, label in (
+        ("ours_train", "training step"), ("floor_norms", "floor with norms"), ("floor", "floor"))]
+    lines.append(f"| step / floor with norms | {res['ratio_to_floor_norms']:.2f}× |")
+    return "\n".join(lines)
+
+
+def gpu_syncs() -> str:
+    name = "bench_layer_sync_cuda.json"
+    res = load(name)
+    if res is None:
+        return missing(name)
+    lines = [header(name, res), "",
+             "| options | host syncs in each of the timed steps | where (file:line: count) |",
+             "|---|---|---|"]
+    for run in res["runs"]:
+        where = ", ".join(f"`{k}`: {v}" for k, v in run["where"].items())
+        steps = ", ".join(str(n) for n in run["syncs_per_step"])
+        lines.append(f"| {run['options']} | {steps} | {where} |")
+    lines += ["", f"At most **{res['sync_per_step']}** host synchronisations per training step."]
+    return "\n".join(lines)
+
+
+def scaling() -> str:
+    """Full against channel W, case by case, then the log-log slopes."""
+    name = "bench_scaling.json"
+    res = load(name)
+    if res is None:
+        return missing(name)
+    pairs: dict[tuple, dict[str, dict]] = {}
+    for r in res["cases"]:
+        key = (r["axis"], r["B"], r["Cf"], r["Cg"], r["H"], r["W"])
+        pairs.setdefault(key, {})[r["projection"]] = r
+
+    def cell(r: dict | None, field: str, scale: float, fmt: str) -> str:
+        if r is None or field not in r:
+            return "–" if r is None else str(r.get("skipped") or f"failed: {r.get('failed')}")
+        return format(r[field] * scale, fmt)
+
+    lines = [header(name, res) + f", {res['cpus']} CPUs, {res['wall_s']:.0f} s in all; "
+             f"{res['options']}", "",
+             "| sweep | B | f (C×H×W) | g (C×H×W) | full W (MiB) | full: step (ms) "
+             "| channel: step (ms) | full: peak RSS (MB) | channel: peak RSS (MB) |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for (axis, B, cf, cg, h, w), by in pairs.items():
+        full, chan = by.get("full"), by.get("channel")
+        w_mb = full.get("W_mb") if full else None
+        lines.append(
+            f"| {axis} | {B} | {cf}×{h}×{w} | {cg}×{h}×{w} | "
+            f"{'–' if w_mb is None else format(w_mb, '.3g')} "
+            f"| {cell(full, 'step_s', 1e3, '.1f')} | {cell(chan, 'step_s', 1e3, '.1f')} "
+            f"| {cell(full, 'peak_above_baseline_mb', 1, '.0f')} "
+            f"| {cell(chan, 'peak_above_baseline_mb', 1, '.0f')} |")
+    lines += ["", "| fit (log-log) | points | time slope | memory slope |", "|---|---:|---:|---:|"]
+    for fit_name, fit in res["slopes"].items():
+        lines.append(f"| {fit_name} | {fit['points']} | {fit['time']:.2f} "
+                     f"| {fit['memory']:.2f} |")
+    lines += ["", "Figure: [scaling.png](scaling.png)."]
+    return "\n".join(lines)
+
+
+def fx() -> str:
+    name = "bench_fx.json"
+    res = load(name)
+    if res is None:
+        return missing(name)
+    med, towers = res["median"], res.get("towers")
+    lines = [header(name, res), "", res["benchmark"] + f" ({res['model']['parameters']:,} "
+             f"parameters), median of {res['repeats']} calls.", "",
+             "| step | wall (s) | tracemalloc peak (MB) | maxrss delta (MB) |",
+             "|---|---:|---:|---:|"]
+    for key, label in (("symbolic_trace", "`fx.symbolic_trace`"),
+                       ("insert", "`insert` (2 pairs)"), ("auto", "`insert` (`pairs='auto'`)")):
+        m = med[key]
+        lines.append(f"| {label} | {m['wall_s']:.3f} | {m['tracemalloc_peak_mb']:.1f} "
+                     f"| {m['maxrss_delta_mb']:.1f} |")
+    if towers is not None:
+        lines.append(f"| towers: `insert` (`pairs='auto'`) | {towers['median_wall_s']:.3f} "
+                     "| – | – |")
+    cold = res["cold_first_call_wall_s"]
+    met = "; ".join(f"{k} ≤ {res['goals'][k]:g}: {'met' if v else 'not met'}"
+                    for k, v in res["meets_goals"].items())
+    lines += ["", f"Cold first `insert`: {cold['insert']:.3f} s; `insert` / `symbolic_trace` = "
+              f"{res['insert_over_symbolic_trace']:.2f}×; goals: {met}."]
+    if towers is not None:
+        ok = "met" if towers["meets_goal"] else "not met"
+        lines.append(f"Towers ({towers['parameters']:,} parameters): fusions found: "
+                     f"{', '.join(towers['fusions'])}; `pairs='auto'` made "
+                     f"{len(towers['auto_pairs'])} pair(s) and skipped {len(towers['skipped'])} "
+                     f"fusion(s); wall ≤ {towers['goal_wall_s']:g} s: {ok}.")
+    return "\n".join(lines)
+
+
+def distributed() -> str:
+    name = "bench_distributed.json"
+    res = load(name)
+    if res is None:
+        return missing(name)
+    lines = [header(name, res) + f", backend {res['backend']}", "",
+             "| case | B (global) | local, B/2 (ms) | sync, 2 ranks × B/2 (ms) "
+             "| whole B, 1 process (ms) | sync / local | sync / whole |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in res["cases"]:
+        lines.append(f"| {c['case']} | {c['B']} | {ms(c['local_half_batch_s'])} "
+                     f"| {ms(c['sync_2ranks_s'])} | {ms(c['whole_batch_1proc_s'])} "
+                     f"| {c['overhead_vs_local']:.2f} | {c['ratio_vs_whole']:.2f} |")
+    return "\n".join(lines)
+
+
+def speedups(name: str) -> str | None:
+    res = load(name)
+    vals = [r["speedup_vs_lbfgs"] for r in (res or {}).get("cases", []) if "speedup_vs_lbfgs" in r]
+    return f"{min(vals):.0f}–{max(vals):.0f}×" if vals else None
+
+
+def readme() -> str:
+    cpu = speedups("bench_layer_official.json") or "not measured yet"
+    gpu = speedups("bench_layer_cuda.json") or "not measured yet"
+    return (f"Speed-up of a `RegBN` training step over the published L-BFGS step (same tensors, "
+            f"the official example's options, one run each):\n{cpu} on the CPU at torch's "
+            f"default threads, {gpu} on one H200.\nEvery table, the per-phase profile and full "
+            "against channel W: [docs/benchmarks.md](docs/benchmarks.md), "
+            "[scaling.png](docs/scaling.png).")
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "readme": readme,
+    "layer-official": layer_official,
+    "layer-one-thread": lambda: layer_table("bench_layer.json"),
+    "layer-threads2": lambda: layer_table("bench_layer_threads2.json"),
+    "profile-cpu": lambda: profile_table("bench_layer_profile.json"),
+    "gpu-layer": gpu_layer,
+    "gpu-profile": lambda: profile_table("bench_layer_profile_cuda.json"),
+    "gpu-syncs": gpu_syncs,
+    "scaling": scaling,
+    "fx": fx,
+    "distributed": distributed,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block rewritten; every renderer must have its block."""
+    found = [m.group(2) for m in BLOCK.finditer(text)]
+    unknown = sorted(set(found) - set(RENDERERS))
+    absent = sorted(set(RENDERERS) - set(found))
+    if unknown or absent:
+        raise SystemExit(f"render_docs: the page has unknown blocks {unknown} and lacks {absent}")
+    return BLOCK.sub(lambda m: m.group(1) + RENDERERS[m.group(2)]() + "\n" + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 when the page is out of date")
+    p.add_argument("--doc", type=Path, default=DOC, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    old = args.doc.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print(f"{args.doc} is out of date: run python benchmarks/render_docs.py",
+                  file=sys.stderr)
+        return int(new != old)
+    if new != old:
+        args.doc.write_text(new)
+    print(f"{'rewrote' if new != old else 'unchanged:'} {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
