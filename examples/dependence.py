@@ -43,8 +43,9 @@ from torch import nn
 from regbn import measure_dependence
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange", "violet",
-                "gray")  # fmt: skip  # the names of colored_digits.PALETTE, in its order
+# The names of colored_digits.PALETTE (the default "pastel" hues 0°, 36°, ..., 324°), in its order.
+COLOUR_NAMES = ("red", "orange", "yellow", "lime", "green", "cyan", "azure", "blue", "violet",
+                "pink")  # fmt: skip
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLUMNS = ("model", "data", "f by g", "N", "rank", "r2", "r2 at λ⁺", "r2 shuffled", "above chance")
 
