@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -114,3 +116,12 @@ def test_readme_test_command_is_the_one_ci_runs():
     commands = [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
     assert len(commands) == 2, commands  # the experiment, then the tests
     assert commands[1].split("&&")[-1].strip() == ci_commands[0]
+
+
+def test_benchmark_tables_are_the_results_json():
+    """docs/benchmarks.md's tables are what benchmarks/render_docs.py makes of the JSON."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "render_docs.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
