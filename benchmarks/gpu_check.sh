@@ -2,12 +2,12 @@
 # The GPU checks of regbn, in under 4 minutes on one CUDA device:
 #   1. the CUDA tests (pytest -m cuda, in the test files that have any);
 #   2. bench_layer.py --device cuda (B up to 4096, synchronised timer), with the official
-#      example's options and with RegBN's defaults;
+#      example's options;
 #   3. the host synchronisations per training step (torch.cuda.set_sync_debug_mode("warn"));
 #   4. the per-phase profile of a training step on the GPU;
 #   5. the fx benchmark (regbn.insert on meta-device models; CPU work, run here for completeness).
 # JSON goes to $RESULTS (default benchmarks/results): bench_layer_cuda.json,
-# bench_layer_default_cuda.json, bench_layer_sync_cuda.json, bench_layer_profile_cuda.json,
+# bench_layer_sync_cuda.json, bench_layer_profile_cuda.json,
 # bench_fx_cuda.json.
 #
 #   bash benchmarks/gpu_check.sh                       # with `python`
@@ -61,13 +61,11 @@ step() {
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)
 step "pytest -m cuda" 60 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider "${CUDA_TESTS[@]}"
 step "bench_layer cuda, official options" 75 "$PYTHON" benchmarks/bench_layer.py --device cuda \
-    --options official --case-time 1.5 --out "$RESULTS/bench_layer_cuda.json"
-step "bench_layer cuda, default options" 60 "$PYTHON" benchmarks/bench_layer.py --device cuda \
-    --case-time 1 --out "$RESULTS/bench_layer_default_cuda.json"
+    --options official --case-time 0.6 --out "$RESULTS/bench_layer_cuda.json"
 step "syncs per training step" 30 "$PYTHON" benchmarks/bench_layer.py --device cuda \
     --sync-debug --out "$RESULTS/bench_layer_sync_cuda.json"
 step "profile, official options" 30 "$PYTHON" benchmarks/bench_layer.py --device cuda \
-    --profile --case-time 2 --out "$RESULTS/bench_layer_profile_cuda.json"
+    --profile --case-time 1 --out "$RESULTS/bench_layer_profile_cuda.json"
 step "bench_fx" 45 "$PYTHON" benchmarks/bench_fx.py --repeats 3 --out "$RESULTS/bench_fx_cuda.json"
 
 echo
