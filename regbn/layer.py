@@ -359,20 +359,17 @@ class RegBN(StateMixin):
             channel = self.projection == "channel"
             with phase("checks"):  # the checks' sums, read with the spectrum by the solve
                 guard = self._guard(f, g, stats)
+            rows_f, rows_g = as_rows(f_n, f.shape[1:], channel), as_rows(g_n, g.shape[1:], channel)
+            args = (rows_f, rows_g, self.lambda_rule, self.sigma_THR, self.sigma_MIN)
             try:
-                sol = solve_batch(
-                    as_rows(f_n, f.shape[1:], channel),
-                    as_rows(g_n, g.shape[1:], channel),
-                    self.lambda_rule,
-                    self.sigma_THR,
-                    self.sigma_MIN,
-                    guard=guard,
-                )
+                sol = solve_batch(*args, guard=guard)
             except NonFiniteGuard:
                 with phase("checks"):  # which one: a message for each (more reads, refusal only)
                     self._check_training_batch(f, g)
                     self._check_finite([*stats, self.W], f, g)
-                raise
+                # Finite entries whose sum overflowed (1e37 in float32): solve without the
+                # guard; with no guard nothing is proven and every output is tested below.
+                sol = solve_batch(*args)
             with phase("w_batch"):
                 # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
                 # lerp.
@@ -404,7 +401,9 @@ class RegBN(StateMixin):
 
     def _proven_finite(self, sol) -> bool:
         """Whether no output need be tested (:func:`regbn._checks.proven_finite`)."""
-        return _checks.proven_finite(sol.bound, sol.guard, self.W.dtype)
+        # f_r and the outputs are in the compute dtype, W_batch and D in W's: the narrower.
+        dtype = min(self.W.dtype, sol.f_r.dtype, key=lambda d: torch.finfo(d).max)
+        return _checks.proven_finite(sol.bound, sol.guard, dtype)
 
     def _check_finite(self, outs: list[Tensor], f: Tensor, g: Tensor) -> None:
         """Refuse a batch whose solution, outputs or statistics are not finite."""

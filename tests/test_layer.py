@@ -1110,3 +1110,29 @@ def test_a_training_step_reads_the_host_once(monkeypatch, shapes, options, rule)
     assert counter.count > 0  # the counter sees the one read
     monkeypatch.undo()
     assert int(layer.num_batches_tracked) == 4 and math.isfinite(layer.last_lambda)
+
+
+def test_finite_inputs_whose_sum_overflows_are_solved():
+    """Finite float32 inputs near 1e37 sum past float32's range: the fused checks' sum reads
+    as non-finite, yet the batch is solved as without them (and matches the reference)."""
+    layer = RegBN(12, 20, normalize_output=False)
+    f, g = batch(8, (12,), (20,), seed=3, dtype=torch.float32)
+    f, g = f.abs() * 3e37, g * 1e37
+    assert not math.isfinite(float(f.sum()))
+    f_r, _ = layer(f, g)
+    ref = reference(f, g)
+    assert int(layer.num_batches_tracked) == 1
+    assert layer.last_lambda == pytest.approx(ref.lam, rel=1e-5)
+    assert float((f_r.double() - ref.f_r).norm() / ref.f_r.norm()) < 1e-5
+
+
+def test_float64_layer_refuses_a_float32_residual_that_overflows():
+    """A float64 layer fed float32 inputs computes f_r in float32: a residual past float32's
+    range is refused, no buffer changed (W's wider range proves nothing about f_r)."""
+    f = torch.tensor([[3e38, -3e38], [-3e38, 3e38], [-3e38, 3e38]], dtype=torch.float32)
+    g = torch.tensor([[1e38, -1e38, 0.0]] * 3, dtype=torch.float32)
+    layer = RegBN(2, 3, normalize_output=False).double()
+    before = buffers(layer)
+    with pytest.raises(ValueError, match="not finite"):
+        layer(f, g)
+    assert_same_buffers(before, buffers(layer))
