@@ -74,7 +74,6 @@ class StateMixin(nn.Module):
     num_batches_tracked: Tensor
     lambda_history: Tensor
     _work: Tensor | None
-    _w_bound: tuple[Tensor, tuple[int, int]] | None
     lambda_rule: str
     momentum: float
     projection: str
@@ -310,15 +309,14 @@ class StateMixin(nn.Module):
         return work
 
     def _w_max(self) -> Tensor:
-        """A bound on max|W| (0-dim, on W's device), carried through the running updates
-        without a pass over W; measured again (one reduction) when W changed otherwise."""
-        W = self.W
-        held = getattr(self, "_w_bound", None)  # absent in a layer pickled before it existed
-        key = (W.data_ptr(), W._version)
-        if held is None or held[1] != key:
-            with torch.no_grad():
-                held = self._w_bound = (W.abs().amax().to(solve_dtype(W.device)), key)
-        return held[0]
+        """max|W| (0-dim, on W's device), for the fused checks of a training step.
+
+        Measured on every step (one reduction over W): a bound carried from step to step would
+        miss writes that bypass autograd's version counter (``W.data``, NumPy views), and the
+        running update would then turn an overflowing W into NaN without a word.
+        """
+        with torch.no_grad():
+            return self.W.abs().amax().to(solve_dtype(self.W.device))
 
 
 def running_delta(work: Tensor, W: Tensor, block: int = 1 << 18) -> tuple[Tensor, Tensor]:

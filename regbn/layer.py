@@ -157,8 +157,6 @@ class RegBN(StateMixin):
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
         self._work: Tensor | None = None
-        # A bound on max|W| and the (storage, version) of W it holds for (:meth:`_w_max`).
-        self._w_bound: tuple[Tensor, tuple[int, int]] | None = None
         if f_num_channels is None or g_num_channels is None:
             # Lazy, like nn.LazyBatchNorm: shapes come from the first batch or a checkpoint.
             self._declared = (f_num_channels, g_num_channels, f_layer_dim, g_layer_dim)
@@ -176,7 +174,7 @@ class RegBN(StateMixin):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._work = self._w_bound = None
+        self._work = None
         # The λ⁺ history and the Adam moments live in the solve dtype of their device: float64,
         # or float32 where the device has none (MPS), which they must be cast to before the move.
         target = fn(torch.zeros(()))
@@ -389,7 +387,7 @@ class RegBN(StateMixin):
                 live.copy_(before)
             raise
         with phase("running_update"):
-            self._update_running(D, d, sol.lam, sol.bound)
+            self._update_running(D, d, sol.lam)
         if rows is not None:
             f_r, g_out = f_r[rows], g_out[rows]
         return f_r, g_out
@@ -410,11 +408,11 @@ class RegBN(StateMixin):
         _checks.check_finite(outs, f, g, self.normalize_input)
 
     @torch.no_grad()
-    def _update_running(self, D: Tensor, d: Tensor, lam: float, bound: float = math.inf) -> None:
+    def _update_running(self, D: Tensor, d: Tensor, lam: float) -> None:
         """Paper eq. 6: W ← (1 − η) W + η W_batch with an Adam-like η; t counts from 1.
 
-        ``D`` is W_batch − W, ``d`` its mean absolute entry and ``bound`` one on ‖W_batch‖_F.
-        Nothing is read on the host: t, η and the bound on max|W| stay on the device.
+        ``D`` is W_batch − W and ``d`` its mean absolute entry. Nothing is read on the host: t
+        and η stay on the device.
         """
         t = self.num_batches_tracked.to(self.adam_m.dtype).reshape(1) + 1
         d = d.to(self.adam_m.dtype).reshape(1)
@@ -427,14 +425,7 @@ class RegBN(StateMixin):
         m_hat = m / (1 - torch.pow(self.beta1, t))
         v_hat = v / (1 - torch.pow(self.beta2, t))
         eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
-        w_max = self._w_max()
         self.W.addcmul_(D, eta.to(self.W.dtype))
-        if math.isfinite(bound):
-            # |W_new| ≤ |1 − η|·max|W| + η·‖W_batch‖_F, entry by entry.
-            w_max = (1 - eta).abs().mul_(w_max).add_(eta.abs() * bound).reshape(())
-            self._w_bound = (w_max, (self.W.data_ptr(), self.W._version))
-        else:
-            self._w_bound = None  # no bound on W_batch (the general path): measure W anew
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
         self.lambda_history[-1:].fill_(lam)

@@ -1136,3 +1136,20 @@ def test_float64_layer_refuses_a_float32_residual_that_overflows():
     with pytest.raises(ValueError, match="not finite"):
         layer(f, g)
     assert_same_buffers(before, buffers(layer))
+
+
+@pytest.mark.parametrize("write", ["data", "numpy"])
+def test_a_huge_w_written_behind_autograd_is_refused_not_turned_into_nan(write):
+    """Writes that bypass the version counter (W.data, a NumPy view) are seen by the next step."""
+    torch.manual_seed(0)
+    layer = RegBN(5, 4, normalize_output=False)
+    layer(torch.randn(8, 5), torch.randn(8, 4))
+    if write == "data":
+        layer.W.data.fill_(3.3e38)
+    else:
+        layer.W.numpy()[...] = 3.3e38
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="RegBN: "):
+        layer(torch.randn(8, 5), torch.randn(8, 4))
+    after = layer.state_dict()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
