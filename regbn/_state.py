@@ -316,7 +316,9 @@ class StateMixin(nn.Module):
         running update would then turn an overflowing W into NaN without a word.
         """
         with torch.no_grad():
-            return self.W.abs().amax().to(solve_dtype(self.W.device))
+            # One pass and no |W| temporary (abs().amax() costs a Dg×Df allocation).
+            lo, hi = torch.aminmax(self.W)
+            return torch.maximum(hi, lo.neg()).to(solve_dtype(self.W.device))
 
 
 def running_delta(work: Tensor, W: Tensor, block: int = 1 << 18) -> tuple[Tensor, Tensor]:
