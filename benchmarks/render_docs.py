@@ -70,6 +70,16 @@ def missing(name: str) -> str:
     return f"`{COMMANDS[name]}` → `{name}`: not measured yet."
 
 
+def from_results(table: Callable[[str, dict[str, Any]], str]) -> Callable[[str], str]:
+    """``table`` of one results file, read once; "not measured yet" when the file is absent."""
+
+    def render_file(name: str) -> str:
+        res = load(name)
+        return missing(name) if res is None else table(name, res)
+
+    return render_file
+
+
 def ms(seconds: float | None, digits: int = 2) -> str:
     return "–" if seconds is None else f"{seconds * 1e3:.{digits}f}"
 
@@ -78,11 +88,8 @@ def ratio(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}×"
 
 
-def layer_table(name: str) -> str:
+def layer_table(name: str, res: dict[str, Any]) -> str:
     """The layer's cases: ours against the L-BFGS step, the floor with norms and eval."""
-    res = load(name)
-    if res is None:
-        return missing(name)
     lines = [header(name, res), "",
              "| case | B | Df | Dg | ours: train step (ms) | L-BFGS step (ms) | speed-up "
              "| floor with norms (ms) | ours / floor with norms | ours: eval (ms) "
@@ -106,10 +113,7 @@ def goal(text: str, value: float | None, ok: bool, note: str = "") -> str:
     return f"- {text}: {value:.2f}×{note} — **{'met' if ok else 'not met'}**"
 
 
-def cpu_goals() -> str:
-    res = load("bench_layer_official.json")
-    if res is None:
-        return "Goals: not measured yet."
+def cpu_goals(res: dict[str, Any]) -> str:
     c = res["cases"]
     slow = min(c[0].get("speedup_vs_lbfgs", 0.0), c[1].get("speedup_vs_lbfgs", 0.0))
     floor = c[0].get("ratio_to_floor_norms")
@@ -126,31 +130,28 @@ def cpu_goals() -> str:
 
 
 def layer_official() -> str:
-    return layer_table("bench_layer_official.json") + "\n\n" + cpu_goals()
-
-
-def gpu_layer() -> str:
-    name = "bench_layer_cuda.json"
+    name = "bench_layer_official.json"
     res = load(name)
     if res is None:
-        return missing(name)
+        return missing(name) + "\n\nGoals: not measured yet."
+    return layer_table(name, res) + "\n\n" + cpu_goals(res)
+
+
+def gpu_layer(name: str, res: dict[str, Any]) -> str:
     first = res["cases"][0]
     speed, floor = first.get("speedup_vs_lbfgs"), first.get("ratio_to_floor")
     with_norms = first.get("ratio_to_floor_norms")
     note = "" if with_norms is None else f" ({with_norms:.2f}× the floor with norms)"
     return "\n".join([
-        layer_table(name), "",
+        layer_table(name, res), "",
         "Goals on the GPU:",
         goal("≥ 50× the L-BFGS step at the first shape", speed, (speed or 0.0) >= 50),
         goal("≤ 2× the floor at the first shape", floor, floor is not None and floor <= 2, note),
     ])
 
 
-def profile_table(name: str) -> str:
+def profile_table(name: str, res: dict[str, Any]) -> str:
     """Per-phase time of a training step under the profiler, and the step against the floor."""
-    res = load(name)
-    if res is None:
-        return missing(name)
     total = sum(res["phases_ms"].values())
     timed = res["timed_ms"]
     grouped = res["grouped_by"].replace("regbn.<phase>", "`regbn.<phase>`")
@@ -166,11 +167,7 @@ def profile_table(name: str) -> str:
     return "\n".join(lines)
 
 
-def gpu_syncs() -> str:
-    name = "bench_layer_sync_cuda.json"
-    res = load(name)
-    if res is None:
-        return missing(name)
+def gpu_syncs(name: str, res: dict[str, Any]) -> str:
     lines = [header(name, res), "",
              "| options | host syncs in each of the timed steps | where (file:line: count) |",
              "|---|---|---|"]
@@ -182,12 +179,8 @@ def gpu_syncs() -> str:
     return "\n".join(lines)
 
 
-def scaling() -> str:
+def scaling(name: str, res: dict[str, Any]) -> str:
     """Full against channel W, case by case, then the log-log slopes."""
-    name = "bench_scaling.json"
-    res = load(name)
-    if res is None:
-        return missing(name)
     pairs: dict[tuple, dict[str, dict]] = {}
     for r in res["cases"]:
         key = (r["axis"], r["B"], r["Cf"], r["Cg"], r["H"], r["W"])
@@ -220,11 +213,7 @@ def scaling() -> str:
     return "\n".join(lines)
 
 
-def fx() -> str:
-    name = "bench_fx.json"
-    res = load(name)
-    if res is None:
-        return missing(name)
+def fx(name: str, res: dict[str, Any]) -> str:
     med, towers = res["median"], res.get("towers")
     lines = [header(name, res), "", res["benchmark"] + f" ({res['model']['parameters']:,} "
              f"parameters), median of {res['repeats']} calls.", "",
@@ -252,11 +241,7 @@ def fx() -> str:
     return "\n".join(lines)
 
 
-def distributed() -> str:
-    name = "bench_distributed.json"
-    res = load(name)
-    if res is None:
-        return missing(name)
+def distributed(name: str, res: dict[str, Any]) -> str:
     lines = [header(name, res) + f", backend {res['backend']}", "",
              "| case | B (global) | local, B/2 (ms) | sync, 2 ranks × B/2 (ms) "
              "| whole B, 1 process (ms) | sync / local | sync / whole |",
@@ -287,15 +272,15 @@ def readme() -> str:
 RENDERERS: dict[str, Callable[[], str]] = {
     "readme": readme,
     "layer-official": layer_official,
-    "layer-one-thread": lambda: layer_table("bench_layer.json"),
-    "layer-threads2": lambda: layer_table("bench_layer_threads2.json"),
-    "profile-cpu": lambda: profile_table("bench_layer_profile.json"),
-    "gpu-layer": gpu_layer,
-    "gpu-profile": lambda: profile_table("bench_layer_profile_cuda.json"),
-    "gpu-syncs": gpu_syncs,
-    "scaling": scaling,
-    "fx": fx,
-    "distributed": distributed,
+    "layer-one-thread": lambda: from_results(layer_table)("bench_layer.json"),
+    "layer-threads2": lambda: from_results(layer_table)("bench_layer_threads2.json"),
+    "profile-cpu": lambda: from_results(profile_table)("bench_layer_profile.json"),
+    "gpu-layer": lambda: from_results(gpu_layer)("bench_layer_cuda.json"),
+    "gpu-profile": lambda: from_results(profile_table)("bench_layer_profile_cuda.json"),
+    "gpu-syncs": lambda: from_results(gpu_syncs)("bench_layer_sync_cuda.json"),
+    "scaling": lambda: from_results(scaling)("bench_scaling.json"),
+    "fx": lambda: from_results(fx)("bench_fx.json"),
+    "distributed": lambda: from_results(distributed)("bench_distributed.json"),
 }
 
 
