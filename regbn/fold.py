@@ -21,6 +21,8 @@ import torch
 from torch import fx, nn
 
 from .errors import RegBNValueError
+from .fx.module_state import carry_missing_state
+from .fx.patched import is_patched, patched_graphs
 from .layer import RegBN, eval_maths, norm_spec
 
 __all__ = ["fold"]
@@ -32,7 +34,7 @@ def fold(model: nn.Module) -> fx.GraphModule:
     """Return an eval-mode copy of ``model`` in which each RegBN call is plain torch ops.
 
     Args:
-        model: a model patched by :func:`regbn.insert` (a ``GraphModule``), any model holding
+        model: a model patched by :func:`regbn.insert`, any model holding
             RegBN layers that ``torch.fx.symbolic_trace`` can trace, or a single RegBN layer
             (folded into a module ``(f, g) -> (f_r, g_out)``).
 
@@ -86,6 +88,13 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
     # graph per mode, and a trace bakes in every Python branch on self.training.
     if isinstance(model, fx.GraphModule):
         return copy.deepcopy(model).eval()
+    if is_patched(model):  # regbn.insert's result: its eval graph, over a copy of its modules
+        own = copy.deepcopy(model).eval()
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(patched_graphs(own)[False], {}))
+        gm = fx.GraphModule(own, graph, class_name=type(model).__name__)
+        carry_missing_state(own, gm)
+        return gm.eval()
     try:
         return fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:

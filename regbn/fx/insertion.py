@@ -40,6 +40,7 @@ from .mode_graph import ModeGraphModule, in_mode
 from .module_state import carry_missing_state
 from .names import is_ambiguous, resolve_name
 from .pair_plan import CALLER, Plan, build_layers, normalise_pairs, plan_pairs
+from .patched import added_names, build_patched, is_patched, unpatched
 from .splice import finish, next_layer_index, reorder_topologically, splice, without_layers
 from .tracing import TraceError, is_regbn, same_trace, trace_graph
 
@@ -120,7 +121,7 @@ def insert(
     batches: Any = None,
     min_dependence: float | None = None,
     **regbn_kwargs: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Return ``model`` as a ``GraphModule`` with a `regbn.RegBN` layer spliced in per pair.
 
     ``pairs``: a list of ``(f, g)`` names, "normalise f with respect to g", applied in order (a
@@ -180,9 +181,12 @@ def insert(
         warn_mixed_modes(model, train.gm, ev.gm)
     layers = build_layers(plans, regbn_kwargs)  # may raise: still before any edit
     names = _splice_layers(per_mode, layers, model.training)
-    out = mode_result(model, train.gm, ev.gm if ev else None)
-    _record(out, [*added_layers(model), *names])
-    return out
+    added = [*added_layers(model), *names]
+    if isinstance(model, fx.GraphModule):  # a graph traced by the user stays a GraphModule
+        out = mode_result(model, train.gm, ev.gm if ev else None)
+        _record(out, added)
+        return out
+    return build_patched(model, {True: train.gm, False: (ev or train).gm}, added)
 
 
 def _splice_layers(
@@ -205,6 +209,8 @@ def _splice_layers(
 
 def added_layers(model: nn.Module) -> list[str]:
     """Names of the RegBN submodules `insert` added to ``model`` (``[]`` for any other model)."""
+    if is_patched(model):
+        return added_names(model)
     meta = getattr(model, "meta", None)
     found = meta.get(ADDED) if isinstance(meta, dict) else None
     return list(found if found is not None else getattr(model, ADDED, ()))
@@ -229,7 +235,18 @@ def _recorded_layers(patched: fx.GraphModule, graph: fx.Graph) -> list[fx.Node]:
     return calls
 
 
-def remove(patched: fx.GraphModule) -> fx.GraphModule:
+def _warn_kept(patched: nn.Module, names: set[str]) -> None:
+    kept = [p for p, m in patched.named_modules() if isinstance(m, RegBN) and p not in names]
+    if kept:
+        warnings.warn(
+            f"regbn.remove: kept the RegBN layers {kept}, which regbn.insert did not add (the "
+            "model had them before); delete them by hand if they should go",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def remove(patched: nn.Module) -> nn.Module:
     """Return ``patched`` without the RegBN layers `insert` added.
 
     Uses of each layer's outputs read the layer's inputs again, and those ``regbn_*`` submodules
@@ -237,21 +254,17 @@ def remove(patched: fx.GraphModule) -> fx.GraphModule:
     them. ``patched`` itself is not modified; the result shares its other modules and tensors
     and, for a `ModeGraphModule`, keeps one graph per mode.
     """
+    if is_patched(patched):
+        _warn_kept(patched, set(added_names(patched)))
+        return unpatched(patched)
     if not isinstance(patched, fx.GraphModule):
         raise RegBNTypeError(
-            "regbn.remove: expects the GraphModule returned by regbn.insert; got "
-            f"{type(patched).__name__}"
+            "regbn.remove: expects a model returned by regbn.insert; got "
+            f"{type(patched).__name__}, which regbn.insert did not make"
         )
     graphs = patched.mode_graphs if isinstance(patched, ModeGraphModule) else {None: patched.graph}
     names = {str(n.target) for g in graphs.values() for n in _recorded_layers(patched, g)}
-    kept = [p for p, m in patched.named_modules() if isinstance(m, RegBN) and p not in names]
-    if kept:
-        warnings.warn(
-            f"regbn.remove: kept the RegBN layers {kept}, which regbn.insert did not add (the "
-            "model had them before); delete them by hand if they should go",
-            UserWarning,
-            stacklevel=2,
-        )
+    _warn_kept(patched, names)
     edited = {mode: without_layers(g, names) for mode, g in graphs.items()}
     name = type(patched).__name__
     if isinstance(patched, ModeGraphModule):

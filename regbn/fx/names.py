@@ -95,8 +95,14 @@ def _node_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
     return [
         _Candidate("node", f"node:{name}", n)
         for n in gm.graph.nodes
-        if n.name == name and n.op != "output"
+        if n.name == name and n.op != "output" and not _region_helper(n)
     ]
+
+
+def _region_helper(node: fx.Node) -> bool:
+    """A node that only enters or leaves a region, or hands a module to a checkpoint call."""
+    region = node.meta.get("regbn_region")
+    return region in ("grad", "autocast") or (region == "checkpoint" and node.op == "get_attr")
 
 
 def _candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from .modality_inputs import build_graph
 from .pair_plan import Plan
+from .regions import RegionError, barrier_edges
 
 __all__ = ["finish", "next_layer_index", "reorder_topologically", "splice", "without_layers"]
 
@@ -94,7 +95,18 @@ def reorder_topologically(gm: fx.GraphModule) -> None:
     """Put nodes in a valid order, keeping the existing one wherever it is already valid."""
     nodes = list(gm.graph.nodes)
     position = {n.name: (0 if n.op == "placeholder" else 1, k) for k, n in enumerate(nodes)}
-    order = list(nx.lexicographical_topological_sort(build_graph(gm), key=position.__getitem__))
+    graph = build_graph(gm)
+    # Grad-mode and autocast regions: every node stays inside the region it was traced in.
+    graph.add_edges_from(barrier_edges(nodes))
+    try:
+        order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    except nx.NetworkXUnfeasible as e:
+        raise RegionError(
+            "a pair's tensors lie in different grad-mode or autocast regions of the model's code "
+            "(one inside a `with torch.no_grad():` or `torch.autocast` block, one outside), and "
+            "a tensor used inside the region would need the layer's output. Pair tensors of the "
+            "same region, e.g. the outputs of the modules that contain the regions"
+        ) from e
     by_name = {n.name: n for n in nodes}
     if order == [n.name for n in nodes]:
         return

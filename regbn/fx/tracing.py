@@ -46,6 +46,8 @@ from .mode_graph import (
     same_graph,
 )
 from .module_state import carry_missing_state, lookup
+from .patched import is_patched, patched_graphs
+from .regions import CHECKPOINT, RegionError, check_checkpoint, hooked, recording_regions
 from .trace_errors import TraceError, trace_error
 
 # ModeGraphModule, TraceError, in_mode, same_graph and carry_missing_state live in the modules
@@ -87,7 +89,8 @@ class RegBNTracer(fx.Tracer):
         leaf_paths: Iterable[str] = (),
         autowrap_functions: Sequence[Callable[..., Any]] = (),
     ) -> None:
-        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        # A global name bound to torch.utils.checkpoint.checkpoint stays one call (regions.py).
+        super().__init__(autowrap_functions=(*autowrap_functions, CHECKPOINT))
         self.leaf_classes = (*leaf_classes, RegBN)
         self.leaf_paths = frozenset(leaf_paths)
         self._call_stack: list[tuple[str, int]] = []
@@ -98,7 +101,30 @@ class RegBNTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_classes) or module_qualified_name in self.leaf_paths:
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        # A module with hooks stays one call, so that its hooks run as before.
+        return hooked(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        # Grad-mode and autocast regions and checkpoint calls become nodes (regions.py).
+        with recording_regions(self):
+            graph = super().trace(root, concrete_args)
+        for node in graph.nodes:
+            if node.target is CHECKPOINT:  # not fx.wrap'ed in the generated code
+                node.meta.pop("is_wrapped", None)
+        return graph
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        if kind == "call_function" and target is CHECKPOINT:
+            check_checkpoint(self, args[0] if args else None)
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        if kind == "call_function" and target is CHECKPOINT:
+            # The checkpointed module's output, as its name says (``pairs=[("block", ...)]``).
+            path = self.path_of_module(args[0])
+            proxy.node.meta["regbn_region"] = "checkpoint"
+            proxy.node.args[0].meta["regbn_region"] = "checkpoint"  # the module, not a tensor
+            proxy.node.meta["regbn_output_of"] = [(path, self._call_counts[path])]
+            self._call_counts[path] += 1
+        return proxy
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -267,6 +293,10 @@ def trace_graph(
     model, _ = unwrap(model)
     if isinstance(model, fx.GraphModule):
         return Traced(model, model.graph, {})
+    if is_patched(model):  # its graph of the current mode, as recorded (regions included)
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(patched_graphs(model)[model.training], {}))
+        return Traced(model, graph, {})
     if autowrap_functions is not None and not all(callable(f) for f in autowrap_functions):
         raise RegBNTypeError(
             f"{caller}: autowrap_functions must be a sequence of Python functions"
@@ -280,6 +310,8 @@ def trace_graph(
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
         if isinstance(e, TraceError):
             raise
+        if isinstance(e, RegionError):
+            raise RegionError(f"{caller}: {e}") from e
         raise trace_error(e, model, tracer.failed_module or (), caller) from e
     finally:
         # fx stores tensors made while tracing (``_tensor_constant0``) on the model it traces;

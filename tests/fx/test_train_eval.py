@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import regbn
-from regbn.fx.tracing import ModeGraphModule
 
 from .conftest import HandEditable
 
@@ -228,8 +227,9 @@ def test_patched_follows_train_and_eval_like_a_hand_edit(name: str, at_insert: s
     hand = _hand(model, patched)
     assert _flags(model) == flags  # the caller's model keeps its mode
     assert patched.training is model.training
-    assert isinstance(patched, fx.GraphModule)
-    assert isinstance(patched, ModeGraphModule) is (name != "no_mode_code")
+    assert isinstance(patched, type(model)) and not isinstance(patched, fx.GraphModule)
+    graphs = patched.mode_graphs  # one graph per mode only where the code reads self.training
+    assert (graphs[True] is not graphs[False]) is (name != "no_mode_code")
     _check_both_modes(patched, hand, inputs_fn())
 
 
@@ -279,15 +279,17 @@ def test_deepcopy_pickle_remove_and_insert_again_keep_both_modes():
     patched = regbn.insert(model, [("rgb_fc", "depth_fc")], _towers_inputs())
     x = _towers_inputs()
     for clone in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
-        assert isinstance(clone, ModeGraphModule)
+        assert isinstance(clone, TwoTowers)
+        assert clone.mode_graphs[True] is not clone.mode_graphs[False]
         assert clone.state_dict().keys() == patched.state_dict().keys()
         _check_both_modes(clone, _hand(model, clone), x)
     restored = regbn.remove(patched)
-    assert isinstance(restored, ModeGraphModule) and not hasattr(restored, "regbn_0")
+    # the model's own class and forward again: both modes as the model has them
+    assert type(restored) is TwoTowers and not hasattr(restored, "regbn_0")
     _check_both_modes(restored, copy.deepcopy(model), x)
     with pytest.warns(UserWarning, match=r"already holds RegBN layers \['regbn_0'\]"):
         twice = regbn.insert(patched, [("depth_fc", "rgb_fc")], x)
-    assert isinstance(twice, ModeGraphModule) and hasattr(twice, "regbn_1")
+    assert isinstance(twice, TwoTowers) and hasattr(twice, "regbn_1")
     for graph in twice.mode_graphs.values():
         targets = {n.target for n in graph.nodes if n.op == "call_module"}
         assert {"regbn_0", "regbn_1"} <= targets
@@ -331,7 +333,8 @@ def test_tracing_leaves_no_tensor_constant_on_the_model():
         warnings.simplefilter("error")
         patched = regbn.insert(model, [("a", "b")], (torch.randn(B, 4), torch.randn(B, 4)))
     assert not [k for k in vars(model) if k.startswith("_tensor_constant")]
-    assert not isinstance(patched, ModeGraphModule)  # both traces name the constant alike
+    graphs = patched.mode_graphs
+    assert graphs[True] is graphs[False]  # both traces name the constant alike
 
 
 def test_mixed_modes_with_mode_dependent_code_warn():

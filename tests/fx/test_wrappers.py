@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 from torch import nn
 
 import regbn
@@ -27,7 +26,7 @@ def _check_patched(wrapped: nn.Module, model: nn.Module, attrs: str, rewrap: str
     inputs = _inputs()
     with pytest.warns(UserWarning, match=rf"patched model{attrs}, the LateConcat.*{rewrap}"):
         patched = regbn.insert(wrapped, PAIRS, inputs)
-    assert isinstance(patched, fx.GraphModule)
+    assert isinstance(patched, LateConcat)
     assert patched.state_dict().keys() - model.state_dict().keys() == {
         k for k in patched.state_dict() if k.startswith("regbn_0.")
     }
