@@ -43,6 +43,7 @@ from .pair_plan import CALLER, Plan, build_layers, normalise_pairs, plan_pairs
 from .patched import added_names, build_patched, is_patched, unpatched
 from .splice import finish, next_layer_index, reorder_topologically, splice, without_layers
 from .tracing import TraceError, is_regbn, same_trace, trace_graph
+from .verify import verify as verify_graphs
 
 # The steps of insert live in their own modules: its argument checks (insert_checks), the pairs
 # resolved and checked (pair_plan), the graph edits (splice), the handling of training and
@@ -118,6 +119,7 @@ def insert(
     leaf_modules: Any = None,
     autowrap_functions: Any = None,
     copy: bool = False,
+    verify: bool = True,
     batches: Any = None,
     min_dependence: float | None = None,
     **regbn_kwargs: Any,
@@ -168,6 +170,15 @@ def insert(
         model = copy_module.deepcopy(model)
     options = trace_options(locals())
     train, ev = _analyse_modes(model, example_inputs, options)
+    output_type = None
+    if verify and not isinstance(model, fx.GraphModule):  # a GraphModule is its own graph
+        output_type = verify_graphs(
+            model,
+            {True: train.gm, False: (ev or train).gm},
+            example_inputs,
+            input_shapes=input_shapes,
+            input_dtypes=input_dtypes,
+        )
     if isinstance(wanted, str):  # "auto", the only string normalise_pairs returns
         wanted = _auto_pairs(train, regbn_kwargs)
     plans = plan_pairs(train.gm, wanted, model, train.graph)
@@ -186,7 +197,7 @@ def insert(
         out = mode_result(model, train.gm, ev.gm if ev else None)
         _record(out, added)
         return out
-    return build_patched(model, {True: train.gm, False: (ev or train).gm}, added)
+    return build_patched(model, {True: train.gm, False: (ev or train).gm}, added, output_type)
 
 
 def _splice_layers(

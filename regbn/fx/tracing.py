@@ -92,6 +92,8 @@ class RegBNTracer(fx.Tracer):
         # A global name bound to torch.utils.checkpoint.checkpoint stays one call (regions.py).
         super().__init__(autowrap_functions=(*autowrap_functions, CHECKPOINT))
         self.leaf_classes = (*leaf_classes, RegBN)
+        # Source lines on every node: errors and verification name the user's line.
+        self.record_stack_traces = True
         self.leaf_paths = frozenset(leaf_paths)
         self._call_stack: list[tuple[str, int]] = []
         self._call_counts: dict[str, int] = defaultdict(int)

@@ -1,0 +1,419 @@
+"""Every insert verifies itself: the traced graph against the model, on the example batch.
+
+`verify` runs the model and its traced graph (before any layer is spliced in) on the same inputs,
+in training mode (forward and backward) and in eval mode (forward), and compares:
+
+- the outputs: structure, dtypes, shapes and values;
+- which parameters receive a gradient, and the gradients' values (training mode);
+- which buffers change, and their new values (BatchNorm statistics, counters).
+
+A difference is a `VerifyError` naming what differs, the first module whose output differs (or
+the module owning the first parameter whose gradient differs) and how to proceed. It is how
+regbn catches what tracing cannot see and no rule in `regbn.fx.regions` keeps: a Python branch
+taken differently by the tracer than by a real tensor, an in-place update of Python state, a
+custom context manager, a hook on a module that was traced through.
+
+Each side runs from the same random-generator state (dropout draws alike) on its own copy of
+every buffer; the model's buffers, its training flags, its ``.grad`` fields and the global random
+state end exactly as they began. Gradients come from ``torch.autograd.grad`` (no ``.grad`` is
+written) and are kept as two float64 sums per parameter, so the check holds one side's outputs
+and these sums beside one training step of the model.
+
+With ``input_shapes`` (fake tensors, no data) only the structure is compared: output dtypes and
+shapes, and which parameters receive a gradient. Values are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import RegBNValueError
+from .mode_graph import in_mode
+from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
+from .shapes import _model_device, _quiet_fake_mode, _rng_restored, _swapped
+
+__all__ = ["Run", "VerifyError", "verify"]
+
+HOW = (
+    "make the module where they part a leaf (leaf_modules=[...]) so that it runs as written, "
+    "give concrete_args for an argument a branch reads, or pass verify=False to skip this check"
+)
+
+
+class VerifyError(RegBNValueError):
+    """The traced graph does not compute what the model computes on the example inputs."""
+
+
+@dataclass
+class Run:
+    """What one side computed: flattened outputs, gradient sums and changed buffers."""
+
+    outputs: list[tuple[str, Any]]
+    output_type: type
+    grads: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    buffers: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _flatten(value: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    if isinstance(value, Mapping):
+        return [x for k, v in value.items() for x in _flatten(v, f"{prefix}[{k!r}]")]
+    if isinstance(value, (list, tuple)):
+        return [x for i, v in enumerate(value) for x in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, value)]
+
+
+def _sums(t: torch.Tensor) -> tuple[float, float]:
+    d = t.detach().double()
+    return float(d.sum()), float(d.norm())
+
+
+def _loss(outputs: list[tuple[str, Any]]) -> torch.Tensor | None:
+    terms = [
+        v.float().sum()
+        for _, v in outputs
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad
+    ]
+    return torch.stack(terms).sum() if terms else None
+
+
+def _run(
+    module: nn.Module,
+    gm: fx.GraphModule,
+    call: Any,
+    training: bool,
+    rng: Any,
+    params: dict[str, nn.Parameter],
+    fake: bool,
+) -> Run:
+    """One side: forward (and backward in training) on fresh copies of the buffers."""
+
+    def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
+        return t if is_param else t.clone()
+
+    originals = {id(b): b for b in module.buffers()}
+    names = {id(b): n for n, b in module.named_buffers()}
+    with _swapped(copy_buffer, eager=module) as swap:
+        swap.module(gm)  # tensors fx copied into the graph module get the same copies
+        _set_rng(rng)
+        out = call()
+        outputs = _flatten(out)
+        grads: dict[str, tuple[float, float] | None] = {}
+        loss = _loss(outputs) if training else None
+        wanted = {n: p for n, p in params.items() if p.requires_grad}
+        if loss is not None and wanted:
+            got = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
+            for name, g in zip(wanted, got, strict=True):
+                grads[name] = None if g is None else (_sums(g) if not fake else (0.0, 0.0))
+        else:
+            grads = dict.fromkeys(wanted)
+        changed: dict[str, tuple[float, float]] = {}
+        if not fake:
+            for table, key, old in swap.saved:
+                new = table[key]
+                if id(old) in originals and not _equal_nan(new, old):
+                    changed[names[id(old)]] = _sums(new)
+        kept = [(k, v.detach() if isinstance(v, torch.Tensor) else v) for k, v in outputs]
+    return Run(kept, type(out), grads, changed)
+
+
+def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5)) and
+                    torch.equal(a.isnan(), b.isnan()))
+    return bool(torch.equal(a, b))
+
+
+def _rng_state() -> Any:
+    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if (
+        torch.cuda.is_available()
+    ) else []
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng(state: Any) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for i, s in enumerate(cuda):
+        torch.cuda.set_rng_state(s, i)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point() and not a.is_complex():
+        return bool(torch.equal(a, b))
+    # The same ops on the same inputs, but fx may call a different overload (x.view vs
+    # torch.reshape): a few ulps of the dtype, relative to the tensor's scale.
+    scale = float(a.detach().abs().max()) if a.numel() else 0.0
+    tol = 64 * torch.finfo(a.dtype).eps * max(scale, 1.0)
+    return bool(torch.allclose(a, b, rtol=0, atol=tol, equal_nan=True))
+
+
+def _near(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(
+        (x != x and y != y) or abs(x - y) <= 1e-4 * max(abs(x), abs(y), 1e-6)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _differences(model_run: Run, graph_run: Run, fake: bool) -> list[str]:
+    out: list[str] = []
+    mine, theirs = dict(model_run.outputs), dict(graph_run.outputs)
+    if list(mine) != list(theirs):
+        out.append(f"the outputs differ in structure: the model returns {list(mine)}, the graph "
+                   f"{list(theirs)}")
+    for key in [k for k in mine if k in theirs]:
+        a, b = mine[key], theirs[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.dtype != b.dtype or a.shape != b.shape:
+                out.append(f"{key}: the model gives {tuple(a.shape)} {a.dtype}, the graph "
+                           f"{tuple(b.shape)} {b.dtype}")
+            elif not fake and not _close(a, b):
+                delta = float((a.double() - b.double()).abs().nan_to_num(float("inf")).max())
+                out.append(f"{key}: values differ (max |difference| {delta:.3g})")
+        elif isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            out.append(f"{key}: the model gives {type(a).__name__}, the graph {type(b).__name__}")
+    only_model = [n for n, g in model_run.grads.items() if g is not None and
+                  graph_run.grads.get(n) is None]
+    only_graph = [n for n, g in graph_run.grads.items() if g is not None and
+                  model_run.grads.get(n) is None]
+    if only_graph:
+        out.append(f"parameters that get a gradient from the graph but not from the model (a "
+                   f"frozen part, e.g. under torch.no_grad): {_few(only_graph)}")
+    if only_model:
+        out.append(f"parameters that get a gradient from the model but not from the graph: "
+                   f"{_few(only_model)}")
+    if not fake:
+        differ = [n for n, g in model_run.grads.items() if g is not None and
+                  graph_run.grads.get(n) is not None and not _near(g, graph_run.grads[n])]
+        if differ:
+            out.append(f"gradients differ for {_few(differ)}")
+        a, b = model_run.buffers, graph_run.buffers
+        moved = sorted(set(a) ^ set(b))
+        moved += [n for n in a if n in b and not _near(a[n], b[n])]
+        if moved:
+            out.append(f"buffers change differently (running statistics, counters): "
+                       f"{_few(moved)}")
+    return out
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:4])
+    return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0] or "(the model itself)"
+
+
+def verify(
+    model: nn.Module,
+    graphs: dict[bool, fx.GraphModule],
+    example_inputs: Any = None,
+    *,
+    input_shapes: Any = None,
+    input_dtypes: Any = None,
+    caller: str = "regbn.insert",
+) -> type:
+    """Check ``graphs[True]``/``graphs[False]`` (the traced model of each mode) against
+    ``model`` on the example inputs (see the module docstring). Returns the type of the model's
+    output; raises `VerifyError` where they differ."""
+    fake = example_inputs is None
+    params = dict(model.named_parameters())
+    output_type: type = object
+    with _rng_restored(model, example_inputs if example_inputs is not None else ()):
+        for training in (True, False):
+            output_type = _verify_mode(
+                model, graphs[training], training, example_inputs, input_shapes, input_dtypes,
+                caller, params, fake, output_type,
+            )
+    return output_type
+
+
+def _verify_mode(
+    model: nn.Module, gm: fx.GraphModule, training: bool, example_inputs: Any,
+    input_shapes: Any, input_dtypes: Any, caller: str, params: dict[str, nn.Parameter],
+    fake: bool, output_type: type,
+) -> type:
+    with _sides(model, gm, example_inputs, input_shapes, input_dtypes, caller) as (
+        call_model,
+        call_graph,
+    ), in_mode(model, training):
+        rng = _rng_state()
+        with torch.enable_grad() if training else torch.no_grad():
+            a = _run(model, gm, call_model, training, rng, params, fake)
+            b = _run(model, gm, call_graph, training, rng, params, fake)
+    output_type = a.output_type if training else output_type
+    found = _differences(a, b, fake)
+    if found:
+        mode = "training" if training else "eval"
+        where = _where(model, gm, a, b, found, example_inputs, training, caller)
+        raise VerifyError(
+            f"{caller}: the traced graph does not compute what the model computes on the "
+            f"example inputs in {mode} mode, so the patched model would not be your model: "
+            + "; ".join(found)
+            + f". {where}To proceed: {HOW}"
+        )
+    return output_type
+
+
+@contextlib.contextmanager
+def _sides(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, input_shapes: Any,
+    input_dtypes: Any, caller: str,
+) -> Iterator[tuple[Any, Any]]:
+    """Two callables, the model and the graph on the same inputs; fake tensors for shapes."""
+    if example_inputs is not None:
+        pos, named = split_inputs(example_inputs)
+        args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
+        named = {**_fixed(model, gm, pos, named, args), **named}
+        yield (lambda: model(*copy_containers(pos), **copy_containers(named)),
+               lambda: gm(*copy_containers(args)))
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def to_fake(t: torch.Tensor, is_param: bool) -> torch.Tensor:
+        fake = mode.from_tensor(t, static_shapes=True)
+        return nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
+
+    device = _model_device(model)
+    with _swapped(to_fake, eager=model), _quiet_fake_mode(), mode:
+        pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device, caller)
+        args = arrange_inputs(gm, pos, kw, caller)
+        yield (lambda: _call_by_graph_order(model, gm, args), lambda: gm(*args))
+
+
+def _fixed(
+    model: nn.Module, gm: fx.GraphModule, pos: Any, named: Any, args: list[Any]
+) -> dict[str, Any]:
+    """The arguments the example leaves out but the graph fixed (``concrete_args``), by name."""
+    from .tracing import input_name
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    names = [input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    given = set(list(params)[: len(pos)]) | set(named)
+    return {
+        n: v
+        for n, v in zip(names, args, strict=True)
+        if n in params and n not in given and params[n].kind is not params[n].VAR_KEYWORD
+    }
+
+
+def _call_by_graph_order(model: nn.Module, gm: fx.GraphModule, args: list[Any]) -> Any:
+    """Call ``model`` with the graph's placeholder values, by argument name."""
+    from .tracing import input_name
+
+    names = [input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    return model(**dict(zip(names, args, strict=True)))
+
+
+def _where(
+    model: nn.Module, gm: fx.GraphModule, a: Run, b: Run, found: list[str],
+    example_inputs: Any, training: bool, caller: str,
+) -> str:
+    """Where the two part: the first module (in graph order) whose output differs, else the
+    module owning the first parameter whose gradient differs."""
+    if example_inputs is not None:
+        try:
+            first = _first_module(model, gm, example_inputs, training, caller)
+        except Exception:  # locating is best effort; the differences were already found
+            first = None
+        if first is not None:
+            return f"They first part at the output of module {first!r}{_line(gm, first)}. "
+    for name in list(a.grads) + list(b.grads):
+        if (a.grads.get(name) is None) != (b.grads.get(name) is None):
+            owner = _owner(name)
+            return f"They part in module {owner!r}{_line(gm, owner)}. "
+    return ""
+
+
+def _line(gm: fx.GraphModule, path: str) -> str:
+    for node in gm.graph.nodes:
+        if any(p == path for p, _ in node.meta.get("regbn_module_calls", ())):
+            trace = node.meta.get("stack_trace")
+            if trace:
+                last = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+                return f" ({last[-2]}: {last[-1]})" if len(last) >= 2 else ""
+            return ""
+    return ""
+
+
+def _first_module(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, training: bool, caller: str
+) -> str | None:
+    """Run both sides once more, recording each module call's output, and compare in graph
+    order (a second run only when the check failed)."""
+    eager: dict[tuple[str, int], Any] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for path, mod in model.named_modules():
+        if not path:
+            continue
+
+        def hook(_m, _i, out, path=path):
+            k = counts.get(path, 0)
+            counts[path] = k + 1
+            eager[(path, k)] = out
+
+        handles.append(mod.register_forward_hook(hook))
+    rng = _rng_state()
+    try:
+        with _sides(model, gm, example_inputs, None, None, caller) as (call_model, call_graph), \
+                in_mode(model, training), torch.no_grad(), _swapped(_clone_buffer, eager=model):
+            _set_rng(rng)
+            call_model()
+    finally:
+        for h in handles:
+            h.remove()
+    wanted = {node: calls for node in gm.graph.nodes
+              if (calls := node.meta.get("regbn_output_of"))}
+    traced: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if n in wanted:
+                traced[n] = value
+            return value
+
+    args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
+    with in_mode(model, training), torch.no_grad(), _swapped(_clone_buffer, eager=model):
+        _set_rng(rng)
+        Recorder(gm).run(*args)
+    for node, value in traced.items():
+        for call in wanted[node]:
+            if call in eager and not _same_value(eager[call], value):
+                return call[0]
+    return None
+
+
+def _clone_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
+    return t if is_param else t.clone()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    fa, fb = _flatten(a), _flatten(b)
+    if len(fa) != len(fb):
+        return False
+    for (_, x), (_, y) in zip(fa, fb, strict=True):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if not _close(x, y):
+                return False
+    return True
