@@ -196,8 +196,9 @@ def _differences(model_run: Run, graph_run: Run, fake: bool) -> list[str]:
         out.append(f"parameters that get a gradient from the model but not from the graph: "
                    f"{_few(only_model)}")
     if not fake:
-        differ = [n for n, g in model_run.grads.items() if g is not None and
-                  graph_run.grads.get(n) is not None and not _near(g, graph_run.grads[n])]
+        differ = [n for n, g in model_run.grads.items()
+                  if g is not None and (h := graph_run.grads.get(n)) is not None
+                  and not _near(g, h)]
         if differ:
             out.append(f"gradients differ for {_few(differ)}")
         a, b = model_run.buffers, graph_run.buffers
