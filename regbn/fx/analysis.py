@@ -13,6 +13,7 @@ import copy
 import inspect
 import math
 import operator
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from .modality import Fusion, annotate_modalities, detect_fusions
 from .modality_inputs import describe_input_modalities
 from .module_state import carry_missing_state
 from .names import is_ambiguous
+from .regions import global_hooks
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import input_name, trace_graph
 
@@ -106,7 +108,28 @@ def analyse(
     input_shapes, input_dtypes = options.get("input_shapes"), options.get("input_dtypes")
     modalities = options.get("modalities")
     tracing = {k: options.get(k) for k in ("concrete_args", "leaf_modules", "autowrap_functions")}
-    traced = trace_graph(model, caller=caller, **tracing).graph_module()
+    found = trace_graph(model, caller=caller, **tracing)
+    if found.effects:
+        warnings.warn(
+            f"{caller}: the model's forward prints or logs ({'; '.join(found.effects[:3])}); "
+            "tracing ran those lines once, and the patched model does not run them. Make the "
+            "module that prints a leaf (leaf_modules=[...]) to keep them",
+            UserWarning,
+            stacklevel=3,
+        )
+    kinds = global_hooks()
+    inlined = sorted({str(p) for n in found.graph.nodes
+                      for p, _ in n.meta.get("regbn_module_calls", ()) if n.op != "call_module"})
+    if kinds and inlined:
+        warnings.warn(
+            f"{caller}: global module hooks ({', '.join(kinds)}) are registered; the patched "
+            "model runs them for itself and for every module it calls as one call (leaves, "
+            f"RegBN layers), but not for the modules traced through ({', '.join(inlined[:4])}"
+            f"{' ...' if len(inlined) > 4 else ''}). Make those leaves if the hooks must see them",
+            UserWarning,
+            stacklevel=3,
+        )
+    traced = found.graph_module()
     gm = private_copy(traced) if traced is model else traced
     failure = None
     if example_inputs is not None or input_shapes is not None:

@@ -43,6 +43,7 @@ from .pair_plan import CALLER, Plan, build_layers, normalise_pairs, plan_pairs
 from .patched import added_names, build_patched, is_patched, unpatched
 from .splice import finish, next_layer_index, reorder_topologically, splice, without_layers
 from .tracing import TraceError, is_regbn, same_trace, trace_graph
+from .verify import python_state, restore_python_state
 from .verify import verify as verify_graphs
 
 # The steps of insert live in their own modules: its argument checks (insert_checks), the pairs
@@ -168,7 +169,27 @@ def insert(
     warn_existing_layers(model)
     if copy:
         model = copy_module.deepcopy(model)
-    options = trace_options(locals())
+    saved = python_state(model)  # tracing and verifying run the model's Python
+    try:
+        return _insert(model, wanted, example_inputs, input_shapes, input_dtypes, verify, batches,
+                       min_dependence, trace_options(locals()), regbn_kwargs)
+    finally:
+        restore_python_state(model, saved)
+
+
+def _insert(
+    model: nn.Module,
+    wanted: Any,
+    example_inputs: Any,
+    input_shapes: Any,
+    input_dtypes: Any,
+    verify: bool,
+    batches: Any,
+    min_dependence: float | None,
+    options: dict[str, Any],
+    regbn_kwargs: dict[str, Any],
+) -> nn.Module:
+    """`insert` after its arguments are checked."""
     train, ev = _analyse_modes(model, example_inputs, options)
     output_type = None
     if verify and not isinstance(model, fx.GraphModule):  # a GraphModule is its own graph
@@ -191,6 +212,7 @@ def insert(
         per_mode.append((ev.gm, plan_pairs(ev.gm, in_eval, model, ev.graph, " (eval-mode graph)")))
         warn_mixed_modes(model, train.gm, ev.gm)
     layers = build_layers(plans, regbn_kwargs)  # may raise: still before any edit
+    _warn_new_parameters(layers, next_layer_index(train.gm))
     names = _splice_layers(per_mode, layers, model.training)
     added = [*added_layers(model), *names]
     if isinstance(model, fx.GraphModule):  # a graph traced by the user stays a GraphModule
@@ -198,6 +220,22 @@ def insert(
         _record(out, added)
         return out
     return build_patched(model, {True: train.gm, False: (ev or train).gm}, added, output_type)
+
+
+def _warn_new_parameters(layers: list[RegBN], start: int) -> None:
+    """RegBN's own parameters (``affine=True``) are new: an optimizer built before insert does
+    not hold them."""
+    names = [f"regbn_{start + i}" for i, layer in enumerate(layers) if any(layer.parameters())]
+    if names:
+        warnings.warn(
+            f"{CALLER}: the new layers {names} have learnable parameters (affine=True), which an "
+            "optimizer built before insert does not hold. The model's own parameters keep their "
+            "order, so its optimizer state still fits them; add the layers' as a group: "
+            "optimizer.add_param_group({'params': [p for n, p in patched.named_parameters() "
+            "if n.startswith('regbn_')]})",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _splice_layers(

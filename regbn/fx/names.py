@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError
+from .regions import hooked
 from .tracing import input_name
 
 __all__ = [
@@ -171,6 +172,12 @@ def _why_not_a_tensor(gm: fx.GraphModule, model: nn.Module, name: str) -> str:
     while "." in parent:
         parent = parent.rsplit(".", 1)[0]
         if parent in leaves:
+            if hooked(model.get_submodule(parent)):
+                return (
+                    f" (it lies inside {parent!r}, which has hooks and so stays one call, for "
+                    f"its hooks to run as before; name {parent!r}, or remove its hooks before "
+                    "insert and register them on the patched model)"
+                )
             return (
                 f" (it lies inside {parent!r}, which is traced as one call; name {parent!r}, or "
                 "trace without it in leaf_modules)"

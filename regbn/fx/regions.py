@@ -238,12 +238,33 @@ def _checkpoint_patches(rec: _Recorder) -> dict[tuple[Any, str], Any]:
 _MISSING = object()
 
 
+def _output_patches(effects: list[str]) -> dict[tuple[Any, str], Any]:
+    """``print`` and ``logging`` still run while tracing; their lines are noted in
+    ``effects``: the patched model does not run them again (fx records tensor ops only)."""
+    import builtins
+    import logging
+
+    real_print, real_log = builtins.print, logging.Logger._log
+
+    def printing(*args, **kwargs):
+        effects.append(f"print at {_user_line()}")
+        return real_print(*args, **kwargs)
+
+    def log(self, *args, **kwargs):
+        effects.append(f"logging at {_user_line()}")
+        return real_log(self, *args, **kwargs)
+
+    return {(builtins, "print"): printing, (logging.Logger, "_log"): log}
+
+
 @contextlib.contextmanager
-def recording_regions(tracer: fx.Tracer) -> Iterator[None]:
+def recording_regions(tracer: fx.Tracer, effects: list[str] | None = None) -> Iterator[None]:
     """While active, grad-mode and autocast regions and checkpoint calls become graph nodes of
-    ``tracer`` (see the module docstring)."""
+    ``tracer`` (see the module docstring); ``print``/``logging`` lines go to ``effects``."""
     rec = _Recorder(tracer)
     patches = {**_grad_patches(rec), **_autocast_patches(rec), **_checkpoint_patches(rec)}
+    if effects is not None:
+        patches.update(_output_patches(effects))
     saved = []
     try:
         for (owner, name), fn in patches.items():

@@ -30,7 +30,7 @@ import difflib
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -94,6 +94,8 @@ class RegBNTracer(fx.Tracer):
         self.leaf_classes = (*leaf_classes, RegBN)
         # Source lines on every node: errors and verification name the user's line.
         self.record_stack_traces = True
+        # print/logging lines met while tracing: they run once here, never in the graph.
+        self.effects: list[str] = []
         self.leaf_paths = frozenset(leaf_paths)
         self._call_stack: list[tuple[str, int]] = []
         self._call_counts: dict[str, int] = defaultdict(int)
@@ -108,7 +110,7 @@ class RegBNTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         # Grad-mode and autocast regions and checkpoint calls become nodes (regions.py).
-        with recording_regions(self):
+        with recording_regions(self, self.effects):
             graph = super().trace(root, concrete_args)
         for node in graph.nodes:
             if node.target is CHECKPOINT:  # not fx.wrap'ed in the generated code
@@ -235,12 +237,13 @@ class Traced:
 
     ``model``: the traced module (wrappers removed); ``graph``: its graph; ``constants``: tensors
     fx made while tracing (``_tensor_constant0``), which the graph reads but the model does not
-    hold.
+    hold; ``effects``: the ``print``/``logging`` lines tracing ran, which the graph does not.
     """
 
     model: nn.Module
     graph: fx.Graph
     constants: dict[str, Any]
+    effects: list[str] = field(default_factory=list)
 
     def graph_module(self) -> fx.GraphModule:
         """The annotated ``GraphModule`` (the model itself where it is one already)."""
@@ -321,7 +324,7 @@ def trace_graph(
         constants = {name: vars(model)[name] for name in set(vars(model)) - before}
         for name in constants:
             delattr(model, name)
-    return Traced(model, graph, constants)
+    return Traced(model, graph, constants, list(dict.fromkeys(tracer.effects)))
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:

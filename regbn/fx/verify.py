@@ -40,7 +40,7 @@ from .mode_graph import in_mode
 from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
 from .shapes import _model_device, _quiet_fake_mode, _rng_restored, _swapped
 
-__all__ = ["Run", "VerifyError", "verify"]
+__all__ = ["Run", "VerifyError", "python_state", "restore_python_state", "verify"]
 
 HOW = (
     "make the module where they part a leaf (leaf_modules=[...]) so that it runs as written, "
@@ -135,6 +135,31 @@ def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a, b))
 
 
+_PLAIN = (int, float, bool, str, type(None))
+_MODULE_OWN = frozenset(vars(nn.Module()))
+
+
+def python_state(model: nn.Module) -> dict[tuple[str, str], Any]:
+    """Every plain Python attribute (numbers, strings, flags) of every module, by (path, name):
+    what a forward could update outside tensors (``self.calls += 1``)."""
+    out = {}
+    for path, mod in model.named_modules():
+        for key, value in vars(mod).items():
+            if key not in _MODULE_OWN and isinstance(value, _PLAIN):
+                out[(path, key)] = value
+    return out
+
+
+def restore_python_state(model: nn.Module, saved: dict[tuple[str, str], Any]) -> None:
+    """Put back the attributes of `python_state` (tracing and verification run the model's
+    Python, which may update them)."""
+    modules = dict(model.named_modules())
+    for (path, key), value in saved.items():
+        mod = modules.get(path)
+        if mod is not None and vars(mod).get(key, value) is not value:
+            object.__setattr__(mod, key, value)
+
+
 def _rng_state() -> Any:
     cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if (
         torch.cuda.is_available()
@@ -215,6 +240,10 @@ def _few(names: list[str]) -> str:
     return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
+def _owner_module(path: str) -> str:
+    return path or "(the model itself: patch the module that computes the fusion instead)"
+
+
 def _owner(name: str) -> str:
     return name.rpartition(".")[0] or "(the model itself)"
 
@@ -254,8 +283,20 @@ def _verify_mode(
     ), in_mode(model, training):
         rng = _rng_state()
         with torch.enable_grad() if training else torch.no_grad():
+            before = python_state(model)
             a = _run(model, gm, call_model, training, rng, params, fake)
+            updated = {k for k, v in python_state(model).items() if before.get(k, v) != v}
+            restore_python_state(model, before)
             b = _run(model, gm, call_graph, training, rng, params, fake)
+    if updated:
+        names = [f"{path}.{key}" if path else key for path, key in sorted(updated)]
+        raise VerifyError(
+            f"{caller}: the model's forward updates Python attributes outside tensors "
+            f"({_few(names)}), which a traced graph cannot do: the patched model would leave "
+            f"them as they are. Make the module that updates them a leaf "
+            f"(leaf_modules=[{_owner_module(sorted(updated)[0][0])!r}]), keep such state in a "
+            "buffer, or pass verify=False to accept the difference"
+        )
     output_type = a.output_type if training else output_type
     found = _differences(a, b, fake)
     if found:
