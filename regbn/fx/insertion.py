@@ -225,7 +225,7 @@ def _insert(
 def _warn_new_parameters(layers: list[RegBN], start: int) -> None:
     """RegBN's own parameters (``affine=True``) are new: an optimizer built before insert does
     not hold them."""
-    names = [f"regbn_{start + i}" for i, layer in enumerate(layers) if any(layer.parameters())]
+    names = [f"regbn_{start + i}" for i, layer in enumerate(layers) if list(layer.parameters())]
     if names:
         warnings.warn(
             f"{CALLER}: the new layers {names} have learnable parameters (affine=True), which an "

@@ -37,7 +37,12 @@ def splice(gm: fx.GraphModule, plans: list[Plan], names: list[str]) -> None:
         g = current.get(plan.g, plan.g)
         order = {n: k for k, n in enumerate(graph.nodes)}
         anchor = f if order[f] > order[g] else g
-        with graph.inserting_after(anchor):
+        # Right before the first later use of f or g: the layer runs in the grad-mode or autocast
+        # region of that use (a use inside `with torch.no_grad():` puts it there, a fusion after
+        # the block keeps it outside).
+        later = [u for u in (*f.users, *g.users) if order[u] > order[anchor]]
+        first = min(later, key=order.__getitem__) if later else None
+        with graph.inserting_before(first) if first is not None else graph.inserting_after(anchor):
             call = graph.call_module(name, (f, g))
         with graph.inserting_after(call):
             f_r = graph.call_function(operator.getitem, (call, 0))

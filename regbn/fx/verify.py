@@ -321,7 +321,8 @@ def _sides(
         pos, named = split_inputs(example_inputs)
         args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
         named = {**_fixed(model, gm, pos, named, args), **named}
-        yield (lambda: model(*copy_containers(pos), **copy_containers(named)),
+        # forward, not __call__: the model's own hooks run on the patched model as they are
+        yield (lambda: model.forward(*copy_containers(pos), **copy_containers(named)),
                lambda: gm(*copy_containers(args)))
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -363,7 +364,7 @@ def _call_by_graph_order(model: nn.Module, gm: fx.GraphModule, args: list[Any]) 
     from .tracing import input_name
 
     names = [input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    return model(**dict(zip(names, args, strict=True)))
+    return model.forward(**dict(zip(names, args, strict=True)))
 
 
 def _where(
