@@ -30,6 +30,7 @@ from .names import is_ambiguous
 from .regions import global_hooks
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import input_name, trace_graph
+from .verify import check_forward
 
 __all__ = [
     "DEFAULT_MAX_PROJECTION_BYTES",
@@ -136,6 +137,19 @@ def analyse(
         failure = propagate_shapes(
             gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes, caller=caller
         )
+    if example_inputs is not None and failure is None and caller != "regbn.insert" and (
+        traced is not model  # a GraphModule passed in is its own graph
+    ):
+        differences = check_forward(model, gm, example_inputs, caller)
+        if differences:
+            warnings.warn(
+                f"{caller}: the traced graph does not compute what the model computes on "
+                f"example_inputs ({'; '.join(differences[:3])}), so the shapes, modalities and "
+                "fusions shown here may not be the model's; regbn.insert would refuse this graph "
+                "and its message says how to proceed",
+                UserWarning,
+                stacklevel=3,
+            )
     # Modalities are structural: they hold for every node, even past a shape failure.
     graph = annotate_modalities(gm, modalities=modalities, caller=caller)
     fusions = [with_pair_names(gm, f) for f in detect_fusions(gm)]

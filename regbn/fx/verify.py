@@ -40,7 +40,14 @@ from .mode_graph import in_mode
 from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
 from .shapes import _model_device, _quiet_fake_mode, _rng_restored, _swapped
 
-__all__ = ["Run", "VerifyError", "python_state", "restore_python_state", "verify"]
+__all__ = [
+    "Run",
+    "VerifyError",
+    "check_forward",
+    "python_state",
+    "restore_python_state",
+    "verify",
+]
 
 HOW = (
     "make the module where they part a leaf (leaf_modules=[...]) so that it runs as written, "
@@ -49,7 +56,13 @@ HOW = (
 
 
 class VerifyError(RegBNValueError):
-    """The traced graph does not compute what the model computes on the example inputs."""
+    """The traced graph does not compute what the model computes on the example inputs.
+
+    ``differences``: what differs, one phrase each."""
+
+    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.differences = differences or []
 
 
 @dataclass
@@ -275,7 +288,7 @@ def verify(
 def _verify_mode(
     model: nn.Module, gm: fx.GraphModule, training: bool, example_inputs: Any,
     input_shapes: Any, input_dtypes: Any, caller: str, params: dict[str, nn.Parameter],
-    fake: bool, output_type: type,
+    fake: bool, output_type: type, backward: bool = True,
 ) -> type:
     with _sides(model, gm, example_inputs, input_shapes, input_dtypes, caller) as (
         call_model,
@@ -284,10 +297,10 @@ def _verify_mode(
         rng = _rng_state()
         with torch.enable_grad() if training else torch.no_grad():
             before = python_state(model)
-            a = _run(model, gm, call_model, training, rng, params, fake)
+            a = _run(model, gm, call_model, training and backward, rng, params, fake)
             updated = {k for k, v in python_state(model).items() if before.get(k, v) != v}
             restore_python_state(model, before)
-            b = _run(model, gm, call_graph, training, rng, params, fake)
+            b = _run(model, gm, call_graph, training and backward, rng, params, fake)
     if updated:
         names = [f"{path}.{key}" if path else key for path, key in sorted(updated)]
         raise VerifyError(
@@ -295,7 +308,8 @@ def _verify_mode(
             f"({_few(names)}), which a traced graph cannot do: the patched model would leave "
             f"them as they are. Make the module that updates them a leaf "
             f"(leaf_modules=[{_owner_module(sorted(updated)[0][0])!r}]), keep such state in a "
-            "buffer, or pass verify=False to accept the difference"
+            "buffer, or pass verify=False to accept the difference",
+            [f"forward updates {', '.join(names)}"],
         )
     output_type = a.output_type if training else output_type
     found = _differences(a, b, fake)
@@ -306,9 +320,25 @@ def _verify_mode(
             f"{caller}: the traced graph does not compute what the model computes on the "
             f"example inputs in {mode} mode, so the patched model would not be your model: "
             + "; ".join(found)
-            + f". {where}To proceed: {HOW}"
+            + f". {where}To proceed: {HOW}",
+            found,
         )
     return output_type
+
+
+def check_forward(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, caller: str
+) -> list[str]:
+    """The check of `regbn.inspect`, `find_fusions` and `measure_dependence`: one forward of the
+    model and one of the graph in the model's current mode, outputs compared (no backward).
+    Returns what differs (empty when nothing does)."""
+    try:
+        with _rng_restored(model, example_inputs):
+            _verify_mode(model, gm, model.training, example_inputs, None, None, caller, {},
+                         False, object, backward=False)
+    except VerifyError as e:
+        return e.differences
+    return []
 
 
 @contextlib.contextmanager

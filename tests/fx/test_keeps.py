@@ -442,6 +442,16 @@ def test_trace_time_branch_is_caught_by_verification():
     regbn.insert(TypeBranch(), [("a", "b")], _inputs(), verify=False)  # the user's call
 
 
+def test_analysis_warns_when_the_graph_is_not_the_model():
+    x = _inputs()
+    for analyse in (regbn.inspect, regbn.find_fusions):
+        with pytest.warns(UserWarning, match=r"does not compute what the model computes.*values "
+                          r"differ.*may not be the model's"):
+            analyse(TypeBranch(), x)
+    with pytest.warns(UserWarning, match=r"measure_dependence.*does not compute what the model"):
+        regbn.measure_dependence(TypeBranch(), [_inputs() for _ in range(4)], [("a", "b")])
+
+
 def test_python_state_update_is_refused_and_restored():
     model = Counter()
     with pytest.raises(ValueError, match=r"updates Python attributes.*'calls'.*buffer"):
