@@ -170,6 +170,7 @@ def test_without_a_process_group_sync_is_plain_regbn():
     assert isinstance(sync, SyncRegBN)
     f, g, _, _ = _data([6], 0)
     a, b = base(f, g), sync(f, g)
+    # exact: with no process group SyncRegBN gathers nothing and runs RegBN's own training step
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(base.W, sync.W)
 
@@ -254,5 +255,6 @@ def test_conversion_keeps_a_channel_projection_and_its_state():
     plain = RegBN(4, 3, [5, 5], [5, 5], projection="channel", lambda_rule="official")
     plain.load_state_dict({k.removeprefix("n."): v for k, v in before.items()})
     f, g = torch.randn(6, 4, 5, 5), torch.randn(6, 3, 5, 5)
+    # exact: no process group, so both run RegBN's own training step on equal state and inputs
     torch.testing.assert_close(layer(f, g)[0], plain(f, g)[0], rtol=0, atol=0)
     torch.testing.assert_close(layer.W, plain.W, rtol=0, atol=0)

@@ -149,6 +149,7 @@ def test_symbolic_trace_of_a_patched_model_keeps_regbn_a_leaf():
     traced = torch.fx.symbolic_trace(twin)
     calls = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == "regbn_0"]
     assert len(calls) == 1
+    # exact: the re-trace runs the same modules (RegBN a leaf) in the same order, on equal state
     for step in range(2):  # training: same outputs, same running state
         x = inputs(EXAMPLE_B, seed=20 + step)
         torch.testing.assert_close(traced(*x), model(*x), rtol=0, atol=0)

@@ -100,6 +100,7 @@ def test_fold_of_a_half_layer_computes_in_float32(dtype):
     f, g = torch.randn(3, 6, generator=gen).to(dtype), torch.randn(3, 4, generator=gen).to(dtype)
     for got, want in zip(folded(f, g), layer(f, g), strict=True):
         assert got.dtype == dtype
+        # exact: fold writes the layer's own eval_maths ops (same kernels, order and tensors)
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
 
 
@@ -119,6 +120,7 @@ def test_fold_traces_a_hand_written_model():
     model(x, y)
     folded = regbn.fold(model)
     model.eval()
+    # exact: fold writes the layer's own eval_maths ops (same kernels, order and tensors)
     torch.testing.assert_close(folded(x[:3], y[:3]), model(x[:3], y[:3]), rtol=0, atol=0)
     assert not any(isinstance(m, RegBN) for m in folded.modules())
 
@@ -161,6 +163,7 @@ def test_meta_device_build_then_reset_matches_a_cpu_build():
         got = patched.state_dict()[k]
         assert torch.equal(got, v) or (got.isnan() == v.isnan()).all() and torch.equal(
             got.nan_to_num(), v.nan_to_num()), k
+    # exact: the two models are the same graph with equal state, run on the same inputs
     for step in range(2):
         x = inputs(8, seed=step)
         torch.testing.assert_close(patched(*x), reference(*x), rtol=0, atol=0)
@@ -186,6 +189,7 @@ def test_fold_of_a_layer_called_twice():
     model(f, g)
     folded = regbn.fold(model)
     model.eval()
+    # exact: fold writes the layer's own eval_maths ops (same kernels, order and tensors)
     torch.testing.assert_close(folded(f, g), model(f, g), rtol=0, atol=0)
 
 
@@ -207,8 +211,9 @@ def test_fold_takes_the_eval_graph_of_a_model_in_training_mode():
     assert patched.training
     x = inputs(5, seed=2)
     patched.eval()
+    # exact: fold writes the layer's own eval_maths ops (same kernels, order and tensors)
     torch.testing.assert_close(folded(*x), patched(*x), rtol=0, atol=0)
-    plain = ModeDependent().train()
+    plain = ModeDependent().train()  # no RegBN: the fold is the fx trace of the same ops
     torch.testing.assert_close(regbn.fold(plain)(*x), plain.eval()(*x), rtol=0, atol=0)
 
 
