@@ -10,9 +10,19 @@
    transformers; skipped without it.
 
 Shapes come from ``input_shapes`` (+ ``input_dtypes`` for token ids), on fake tensors, so no
-weights or activations are ever allocated.
+weights or activations are ever allocated. These timings are of ``insert(..., verify=False)``
+(tracing, shapes, splicing); ``verified_insert`` adds the structural verification that
+``input_shapes`` allows (fake forward and backward passes).
 
-    python benchmarks/bench_fx.py [--batch 32] [--repeats 5]
+3. The verification on real weights: the same two ResNet-50 trunks on the CPU, batch 8 at
+   224x224. ``regbn.insert`` with ``example_inputs`` checks the traced graph against the model
+   (each side: one forward and backward pass in training, one forward pass in eval). Its cost
+   is compared with that budget (tracing plus two such passes per side, timed on the model
+   itself), and its peak memory (each in a fresh process, max RSS above the built model) with
+   one training step of the model (forward and backward). ``--skip-verification`` leaves it
+   out.
+
+    python benchmarks/bench_fx.py [--batch 32] [--repeats 5] [--skip-verification]
 
 Writes benchmarks/results/bench_fx.json.
 """
@@ -181,6 +191,105 @@ def bench_towers(batch: int, repeats: int) -> dict[str, Any] | None:
     }
 
 
+VERIFY_BATCH = 8
+
+
+def _real_case(batch: int = VERIFY_BATCH) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    model = TwoStream().train()
+    inputs = (torch.randn(batch, 3, 224, 224), torch.randn(batch, 1, 224, 224))
+    return model, inputs
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_child(what: str) -> None:
+    """In a fresh process: peak RSS above the built model of one training step or one insert.
+
+    Linux: writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current RSS, so
+    the allocations of building the model do not count."""
+    model, inputs = _real_case()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    if what == "train_step":
+        model(*inputs).sum().backward()
+    else:
+        insert(model, [("module:rgb", "module:depth")], inputs, verify=what == "verified")
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_above_model_mb": (peak - base) / 1024}))
+
+
+def _peak(what: str) -> float:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-child", what],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip().splitlines()[-1]
+    return float(json.loads(out)["peak_above_model_mb"])
+
+
+def bench_verification(repeats: int) -> dict[str, Any]:
+    """The verification's time and peak memory against its budget (module docstring, 3)."""
+    model, inputs = _real_case()
+    pairs = [("module:rgb", "module:depth")]
+
+    def train_pass() -> None:
+        model.train()
+        model(*inputs).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def eval_pass() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+        model.train()
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    walls: dict[str, list[float]] = {"train_pass": [], "eval_pass": [], "insert": [],
+                                     "verified_insert": []}  # fmt: skip
+    train_pass()  # warm-up
+    for _ in range(repeats):
+        walls["train_pass"].append(_untimed_wall(train_pass))
+        walls["eval_pass"].append(_untimed_wall(eval_pass))
+        walls["insert"].append(_untimed_wall(lambda: insert(model, pairs, inputs, verify=False)))
+        walls["verified_insert"].append(_untimed_wall(lambda: insert(model, pairs, inputs)))
+    model.load_state_dict(state)  # the passes above updated BatchNorm statistics
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    cost = med["verified_insert"] - med["insert"]
+    budget = 2 * (med["train_pass"] + med["eval_pass"])
+    peaks = {what: _peak(what) for what in ("train_step", "verified", "unverified")}
+    return {
+        "benchmark": "regbn.insert with example_inputs (verification on) on two ResNet-50 "
+        "trunks with real weights on the CPU",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "input_shapes": [list(t.shape) for t in inputs],
+        "repeats": repeats,
+        "median_wall_s": med,
+        "verification_s": cost,
+        "budget_s": budget,
+        "verification_over_budget": cost / budget,
+        "peak_above_model_mb": peaks,
+        "verified_peak_over_train_step": peaks["verified"] / peaks["train_step"],
+        "goals": {"verification_over_budget": 1.0, "verified_peak_over_train_step": 1.05},
+        "meets_goals": {
+            "verification_over_budget": cost / budget <= 1.0,
+            "verified_peak_over_train_step": peaks["verified"] <= 1.05 * peaks["train_step"],
+        },
+        "budget_note": "budget = two sides x (one forward and backward pass in training + one "
+        "forward pass in eval), timed on the model itself in the same process",
+        "memory_note": "peak RSS above the built model, each in a fresh process (Linux: the "
+        "peak is reset after the build); the same measurement of one training step varies by "
+        "about 3 % between runs, hence the 5 % margin",
+    }
+
+
 def _measure(fn: Callable[[], Any]) -> dict[str, float]:
     """Wall time of one call, then memory of another (tracemalloc slows Python code ~3x)."""
     gc.collect()
@@ -216,7 +325,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "bench_fx.json"
     )
+    parser.add_argument("--skip-verification", action="store_true")
+    parser.add_argument("--peak-child", choices=["train_step", "verified", "unverified"])
     args = parser.parse_args(argv)
+    if args.peak_child:
+        _peak_child(args.peak_child)
+        return {}
 
     with torch.device("meta"):
         model = TwoStream()
@@ -227,21 +341,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def do_trace() -> fx.GraphModule:
         return fx.symbolic_trace(model)
 
-    def do_insert() -> fx.GraphModule:
+    def do_insert() -> nn.Module:
+        return insert(
+            model, pairs, input_shapes=shapes, max_projection_bytes=2**40, verify=False
+        )
+
+    def do_verified() -> nn.Module:
         return insert(model, pairs, input_shapes=shapes, max_projection_bytes=2**40)
 
-    def do_auto() -> fx.GraphModule:
-        return insert(model, "auto", input_shapes=shapes)
+    def do_auto() -> nn.Module:
+        return insert(model, "auto", input_shapes=shapes, verify=False)
 
     cold = {
         "symbolic_trace": _untimed_wall(do_trace),
         "insert": _untimed_wall(do_insert),  # first FakeTensorMode use: imports, caches
     }
-    runs: dict[str, list[dict[str, float]]] = {"symbolic_trace": [], "insert": [], "auto": []}
+    runs: dict[str, list[dict[str, float]]] = {
+        "symbolic_trace": [], "insert": [], "auto": [], "verified_insert": []
+    }  # fmt: skip
     for _ in range(args.repeats):
         runs["symbolic_trace"].append(_measure(do_trace))
         runs["insert"].append(_measure(do_insert))
         runs["auto"].append(_measure(do_auto))
+        runs["verified_insert"].append(_measure(do_verified))
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
@@ -257,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_to_symbolic_trace": ratio <= GOALS["ratio_to_symbolic_trace"],
     }
     towers = bench_towers(args.batch, args.repeats)
+    verification = None if args.skip_verification else bench_verification(max(1, args.repeats // 3))
     result = {
         "benchmark": "regbn.insert on two ResNet-50 trunks built on torch.device('meta')",
         "model": {
@@ -279,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory_note": "tracemalloc peak counts Python-level allocations during the call; the "
         "meta model holds no storage, so this is all memory above the model",
         "towers": towers,
+        "verification": verification,
         "env": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -299,6 +423,7 @@ def _print_table(result: dict[str, Any]) -> None:
         ("symbolic_trace", "fx.symbolic_trace"),
         ("insert", "insert (2 pairs)"),
         ("auto", "insert (auto)"),
+        ("verified_insert", "insert + fake verify"),
     ):
         m = med[name]
         print(
@@ -311,6 +436,14 @@ def _print_table(result: dict[str, Any]) -> None:
             f"{'towers: insert (auto)':<22}{towers['median_wall_s']:>10.3f}   pairs "
             f"{towers['auto_pairs']}; skipped {len(towers['skipped'])} (goal met: "
             f"{towers['meets_goal']})"
+        )
+    ver = result["verification"]
+    if ver is not None:
+        print(
+            f"verification on real weights: {ver['verification_s']:.2f} s against a budget of "
+            f"{ver['budget_s']:.2f} s ({ver['verification_over_budget']:.2f}x); peak "
+            f"{ver['peak_above_model_mb']['verified']:.0f} MB against a training step's "
+            f"{ver['peak_above_model_mb']['train_step']:.0f} MB; goals met: {ver['meets_goals']}"
         )
     cold = result["cold_first_call_wall_s"]
     print(

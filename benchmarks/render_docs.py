@@ -219,8 +219,12 @@ def fx(name: str, res: dict[str, Any]) -> str:
              f"parameters), median of {res['repeats']} calls.", "",
              "| step | wall (s) | tracemalloc peak (MB) | maxrss delta (MB) |",
              "|---|---:|---:|---:|"]
-    for key, label in (("symbolic_trace", "`fx.symbolic_trace`"),
-                       ("insert", "`insert` (2 pairs)"), ("auto", "`insert` (`pairs='auto'`)")):
+    rows = (("symbolic_trace", "`fx.symbolic_trace`"), ("insert", "`insert` (2 pairs)"),
+            ("auto", "`insert` (`pairs='auto'`)"),
+            ("verified_insert", "`insert` (2 pairs) + structural check on fake tensors"))
+    for key, label in rows:
+        if key not in med:
+            continue
         m = med[key]
         lines.append(f"| {label} | {m['wall_s']:.3f} | {m['tracemalloc_peak_mb']:.1f} "
                      f"| {m['maxrss_delta_mb']:.1f} |")
@@ -238,6 +242,26 @@ def fx(name: str, res: dict[str, Any]) -> str:
                      f"{', '.join(towers['fusions'])}; `pairs='auto'` made "
                      f"{len(towers['auto_pairs'])} pair(s) and skipped {len(towers['skipped'])} "
                      f"fusion(s); wall ≤ {towers['goal_wall_s']:g} s: {ok}.")
+    ver = res.get("verification")
+    if ver is not None:
+        wall = ver["median_wall_s"]
+        peak = ver["peak_above_model_mb"]
+        lines += ["", f"**The check every `insert` runs**, on real weights: {ver['benchmark']} "
+                  f"({ver['parameters']:,} parameters, inputs {ver['input_shapes']}).", "",
+                  "| | wall (s) | peak above the model (MB) |", "|---|---:|---:|",
+                  f"| one training pass of the model (forward + backward) | "
+                  f"{wall['train_pass']:.2f} | {peak['train_step']:.0f} |",
+                  f"| one eval pass of the model | {wall['eval_pass']:.2f} | – |",
+                  f"| `insert(..., verify=False)` | {wall['insert']:.2f} | "
+                  f"{peak['unverified']:.0f} |",
+                  f"| `insert(...)` (checks itself) | {wall['verified_insert']:.2f} | "
+                  f"{peak['verified']:.0f} |", "",
+                  f"The check costs {ver['verification_s']:.2f} s against a budget of "
+                  f"{ver['budget_s']:.2f} s (two sides × one training and one eval pass): "
+                  f"{ver['verification_over_budget']:.2f}× the budget; its peak is "
+                  f"{ver['verified_peak_over_train_step']:.2f}× a training step's. Goals: "
+                  + "; ".join(f"{k} ≤ {ver['goals'][k]:g}: {'met' if v else 'not met'}"
+                              for k, v in ver["meets_goals"].items()) + "."]
     return "\n".join(lines)
 
 

@@ -15,9 +15,9 @@ custom context manager, a hook on a module that was traced through.
 
 Each side runs from the same random-generator state (dropout draws alike) on its own copy of
 every buffer; the model's buffers, its training flags, its ``.grad`` fields and the global random
-state end exactly as they began. Gradients come from ``torch.autograd.grad`` (no ``.grad`` is
-written) and are kept as two float64 sums per parameter, so the check holds one side's outputs
-and these sums beside one training step of the model.
+state end exactly as they began. Each gradient is read as two float64 sums the moment backward
+accumulates it and freed at once (``.grad`` is put back afterwards), so the check holds one
+side's outputs and these sums, never all gradients: less than one training step of the model.
 
 With ``input_shapes`` (fake tensors, no data) only the structure is compared: output dtypes and
 shapes, and which parameters receive a gradient. Values are skipped.
@@ -26,6 +26,7 @@ shapes, and which parameters receive a gradient. Values are skipped.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -115,20 +116,17 @@ def _run(
 
     originals = {id(b): b for b in module.buffers()}
     names = {id(b): n for n, b in module.named_buffers()}
+    _release_memory()
     with _swapped(copy_buffer, eager=module) as swap:
         swap.module(gm)  # tensors fx copied into the graph module get the same copies
         _set_rng(rng)
         out = call()
         outputs = _flatten(out)
-        grads: dict[str, tuple[float, float] | None] = {}
         loss = _loss(outputs) if training else None
         wanted = {n: p for n, p in params.items() if p.requires_grad}
+        grads: dict[str, tuple[float, float] | None] = dict.fromkeys(wanted)
         if loss is not None and wanted:
-            got = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
-            for name, g in zip(wanted, got, strict=True):
-                grads[name] = None if g is None else (_sums(g) if not fake else (0.0, 0.0))
-        else:
-            grads = dict.fromkeys(wanted)
+            _backward(loss, wanted, grads, fake)
         changed: dict[str, tuple[float, float]] = {}
         if not fake:
             for table, key, old in swap.saved:
@@ -171,6 +169,51 @@ def restore_python_state(model: nn.Module, saved: dict[tuple[str, str], Any]) ->
         mod = modules.get(path)
         if mod is not None and vars(mod).get(key, value) is not value:
             object.__setattr__(mod, key, value)
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): the second side then
+    starts from the model's footprint, not from the first side's high-water mark."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not Linux/glibc: nothing to do
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+def _backward(
+    loss: torch.Tensor,
+    params: dict[str, nn.Parameter],
+    grads: dict[str, tuple[float, float] | None],
+    fake: bool,
+) -> None:
+    """Backward from ``loss``; each parameter's gradient becomes two sums in ``grads`` as soon
+    as it is accumulated and is freed at once, so the check never holds all gradients (a
+    training step does). Every ``.grad`` is put back as it was."""
+    saved = {name: p.grad for name, p in params.items()}
+    handles = []
+    for name, p in params.items():
+        p.grad = None
+
+        def read(param: torch.Tensor, name: str = name) -> None:
+            if param.grad is not None:
+                grads[name] = (0.0, 0.0) if fake else _sums(param.grad)
+            param.grad = None
+
+        handles.append(p.register_post_accumulate_grad_hook(read))
+    try:
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in params.items():
+            p.grad = saved[name]
 
 
 def _rng_state() -> Any:
