@@ -85,6 +85,37 @@ def trace_options(arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: arguments[name] for name in TRACE_OPTIONS if name in arguments}
 
 
+def capture_options(model: nn.Module, example_inputs: Any, options: dict[str, Any]) -> dict:
+    """`trace_graph`'s keywords for the public entry points: the user's tracing options, the
+    argument names the example holds (``given``), and automatic leaves."""
+    out = {k: options.get(k) for k in ("concrete_args", "leaf_modules", "autowrap_functions")}
+    out["given"] = _given_names(model, example_inputs, options.get("input_shapes"))
+    out["auto_leaves"] = True
+    return out
+
+
+def _given_names(model: nn.Module, example_inputs: Any, input_shapes: Any) -> list[str] | None:
+    """The forward arguments the example inputs (or shapes) hold, by name; None when unknown."""
+    inputs = example_inputs if example_inputs is not None else input_shapes
+    if inputs is None:
+        return None
+    if isinstance(inputs, dict):
+        return [str(k) for k in inputs]
+    one_shape = input_shapes is not None and _is_one_shape(inputs)
+    if not isinstance(inputs, (tuple, list)) or one_shape:
+        inputs = (inputs,)
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional[: len(inputs)] if len(inputs) <= len(positional) else None
+
+
+def _is_one_shape(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(d, int) for d in value)
+
+
 def analyse(
     model: nn.Module,
     example_inputs: Any = None,
@@ -108,8 +139,17 @@ def analyse(
         )
     input_shapes, input_dtypes = options.get("input_shapes"), options.get("input_dtypes")
     modalities = options.get("modalities")
-    tracing = {k: options.get(k) for k in ("concrete_args", "leaf_modules", "autowrap_functions")}
+    tracing = capture_options(model, example_inputs, options)
     found = trace_graph(model, caller=caller, **tracing)
+    if found.auto_leaves:
+        warnings.warn(
+            f"{caller}: torch.fx cannot trace inside {'; '.join(found.auto_leaves)}, so every "
+            "instance of these classes is kept as one call (a leaf): it runs as written, and "
+            "tensors inside it cannot be named. Pass leaf_modules=[...] yourself to choose "
+            "other leaves",
+            UserWarning,
+            stacklevel=3,
+        )
     if found.effects:
         warnings.warn(
             f"{caller}: the model's forward prints or logs ({'; '.join(found.effects[:3])}); "

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError
 from ..layer import RegBN
-from .analysis import Analysis, analyse, auto_pairs, trace_options
+from .analysis import Analysis, analyse, auto_pairs, capture_options, trace_options
 from .insert_checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
 from .insert_dependence import check_dependence_args, keep_dependent
 from .insert_modes import eval_pairs, mode_result, warn_mixed_modes
@@ -82,7 +82,7 @@ def _analyse_modes(
     model: nn.Module, example_inputs: Any, options: dict
 ) -> tuple[Analysis, Analysis | None]:
     """The analysis of the training graph, and of the eval graph where it differs."""
-    tracing = {k: options[k] for k in ("concrete_args", "leaf_modules", "autowrap_functions")}
+    tracing = capture_options(model, example_inputs, options)
     with in_mode(model, True):
         train = _analyse(model, example_inputs, options, "")
     with in_mode(model, False):
@@ -191,9 +191,9 @@ def _insert(
 ) -> nn.Module:
     """`insert` after its arguments are checked."""
     train, ev = _analyse_modes(model, example_inputs, options)
-    output_type = None
+    output = None
     if verify and not isinstance(model, fx.GraphModule):  # a GraphModule is its own graph
-        output_type = verify_graphs(
+        output = verify_graphs(
             model,
             {True: train.gm, False: (ev or train).gm},
             example_inputs,
@@ -219,7 +219,7 @@ def _insert(
         out = mode_result(model, train.gm, ev.gm if ev else None)
         _record(out, added)
         return out
-    return build_patched(model, {True: train.gm, False: (ev or train).gm}, added, output_type)
+    return build_patched(model, {True: train.gm, False: (ev or train).gm}, added, output)
 
 
 def _warn_new_parameters(layers: list[RegBN], start: int) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "base_class",
     "build_patched",
     "is_patched",
+    "output_spec",
     "patched_graphs",
     "unpatched",
 ]
@@ -65,7 +66,7 @@ class Patch:
     graphs: dict[bool, fx.Graph]
     added: list[str]
     base: type[nn.Module]
-    output_type: type | None = None
+    output: Any = None  # `output_spec` of what the model returned
     forwards: dict[bool, Any] = field(default_factory=dict, repr=False)
 
     def compile(self) -> None:
@@ -77,12 +78,34 @@ class Patch:
             self.forwards[mode] = done[id(graph)]
 
     def restore(self, out: Any) -> Any:
-        """The model's output type for what the graph returned."""
-        t = self.output_type
-        if t is not None and type(out) is dict and t is not dict and issubclass(t, Mapping):
-            return t(**out)
-        return out
+        """The model's output types for what the graph returned."""
+        return _restore(out, self.output)
 
+
+
+def output_spec(value: Any) -> Any:
+    """The container types of a model's output, ``(type, children)`` down to the tensors: a
+    torch.fx graph returns a ``ModelOutput`` (a dict subclass) as a plain dict."""
+    if isinstance(value, Mapping):
+        return (type(value), {k: output_spec(v) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return (type(value), [output_spec(v) for v in value])
+    return None
+
+
+def _restore(out: Any, spec: Any) -> Any:
+    if spec is None:
+        return out
+    kind, children = spec
+    if isinstance(children, dict) and type(out) is dict:
+        items = {k: _restore(v, children.get(k)) for k, v in out.items()}
+        return items if kind is dict else kind(**items)
+    if isinstance(children, list) and isinstance(out, (tuple, list)) and len(out) == len(
+        children
+    ):
+        values = [_restore(v, c) for v, c in zip(out, children, strict=True)]
+        return type(out)(*values) if hasattr(out, "_fields") else type(out)(values)
+    return out
 
 
 class PatchedModel(nn.Module):
@@ -95,7 +118,7 @@ class PatchedModel(nn.Module):
             "graphs": {mode: _rows(graph) for mode, graph in patch.graphs.items()},
             "same": patch.graphs[True] is patch.graphs[False],
             "added": list(patch.added),
-            "output_type": patch.output_type,
+            "output": patch.output,
         }
         return (_rebuild, (patch.base, state, saved))
 
@@ -191,7 +214,7 @@ def build_patched(
     model: nn.Module,
     per_mode: dict[bool, fx.GraphModule],
     added: list[str],
-    output_type: type | None = None,
+    output: Any = None,
 ) -> nn.Module:
     """The patched object for ``model``: ``per_mode[True]``/``[False]`` are the spliced graph
     modules of each mode (the same object when the modes agree), ``added`` the names of all
@@ -214,7 +237,7 @@ def build_patched(
     if constants._buffers or constants._modules or constants._parameters:
         constants.training = model.training
         modules[CONSTANTS] = constants
-    patch = Patch(graphs, list(added), base_class(model), output_type)
+    patch = Patch(graphs, list(added), base_class(model), output)
     return _instance(patch.base, state, patch)
 
 
@@ -328,7 +351,7 @@ def _rebuild(base: type[nn.Module], state: dict[str, Any], saved: dict[str, Any]
     graphs = {mode: _graph_of(rows) for mode, rows in saved["graphs"].items()}
     if saved["same"]:
         graphs[False] = graphs[True]
-    patch = Patch(graphs, saved["added"], base, saved["output_type"])
+    patch = Patch(graphs, saved["added"], base, saved["output"])
     return _instance(base, state, patch)
 
 

@@ -31,7 +31,7 @@ import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -80,6 +80,23 @@ def is_regbn(gm: nn.Module, node: fx.Node) -> bool:
         return False
 
 
+class RegBNProxy(fx.Proxy):
+    """A Proxy whose attribute assignments are graph nodes: ``out.pooler_output = proj(x)`` on
+    a leaf's output object (transformers' ``get_text_features``) mutates the real object at
+    run time too, so what the model returns keeps the field it set."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("tracer", "node") or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        call = self.tracer.create_proxy("call_function", setattr, (self, name, value), {})
+        call.node.meta["regbn_region"] = "setattr"
+        object.__setattr__(self, name, value)  # later reads in the traced code see the value
+
+
+fx.node.has_side_effect(setattr)
+
+
 class RegBNTracer(fx.Tracer):
     """A tracer that keeps RegBN layers opaque and records module provenance in ``node.meta``."""
 
@@ -92,8 +109,6 @@ class RegBNTracer(fx.Tracer):
         # A global name bound to torch.utils.checkpoint.checkpoint stays one call (regions.py).
         super().__init__(autowrap_functions=(*autowrap_functions, CHECKPOINT))
         self.leaf_classes = (*leaf_classes, RegBN)
-        # Source lines on every node: errors and verification name the user's line.
-        self.record_stack_traces = True
         # print/logging lines met while tracing: they run once here, never in the graph.
         self.effects: list[str] = []
         self.leaf_paths = frozenset(leaf_paths)
@@ -101,6 +116,9 @@ class RegBNTracer(fx.Tracer):
         self._call_counts: dict[str, int] = defaultdict(int)
         # Innermost module path active when tracing failed (the stack is unwound by then).
         self.failed_module: tuple[str, ...] | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return RegBNProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_classes) or module_qualified_name in self.leaf_paths:
@@ -237,13 +255,15 @@ class Traced:
 
     ``model``: the traced module (wrappers removed); ``graph``: its graph; ``constants``: tensors
     fx made while tracing (``_tensor_constant0``), which the graph reads but the model does not
-    hold; ``effects``: the ``print``/``logging`` lines tracing ran, which the graph does not.
+    hold; ``effects``: the ``print``/``logging`` lines tracing ran, which the graph does not;
+    ``auto_leaves``: the classes `trace_graph` made leaves, with why.
     """
 
     model: nn.Module
     graph: fx.Graph
     constants: dict[str, Any]
     effects: list[str] = field(default_factory=list)
+    auto_leaves: list[str] = field(default_factory=list)
 
     def graph_module(self) -> fx.GraphModule:
         """The annotated ``GraphModule`` (the model itself where it is one already)."""
@@ -289,10 +309,20 @@ def trace_graph(
     leaf_modules: Iterable[LeafSpec] | None = None,
     autowrap_functions: Sequence[Callable[..., Any]] | None = None,
     caller: str = "regbn.fx.trace",
+    given: Sequence[str] | None = None,
+    auto_leaves: bool = False,
 ) -> Traced:
     """`trace` without building the ``GraphModule`` (which compiles its code): the graph alone,
     e.g. to compare two traces. ``Traced.graph_module()`` finishes the job. ``caller``: the
-    public callable that starts error messages."""
+    public callable that starts error messages.
+
+    ``given``: the forward arguments the example inputs hold, by name. A forward that takes
+    ``**kwargs`` or is wrapped by a decorator (every transformers 5 model) is then traced
+    through a root with exactly those arguments: the others keep their defaults, ``**kwargs``
+    gets nothing. ``auto_leaves``: where tracing fails inside a submodule, that module's class
+    becomes a leaf (every instance at once) and tracing starts again; `Traced.auto_leaves`
+    says which and why.
+    """
     if not isinstance(model, nn.Module):
         raise RegBNTypeError(f"{caller}: expects an nn.Module; got {type(model).__name__}")
     model, _ = unwrap(model)
@@ -307,17 +337,63 @@ def trace_graph(
             f"{caller}: autowrap_functions must be a sequence of Python functions"
         )
     classes, paths = _split_leaf_modules(model, leaf_modules, caller)
+    made: list[str] = []
+    while True:
+        try:
+            traced = _trace_once(model, classes, paths, autowrap_functions, concrete_args,
+                                 caller, given)
+        except _Failed as failed:
+            module = model.get_submodule(failed.stack[-1]) if failed.stack else None
+            cls = type(module) if module is not None else None
+            if (not auto_leaves or cls is None or cls in classes or len(made) >= _MAX_AUTO
+                    or isinstance(failed.exc, RegionError)):
+                raise failed.error from failed.exc
+            classes = (*classes, cls)
+            reason = getattr(failed.error, "reason", None) or type(failed.exc).__name__
+            location = getattr(failed.error, "location", None)
+            made.append(f"{cls.__name__} (first at {failed.stack[-1]!r}: {reason}"
+                        + (f"; {location}" if location else "") + ")")
+            continue
+        traced.auto_leaves = made
+        return traced
+
+
+_MAX_AUTO = 64
+
+
+class _Failed(Exception):
+    def __init__(self, exc: BaseException, error: BaseException, stack: tuple[str, ...]) -> None:
+        super().__init__(str(error))
+        self.exc, self.error, self.stack = exc, error, stack
+
+
+def _trace_once(
+    model: nn.Module,
+    classes: tuple[type[nn.Module], ...],
+    paths: list[str],
+    autowrap_functions: Sequence[Callable[..., Any]] | None,
+    concrete_args: dict[str, Any] | None,
+    caller: str,
+    given: Sequence[str] | None,
+) -> Traced:
     tracer = RegBNTracer(classes, paths, autowrap_functions or ())
     before = set(vars(model))
+    root = model
+    if given is not None and concrete_args is None and _needs_root(model, given):
+        root = _root_with(model, list(given))
+        tracer.traced_func_name = _ROOT_FORWARD
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-        _name_placeholders(graph, model, concrete_args)
+        graph = tracer.trace(root, concrete_args=concrete_args)
+        if root is model:
+            _name_placeholders(graph, model, concrete_args)
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
         if isinstance(e, TraceError):
             raise
         if isinstance(e, RegionError):
-            raise RegionError(f"{caller}: {e}") from e
-        raise trace_error(e, model, tracer.failed_module or (), caller) from e
+            error: BaseException = RegionError(f"{caller}: {e}")
+        else:
+            error = trace_error(e, model, tracer.failed_module or (), caller)
+        raise _Failed(e, error, tracer.failed_module or ()) from e
     finally:
         # fx stores tensors made while tracing (``_tensor_constant0``) on the model it traces;
         # they move to the result, and the caller's model stays as it was.
@@ -325,6 +401,37 @@ def trace_graph(
         for name in constants:
             delattr(model, name)
     return Traced(model, graph, constants, list(dict.fromkeys(tracer.effects)))
+
+
+_ROOT_FORWARD = "_regbn_traced_forward"
+
+
+def _needs_root(model: nn.Module, given: Sequence[str]) -> bool:
+    """A forward fx cannot trace from its own signature: ``**kwargs``, or a decorator's
+    ``(*args, **kwargs)`` wrapper (transformers 5 wraps every model's forward)."""
+    forward = type(model).forward
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    wrapped = hasattr(forward, "__wrapped__")
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    names_ok = all(n.isidentifier() and n in params or var_kw for n in given)
+    return (wrapped or var_kw) and names_ok and len(set(given)) == len(given)
+
+
+def _root_with(model: nn.Module, given: list[str]) -> nn.Module:
+    """A view of ``model`` (same ``__dict__``, a throwaway subclass) whose traced method takes
+    exactly ``given`` and calls the model's own forward with them by name."""
+    args = ", ".join(given)
+    call = ", ".join(f"{n}={n}" for n in given)
+    namespace: dict[str, Any] = {"_forward": type(model).forward}
+    exec(f"def {_ROOT_FORWARD}(self, {args}):\n    return _forward(self, {call})\n", namespace)
+    base: type[nn.Module] = type(model)
+    cls: type[nn.Module] = type(base.__name__, (base,), {_ROOT_FORWARD: namespace[_ROOT_FORWARD]})
+    view = cast(nn.Module, cls.__new__(cls))
+    object.__setattr__(view, "__dict__", model.__dict__)
+    return view
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import RegBNValueError
 from .mode_graph import in_mode
+from .patched import output_spec
 from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
 from .shapes import _model_device, _quiet_fake_mode, _rng_restored, _swapped
 
@@ -71,7 +72,7 @@ class Run:
     """What one side computed: flattened outputs, gradient sums and changed buffers."""
 
     outputs: list[tuple[str, Any]]
-    output_type: type
+    output: Any  # `output_spec` of the output
     grads: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     buffers: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -116,7 +117,6 @@ def _run(
 
     originals = {id(b): b for b in module.buffers()}
     names = {id(b): n for n, b in module.named_buffers()}
-    _release_memory()
     with _swapped(copy_buffer, eager=module) as swap:
         swap.module(gm)  # tensors fx copied into the graph module get the same copies
         _set_rng(rng)
@@ -134,7 +134,7 @@ def _run(
                 if id(old) in originals and not _equal_nan(new, old):
                     changed[names[id(old)]] = _sums(new)
         kept = [(k, v.detach() if isinstance(v, torch.Tensor) else v) for k, v in outputs]
-    return Run(kept, type(out), grads, changed)
+    return Run(kept, output_spec(out), grads, changed)
 
 
 def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -312,30 +312,30 @@ def verify(
     input_shapes: Any = None,
     input_dtypes: Any = None,
     caller: str = "regbn.insert",
-) -> type:
+) -> Any:
     """Check ``graphs[True]``/``graphs[False]`` (the traced model of each mode) against
-    ``model`` on the example inputs (see the module docstring). Returns the type of the model's
-    output; raises `VerifyError` where they differ."""
+    ``model`` on the example inputs (see the module docstring). Returns the `output_spec` of the
+    model's output; raises `VerifyError` where they differ."""
     fake = example_inputs is None
-    params = dict(model.named_parameters())
-    output_type: type = object
+    output: Any = None
     with _rng_restored(model, example_inputs if example_inputs is not None else ()):
         for training in (True, False):
-            output_type = _verify_mode(
+            output = _verify_mode(
                 model, graphs[training], training, example_inputs, input_shapes, input_dtypes,
-                caller, params, fake, output_type,
+                caller, fake, output,
             )
-    return output_type
+    return output
 
 
 def _verify_mode(
     model: nn.Module, gm: fx.GraphModule, training: bool, example_inputs: Any,
-    input_shapes: Any, input_dtypes: Any, caller: str, params: dict[str, nn.Parameter],
-    fake: bool, output_type: type, backward: bool = True,
-) -> type:
+    input_shapes: Any, input_dtypes: Any, caller: str, fake: bool, output: Any,
+    backward: bool = True,
+) -> Any:
     with _sides(model, gm, example_inputs, input_shapes, input_dtypes, caller) as (
         call_model,
         call_graph,
+        params,
     ), in_mode(model, training):
         rng = _rng_state()
         with torch.enable_grad() if training else torch.no_grad():
@@ -343,6 +343,8 @@ def _verify_mode(
             a = _run(model, gm, call_model, training and backward, rng, params, fake)
             updated = {k for k, v in python_state(model).items() if before.get(k, v) != v}
             restore_python_state(model, before)
+            if training and backward:
+                _release_memory()  # the model side's activations, before the graph side's
             b = _run(model, gm, call_graph, training and backward, rng, params, fake)
     if updated:
         names = [f"{path}.{key}" if path else key for path, key in sorted(updated)]
@@ -354,7 +356,7 @@ def _verify_mode(
             "buffer, or pass verify=False to accept the difference",
             [f"forward updates {', '.join(names)}"],
         )
-    output_type = a.output_type if training else output_type
+    output = a.output if training else output
     found = _differences(a, b, fake)
     if found:
         mode = "training" if training else "eval"
@@ -366,7 +368,7 @@ def _verify_mode(
             + f". {where}To proceed: {HOW}",
             found,
         )
-    return output_type
+    return output
 
 
 def check_forward(
@@ -377,8 +379,8 @@ def check_forward(
     Returns what differs (empty when nothing does)."""
     try:
         with _rng_restored(model, example_inputs):
-            _verify_mode(model, gm, model.training, example_inputs, None, None, caller, {},
-                         False, object, backward=False)
+            _verify_mode(model, gm, model.training, example_inputs, None, None, caller, False,
+                         None, backward=False)
     except VerifyError as e:
         return e.differences
     return []
@@ -388,15 +390,16 @@ def check_forward(
 def _sides(
     model: nn.Module, gm: fx.GraphModule, example_inputs: Any, input_shapes: Any,
     input_dtypes: Any, caller: str,
-) -> Iterator[tuple[Any, Any]]:
-    """Two callables, the model and the graph on the same inputs; fake tensors for shapes."""
+) -> Iterator[tuple[Any, Any, dict[str, nn.Parameter]]]:
+    """Two callables, the model and the graph on the same inputs, and the parameters they read
+    (fake tensors for shapes: then the parameters are fake too)."""
     if example_inputs is not None:
         pos, named = split_inputs(example_inputs)
         args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
         named = {**_fixed(model, gm, pos, named, args), **named}
         # forward, not __call__: the model's own hooks run on the patched model as they are
         yield (lambda: model.forward(*copy_containers(pos), **copy_containers(named)),
-               lambda: gm(*copy_containers(args)))
+               lambda: gm(*copy_containers(args)), dict(model.named_parameters()))
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -407,10 +410,12 @@ def _sides(
         return nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
 
     device = _model_device(model)
-    with _swapped(to_fake, eager=model), _quiet_fake_mode(), mode:
+    with _swapped(to_fake, eager=model) as swap, _quiet_fake_mode(), mode:
+        swap.module(gm)  # the graph module's own references to the same tensors
         pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device, caller)
         args = arrange_inputs(gm, pos, kw, caller)
-        yield (lambda: _call_by_graph_order(model, gm, args), lambda: gm(*args))
+        yield (lambda: _call_by_graph_order(model, gm, args), lambda: gm(*args),
+               dict(model.named_parameters()))
 
 
 def _fixed(
@@ -452,23 +457,23 @@ def _where(
         except Exception:  # locating is best effort; the differences were already found
             first = None
         if first is not None:
-            return f"They first part at the output of module {first!r}{_line(gm, first)}. "
+            return f"They first part at the output of module {first!r}{_line(model, first)}. "
     for name in list(a.grads) + list(b.grads):
         if (a.grads.get(name) is None) != (b.grads.get(name) is None):
             owner = _owner(name)
-            return f"They part in module {owner!r}{_line(gm, owner)}. "
+            return f"They part in module {owner!r}{_line(model, owner)}. "
     return ""
 
 
-def _line(gm: fx.GraphModule, path: str) -> str:
-    for node in gm.graph.nodes:
-        if any(p == path for p, _ in node.meta.get("regbn_module_calls", ())):
-            trace = node.meta.get("stack_trace")
-            if trace:
-                last = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-                return f" ({last[-2]}: {last[-1]})" if len(last) >= 2 else ""
-            return ""
-    return ""
+def _line(model: nn.Module, path: str) -> str:
+    """Where the module's forward is written: ``(file.py:12, Tower.forward)``."""
+    try:
+        forward = inspect.unwrap(type(model.get_submodule(path)).forward)
+        file = inspect.getsourcefile(forward)
+        line = inspect.getsourcelines(forward)[1]
+    except (AttributeError, OSError, TypeError):
+        return ""
+    return f" ({file}:{line}, {forward.__qualname__})"
 
 
 def _first_module(
@@ -491,7 +496,7 @@ def _first_module(
         handles.append(mod.register_forward_hook(hook))
     rng = _rng_state()
     try:
-        with _sides(model, gm, example_inputs, None, None, caller) as (call_model, call_graph), \
+        with _sides(model, gm, example_inputs, None, None, caller) as (call_model, _, _), \
                 in_mode(model, training), torch.no_grad(), _swapped(_clone_buffer, eager=model):
             _set_rng(rng)
             call_model()
