@@ -238,6 +238,30 @@ def _checkpoint_patches(rec: _Recorder) -> dict[tuple[Any, str], Any]:
 _MISSING = object()
 
 
+# Tensor factories take sizes, not tensors, so a size read from a traced tensor (``x.shape[0]``)
+# reaches them as a Proxy that torch's argument parser refuses; with one, they become nodes.
+_FACTORIES = (
+    "ones", "zeros", "empty", "full", "arange", "rand", "randn", "randint", "eye", "linspace",
+    "ones_like", "zeros_like", "full_like", "tensor", "as_tensor",
+)  # fmt: skip
+
+
+def _factory_patches(rec: _Recorder) -> dict[tuple[Any, str], Any]:
+    def wrap(name: str, real: Any) -> Any:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            found: list[fx.Proxy] = []
+            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a)
+                                  if isinstance(a, fx.Proxy) else a)
+            if not found:
+                return real(*args, **kwargs)
+            return rec.tracer.create_proxy("call_function", real, args, kwargs)
+
+        return factory
+
+    return {(torch, name): wrap(name, getattr(torch, name)) for name in _FACTORIES
+            if hasattr(torch, name)}
+
+
 def _output_patches(effects: list[str]) -> dict[tuple[Any, str], Any]:
     """``print`` and ``logging`` still run while tracing; their lines are noted in
     ``effects``: the patched model does not run them again (fx records tensor ops only)."""
@@ -262,7 +286,8 @@ def recording_regions(tracer: fx.Tracer, effects: list[str] | None = None) -> It
     """While active, grad-mode and autocast regions and checkpoint calls become graph nodes of
     ``tracer`` (see the module docstring); ``print``/``logging`` lines go to ``effects``."""
     rec = _Recorder(tracer)
-    patches = {**_grad_patches(rec), **_autocast_patches(rec), **_checkpoint_patches(rec)}
+    patches = {**_grad_patches(rec), **_autocast_patches(rec), **_checkpoint_patches(rec),
+               **_factory_patches(rec)}
     if effects is not None:
         patches.update(_output_patches(effects))
     saved = []

@@ -1,5 +1,7 @@
-"""transformers 5 models, whole, with no options: CLIP, SigLIP, and a user's two-tower model
-with a BertModel tower, built from small configs (nothing is downloaded).
+"""transformers 5 models, whole, with no options: the dual encoders CLIP and SigLIP, FLAVA (its
+multimodal encoder reads the concatenated text and image tokens), LXMERT (cross-attention
+between language and vision layers), and a user's two-tower model with a BertModel tower, all
+built from small configs (nothing is downloaded).
 
 Each is found, inspected, patched, trained for two Adam steps, evaluated and removed again, and
 its outputs keep their type. transformers 5 wraps every forward in ``(*args, **kwargs)``
@@ -99,6 +101,67 @@ def test_dual_encoder_whole_with_no_options(name):
         again = restored(**batch)
         plain = model.eval()(**batch)
     torch.testing.assert_close(again.logits_per_text, plain.logits_per_text)
+
+
+def _flava():
+    config = transformers.FlavaConfig(
+        text_config=TEXT,
+        image_config=VISION,
+        multimodal_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                               num_attention_heads=4),
+        hidden_size=32,
+        projection_dim=16,
+    )  # fmt: skip
+    return transformers.FlavaModel(config), _batch(), "cat", (
+        lambda out: out.multimodal_embeddings
+    )
+
+
+def _lxmert():
+    config = transformers.LxmertConfig(
+        vocab_size=99, hidden_size=32, num_attention_heads=4, intermediate_size=37, l_layers=1,
+        x_layers=1, r_layers=1, visual_feat_dim=20, visual_pos_dim=4,
+    )  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(3, 99, (B, T)),
+        "visual_feats": torch.randn(B, 5, 20),
+        "visual_pos": torch.rand(B, 5, 4),
+        "attention_mask": torch.ones(B, T).long(),
+    }
+    return transformers.LxmertModel(config), batch, "attention", (
+        lambda out: out.pooled_output
+    )
+
+
+@pytest.mark.parametrize("make", [_flava, _lxmert], ids=["flava", "lxmert"])
+def test_fusion_inside_the_model(make):
+    torch.manual_seed(0)
+    model, batch, kind, read = make()
+    fusions = _quiet(regbn.find_fusions, model, batch)
+    assert kind in [f.kind for f in fusions]
+    report = _quiet(regbn.inspect, model, batch)
+    assert report.failure is None and report.pairs
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch)
+    patched = _quiet(regbn.insert, model, "auto", batch)
+    assert isinstance(patched, type(model)) and hasattr(patched, "regbn_0")
+    patched.train()
+    opt = torch.optim.Adam(patched.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        out = patched(**batch)
+        assert type(out) is type(want)
+        read(out).square().mean().backward()
+        opt.step()
+    patched.eval()
+    with torch.no_grad():
+        out = patched(**batch)
+    assert type(out) is type(want) and read(out).shape == read(want).shape
+    restored = regbn.remove(patched)
+    assert type(restored) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(read(restored(**batch)), read(model(**batch)))
 
 
 def test_named_pairs_as_module_paths():
