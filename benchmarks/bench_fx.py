@@ -22,7 +22,8 @@ weights or activations are ever allocated. These timings are of ``insert(..., ve
    one training step of the model (forward and backward). ``--skip-verification`` leaves it
    out.
 
-    python benchmarks/bench_fx.py [--batch 32] [--repeats 5] [--skip-verification]
+    python benchmarks/bench_fx.py [--batch 32] [--repeats 5] [--verify-repeats 3]
+                                  [--skip-verification]
 
 Writes benchmarks/results/bench_fx.json.
 """
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--out", type=Path, default=Path(__file__).parent / "results" / "bench_fx.json"
     )
     parser.add_argument("--skip-verification", action="store_true")
+    parser.add_argument("--verify-repeats", type=int, default=3)
     parser.add_argument("--peak-child", choices=["train_step", "verified", "unverified"])
     args = parser.parse_args(argv)
     if args.peak_child:
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_to_symbolic_trace": ratio <= GOALS["ratio_to_symbolic_trace"],
     }
     towers = bench_towers(args.batch, args.repeats)
-    verification = None if args.skip_verification else bench_verification(max(1, args.repeats // 3))
+    verification = None if args.skip_verification else bench_verification(args.verify_repeats)
     result = {
         "benchmark": "regbn.insert on two ResNet-50 trunks built on torch.device('meta')",
         "model": {

@@ -78,7 +78,9 @@ def test_dual_encoder_whole_with_no_options(name):
         model.eval()
         want = model(**batch)
         model.train()
-    patched = _quiet(regbn.insert, model, "auto", batch)
+    # the two towers' normalised embeddings, paired sample by sample: the pair find_fusions
+    # walks back to from the similarity product
+    patched = _quiet(regbn.insert, model, [fusion.pair], batch)
     assert isinstance(patched, type(model)) and hasattr(patched, "regbn_0")
     assert patched.config is model.config
     opt = torch.optim.Adam(patched.parameters(), lr=1e-3)
@@ -178,7 +180,7 @@ def test_checkpoint_reloads_in_a_fresh_model_and_round_trips_save_pretrained(tmp
     torch.manual_seed(0)
     model = _clip()
     batch = _batch()
-    patched = _quiet(regbn.insert, model, "auto", batch)
+    patched = _quiet(regbn.insert, model, [("text_projection", "visual_projection")], batch)
     patched.train()
     patched(**batch)  # one training batch: the running W moves
     patched.eval()
@@ -189,7 +191,8 @@ def test_checkpoint_reloads_in_a_fresh_model_and_round_trips_save_pretrained(tmp
     fresh = _quiet(transformers.CLIPModel.from_pretrained, tmp_path)
     shapes = {"input_ids": ((B, T), torch.int64), "pixel_values": (B, 3, 30, 30),
               "attention_mask": ((B, T), torch.int64)}  # fmt: skip
-    again = _quiet(regbn.insert, fresh, "auto", input_shapes=shapes)
+    again = _quiet(regbn.insert, fresh, [("text_projection", "visual_projection")],
+                   input_shapes=shapes)
     again.load_state_dict(patched.state_dict())
     again.eval()
     with torch.no_grad():
