@@ -15,9 +15,10 @@ custom context manager, a hook on a module that was traced through.
 
 Each side runs from the same random-generator state (dropout draws alike) on its own copy of
 every buffer; the model's buffers, its training flags, its ``.grad`` fields and the global random
-state end exactly as they began. Each gradient is read as two sums (its sum and norm) the moment backward
-accumulates it and freed at once (``.grad`` is put back afterwards), so the check holds one
-side's outputs and these sums, never all gradients: less than one training step of the model.
+state end exactly as they began. Each gradient is read as two sums (its sum and norm) the moment
+backward accumulates it and freed at once (``.grad`` is put back afterwards), so the check holds
+one side's outputs and these sums, never all gradients: less than one training step of the
+model. The heap the first side freed is handed back to the OS before the second side runs.
 
 With ``input_shapes`` (fake tensors, no data) only the structure is compared: output dtypes and
 shapes, and which parameters receive a gradient. Values are skipped.
