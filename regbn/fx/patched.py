@@ -29,6 +29,7 @@ model itself.
 from __future__ import annotations
 
 import builtins
+import copy
 import functools
 import importlib
 from collections.abc import Mapping
@@ -80,7 +81,6 @@ class Patch:
     def restore(self, out: Any) -> Any:
         """The model's output types for what the graph returned."""
         return _restore(out, self.output)
-
 
 
 def output_spec(value: Any) -> Any:
@@ -184,7 +184,7 @@ def _own_containers(model: nn.Module) -> dict[str, Any]:
     state = dict(model.__dict__)
     for key, value in state.items():
         if key in _INTERNALS and isinstance(value, (dict, set)):
-            state[key] = type(value)(value) if not isinstance(value, set) else set(value)
+            state[key] = copy.copy(value)
     state.pop(PATCH, None)
     return state
 
