@@ -30,6 +30,8 @@ from .names import is_ambiguous
 from .regions import global_hooks
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import input_name, trace_graph
+from .tracing import is_regbn as is_regbn_call
+from .value_flow import value_inputs
 from .verify import check_forward
 
 __all__ = [
@@ -193,7 +195,36 @@ def analyse(
     # Modalities are structural: they hold for every node, even past a shape failure.
     graph = annotate_modalities(gm, modalities=modalities, caller=caller)
     fusions = [with_pair_names(gm, f) for f in detect_fusions(gm)]
+    _warn_hidden_fusions(gm, {f.name for f in fusions}, caller)
     return Analysis(gm, fusions, failure, graph)
+
+
+def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str], caller: str) -> None:
+    """A leaf that reads inputs of two or more modalities (token ids of one, features of
+    another) may fuse them inside, where no fusion can be seen or patched: say so."""
+    hidden = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.name in fusions or is_regbn_call(gm, node):
+            continue
+        groups = list(dict.fromkeys(
+            src.meta["regbn_modalities"] for src in value_inputs(node)
+            if src.meta.get("regbn_modalities")
+        ))  # fmt: skip
+        disjoint = len(groups) >= 2 and all(
+            not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:]
+        )
+        if disjoint:
+            module = type(gm.get_submodule(str(node.target))).__name__
+            mods = " and ".join(", ".join(sorted(g)) for g in groups)
+            hidden.append(f"{node.target!r} ({module}) reads {mods}")
+    if hidden:
+        warnings.warn(
+            f"{caller}: {'; '.join(hidden)}: the branches may fuse inside, where a leaf cannot "
+            "be seen into, so no fusion is reported there. Pair tensors of each branch before "
+            "they enter it, or make it traceable (drop it from leaf_modules)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def private_copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -166,6 +166,21 @@ def test_fusion_inside_the_model(make):
         torch.testing.assert_close(read(restored(**batch)), read(model(**batch)))
 
 
+def test_a_fusion_inside_an_untraceable_module_is_named_not_hidden():
+    # BLIP's text encoder cross-attends to the image inside BlipTextModel, whose masks torch.fx
+    # cannot build: it becomes a leaf, and the warning says what it hides
+    config = transformers.BlipConfig(
+        text_config={**TEXT, "encoder_hidden_size": 32}, vision_config=VISION,
+        projection_dim=16, image_text_hidden_size=16,
+    )  # fmt: skip
+    model = transformers.BlipForImageTextRetrieval(config)
+    with pytest.warns(UserWarning, match=r"'text_encoder' \(BlipTextModel\) reads input_ids and "
+                      r"pixel_values: the branches may fuse inside"):
+        assert regbn.find_fusions(model, _batch()) == []
+    with pytest.raises(ValueError, match=r"found no fusion"):
+        _quiet(regbn.insert, model, "auto", _batch())
+
+
 def test_named_pairs_as_module_paths():
     torch.manual_seed(0)
     model = _clip()
