@@ -9,6 +9,7 @@ more paths (FiLM's γ and β). The rules, with examples, are in `regbn.fx.modali
 
 from __future__ import annotations
 
+import builtins
 import operator
 
 import networkx as nx
@@ -167,6 +168,8 @@ def _is_split(node: fx.Node) -> bool:
 def _is_glue(node: fx.Node) -> bool:
     if _is_getitem(node):
         return _is_layout_index(node)
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return len(node.args) >= 2 and node.args[1] in _TRANSPOSE_ATTRS  # x.T, x.mT, x.H
     if node.target in _SHIFTS:
         # 1 + gamma is FiLM's; x + self.pos_embedding belongs to the branch that adds it.
         return node.op in ("call_function", "call_method") and len(nodes_in(node.args)) == 1
@@ -176,6 +179,8 @@ def _is_glue(node: fx.Node) -> bool:
         return node.target in _LAYOUT_METHODS or node.target in _SCALE_METHODS
     return False
 
+
+_TRANSPOSE_ATTRS = frozenset({"T", "mT", "H", "mH"})
 
 _SHIFTS = frozenset(
     {operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}

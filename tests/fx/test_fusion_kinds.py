@@ -168,6 +168,14 @@ class Bmm(CatTokens):
         return self.head(torch.bmm(ta, tb.transpose(1, 2)) @ tb).mean(1)
 
 
+class MatrixTranspose(CatTokens):
+    """The transpose as an attribute (``.mT``), walked back like ``.transpose(1, 2)``."""
+
+    def forward(self, a, b):
+        ta, tb = self._rb(0, self.proj_a(a), self.proj_b(b))
+        return self.head((ta @ tb.mT) @ tb).mean(1)
+
+
 class Outer(Stack):
     """A batched outer product by broadcasting."""
 
@@ -247,6 +255,7 @@ KINDS = {
     "q_at_k_transposed": Kind(Scores, TOK, "matmul", ("q", "k")),
     "einsum": Kind(Einsum, VEC, "einsum", ("enc_a", "enc_b")),
     "bmm": Kind(Bmm, TOK, "matmul", ("proj_a", "proj_b")),
+    "matmul_with_mT": Kind(MatrixTranspose, TOK, "matmul", ("proj_a", "proj_b")),
     "outer_product": Kind(Outer, VEC, "mul", ("enc_a", "enc_b")),
     "bilinear": Kind(BilinearFusion, VEC, "bilinear", ("enc_a", "enc_b")),
     "tensor_fusion": Kind(TensorFusion, VEC, "einsum", ("enc_a", "enc_b")),
