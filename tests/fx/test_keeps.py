@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 import regbn
 from regbn.fx.regions import CHECKPOINT, GRAD_ENTER, GRAD_EXIT
 
+from .conftest import SentenceImage
+
 B = 8
 
 
@@ -508,17 +510,8 @@ def test_verification_leaves_model_buffers_and_rng_as_they_were():
 # ----------------------------------------------------------------- a real pretrained tower
 
 
-class FrozenText(nn.Module):
+class FrozenText(SentenceImage):
     """The pretrained MiniLM as a frozen text tower (no_grad inside forward) and an image CNN."""
-
-    def __init__(self, sentence: nn.Module) -> None:
-        super().__init__()
-        self.text = sentence
-        self.image = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(8, 384),
-        )  # fmt: skip
-        self.head = nn.Linear(768, 2)
 
     def forward(self, features, image):
         with torch.no_grad():

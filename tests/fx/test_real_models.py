@@ -19,7 +19,7 @@ from torch import nn
 
 import regbn
 
-from .conftest import HandEditable
+from .conftest import HandEditable, SentenceImage
 
 # Before transformers is imported: it must never reach for a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -256,25 +256,6 @@ def _train_and_compare(patched, hand, make_inputs, steps: int) -> None:
 
 
 # ------------------------------------------------------------------- the pretrained MiniLM
-
-
-class SentenceImage(HandEditable):
-    """sentence-transformers' own SentenceTransformer, fed its features dict, and an image."""
-
-    def __init__(self, sentence: nn.Module) -> None:
-        super().__init__()
-        self.text = sentence
-        self.image = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(8, 384),
-        )  # fmt: skip
-        self.head = nn.Linear(768, 2)
-
-    def forward(self, features, image):
-        t = self.text(features)["sentence_embedding"]
-        v = self.image(image)
-        t, v = self._rb(0, t, v)
-        return self.head(torch.cat([t, v], 1))
 
 
 @pytest.fixture(scope="module")
