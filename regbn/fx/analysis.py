@@ -14,6 +14,7 @@ import inspect
 import math
 import operator
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -123,6 +124,7 @@ def analyse(
     example_inputs: Any = None,
     *,
     caller: str = "regbn.inspect",
+    shapes: Callable[[fx.GraphModule], ShapeFailure | None] | None = None,
     **options: Any,
 ) -> Analysis:
     """Trace, propagate shapes, annotate modalities and detect fusions, in that order.
@@ -132,7 +134,8 @@ def analyse(
     ``modalities`` groups inputs into named modalities (see `regbn.fx.modality`). Tracing options
     are those of `regbn.fx.tracing.trace`. A trace failure raises `TraceError`; a shape failure is
     returned in ``failure`` and the modalities still hold for every node. ``caller``: the public
-    callable that starts the message of any error (``"regbn.insert"``, ...).
+    callable that starts the message of any error (``"regbn.insert"``, ...). ``shapes``: what
+    propagates real shapes instead of `propagate_shapes` (`regbn.insert`'s check).
     """
     unknown = sorted(set(options) - set(TRACE_OPTIONS))
     if unknown:
@@ -175,7 +178,9 @@ def analyse(
     traced = found.graph_module()
     gm = private_copy(traced) if traced is model else traced
     failure = None
-    if example_inputs is not None or input_shapes is not None:
+    if shapes is not None and example_inputs is not None:
+        failure = shapes(gm)  # insert's training-mode check, which propagates shapes as well
+    elif example_inputs is not None or input_shapes is not None:
         failure = propagate_shapes(
             gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes, caller=caller
         )

@@ -41,9 +41,10 @@ from .module_state import carry_missing_state
 from .names import is_ambiguous, resolve_name
 from .pair_plan import CALLER, Plan, build_layers, normalise_pairs, plan_pairs
 from .patched import added_names, build_patched, is_patched, unpatched
+from .shapes import ShapeFailure
 from .splice import finish, next_layer_index, reorder_topologically, splice, without_layers
 from .tracing import TraceError, is_regbn, same_trace, trace_graph
-from .verify import python_state, restore_python_state
+from .verify import python_state, restore_python_state, verify_training
 from .verify import verify as verify_graphs
 
 # The steps of insert live in their own modules: its argument checks (insert_checks), the pairs
@@ -56,11 +57,30 @@ __all__ = ["insert", "remove", "resolve_name", "is_ambiguous"]
 ADDED = "regbn_inserted"
 
 
-def _analyse(model: nn.Module, example_inputs: Any, options: dict, mode: str) -> Analysis:
+class _TrainingCheck:
+    """insert's training-mode check, run where the analysis propagates real shapes: its graph
+    side records them, so a checked insert runs the graph once less (`verify_training`)."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        self.model, self.example_inputs = model, example_inputs
+        self.output: Any = None
+
+    def __call__(self, gm: fx.GraphModule) -> ShapeFailure | None:
+        self.output, failure = verify_training(self.model, gm, self.example_inputs)
+        return failure
+
+
+def _analyse(
+    model: nn.Module,
+    example_inputs: Any,
+    options: dict,
+    mode: str,
+    check: _TrainingCheck | None = None,
+) -> Analysis:
     """`analyse` for insert: a shape failure, or an input error of a ``forward(*args)`` model
     (with how to patch one), is refused."""
     try:
-        result = analyse(model, example_inputs, caller=CALLER, **options)
+        result = analyse(model, example_inputs, caller=CALLER, shapes=check, **options)
     except TraceError:
         raise
     except ValueError as e:
@@ -79,12 +99,12 @@ def _analyse(model: nn.Module, example_inputs: Any, options: dict, mode: str) ->
 
 
 def _analyse_modes(
-    model: nn.Module, example_inputs: Any, options: dict
+    model: nn.Module, example_inputs: Any, options: dict, check: _TrainingCheck | None = None
 ) -> tuple[Analysis, Analysis | None]:
     """The analysis of the training graph, and of the eval graph where it differs."""
     tracing = capture_options(model, example_inputs, options)
     with in_mode(model, True):
-        train = _analyse(model, example_inputs, options, "")
+        train = _analyse(model, example_inputs, options, "", check)
     with in_mode(model, False):
         # The graph alone: no GraphModule (no code compiled) unless eval mode needs its own.
         traced = trace_graph(model, caller=CALLER, **tracing)
@@ -190,9 +210,14 @@ def _insert(
     regbn_kwargs: dict[str, Any],
 ) -> nn.Module:
     """`insert` after its arguments are checked."""
-    train, ev = _analyse_modes(model, example_inputs, options)
+    verify = verify and not isinstance(model, fx.GraphModule)  # a GraphModule is its graph
+    check = _TrainingCheck(model, example_inputs) if verify and example_inputs is not None else None
+    train, ev = _analyse_modes(model, example_inputs, options, check)
     output = None
-    if verify and not isinstance(model, fx.GraphModule):  # a GraphModule is its own graph
+    if check is not None:  # training mode was checked while shapes were propagated
+        verify_graphs(model, {False: (ev or train).gm}, example_inputs)
+        output = check.output
+    elif verify:
         output = verify_graphs(
             model,
             {True: train.gm, False: (ev or train).gm},

@@ -41,7 +41,17 @@ from ..errors import RegBNValueError
 from .mode_graph import in_mode
 from .patched import output_spec
 from .shape_inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
-from .shapes import _model_device, _quiet_fake_mode, _rng_restored, _swapped
+from .shapes import (
+    ShapeFailure,
+    ShapeInterpreter,
+    _model_device,
+    _NodeFailed,
+    _quiet_fake_mode,
+    _rng_restored,
+    _swapped,
+    clear_shapes,
+    propagate_shapes,
+)
 
 __all__ = [
     "Run",
@@ -50,6 +60,7 @@ __all__ = [
     "python_state",
     "restore_python_state",
     "verify",
+    "verify_training",
 ]
 
 HOW = (
@@ -317,26 +328,57 @@ def verify(
     input_dtypes: Any = None,
     caller: str = "regbn.insert",
 ) -> Any:
-    """Check ``graphs[True]``/``graphs[False]`` (the traced model of each mode) against
-    ``model`` on the example inputs (see the module docstring). Returns the `output_spec` of the
-    model's output; raises `VerifyError` where they differ."""
+    """Check the traced model of each mode in ``graphs`` (``{True: training graph, False: eval
+    graph}``, either may be left out) against ``model`` on the example inputs (see the module
+    docstring). Returns the `output_spec` of the model's output in training mode (None when
+    training mode is not checked); raises `VerifyError` where they differ."""
     fake = example_inputs is None
     output: Any = None
     with _rng_restored(model, example_inputs if example_inputs is not None else ()):
         for training in (True, False):
-            output = _verify_mode(
-                model, graphs[training], training, example_inputs, input_shapes, input_dtypes,
-                caller, fake, output,
-            )
+            if training in graphs:
+                output = _verify_mode(
+                    model, graphs[training], training, example_inputs, input_shapes,
+                    input_dtypes, caller, fake, output,
+                )
     return output
+
+
+def verify_training(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, caller: str = "regbn.insert"
+) -> tuple[Any, ShapeFailure | None]:
+    """The training-mode check whose graph side also propagates shapes into ``gm`` (as
+    `propagate_shapes` does), so that a checked insert runs the graph once less. Returns the
+    `output_spec` of the model's output and where shape propagation stopped (None when it did
+    not); raises `VerifyError` where the graph and the model differ."""
+    clear_shapes(gm)
+    try:
+        with _rng_restored(model, example_inputs):
+            output = _verify_mode(model, gm, True, example_inputs, None, None, caller, False,
+                                  None, record_shapes=True)
+    except _NodeFailed as e:  # the graph fails on the example: the analysis reports where
+        return None, e.failure
+    except VerifyError:
+        raise
+    except Exception as e:  # the model itself fails on the example: say where the graph does
+        failure = propagate_shapes(gm, example_inputs, caller=caller)
+        if failure is not None:
+            return None, failure
+        raise VerifyError(
+            f"{caller}: the model raises {type(e).__name__} ({e}) on the example inputs, but "
+            f"its traced graph does not. {HOW[0].upper()}{HOW[1:]}",
+            [f"the model raises {type(e).__name__}"],
+        ) from e
+    return output, None
 
 
 def _verify_mode(
     model: nn.Module, gm: fx.GraphModule, training: bool, example_inputs: Any,
     input_shapes: Any, input_dtypes: Any, caller: str, fake: bool, output: Any,
-    backward: bool = True,
+    backward: bool = True, record_shapes: bool = False,
 ) -> Any:
-    with _sides(model, gm, example_inputs, input_shapes, input_dtypes, caller) as (
+    with _sides(model, gm, example_inputs, input_shapes, input_dtypes, caller,
+                record_shapes) as (
         call_model,
         call_graph,
         params,
@@ -393,7 +435,7 @@ def check_forward(
 @contextlib.contextmanager
 def _sides(
     model: nn.Module, gm: fx.GraphModule, example_inputs: Any, input_shapes: Any,
-    input_dtypes: Any, caller: str,
+    input_dtypes: Any, caller: str, record_shapes: bool = False,
 ) -> Iterator[tuple[Any, Any, dict[str, nn.Parameter]]]:
     """Two callables, the model and the graph on the same inputs, and the parameters they read
     (fake tensors for shapes: then the parameters are fake too)."""
@@ -402,8 +444,9 @@ def _sides(
         args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
         named = {**_fixed(model, gm, pos, named, args), **named}
         # forward, not __call__: the model's own hooks run on the patched model as they are
+        graph = ShapeInterpreter(gm).run if record_shapes else gm
         yield (lambda: model.forward(*copy_containers(pos), **copy_containers(named)),
-               lambda: gm(*copy_containers(args)), dict(model.named_parameters()))
+               lambda: graph(*copy_containers(args)), dict(model.named_parameters()))
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
