@@ -1,4 +1,6 @@
-"""torch.fx surgery: tracing, shape propagation, modality analysis and RegBN insertion."""
+"""torch.fx surgery: tracing (what tracing keeps beyond tensor ops: regions.py), shape
+propagation, modality analysis, RegBN insertion (the patched model: patched.py) and the check
+every insert runs (verify.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from .report import InputInfo, Line, Report, Row, inspect
 from .report_summary import Summary
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import ModeGraphModule, TraceError, trace
+from .verify import VerifyError
 
 __all__ = [
     "Fusion",
@@ -20,6 +23,7 @@ __all__ = [
     "ShapeFailure",
     "Summary",
     "TraceError",
+    "VerifyError",
     "annotate_modalities",
     "build_graph",
     "detect_fusions",
