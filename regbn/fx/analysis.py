@@ -363,7 +363,11 @@ def auto_pairs(
     annotated ``gm``, the message of "none found" lists each input's modalities (or why it has
     none), since one input left without a modality is the usual reason.
     """
-    kept, skipped = split_by_projection(fusions, max_projection_bytes, projection)
+    similarity = [f for f in fusions if f.kind == "similarity"]
+    kept, skipped = split_by_projection(
+        [f for f in fusions if f.kind != "similarity"], max_projection_bytes, projection
+    )
+    skipped += [_similarity_message(f) for f in similarity]
     pairs: list[tuple[str, str]] = []
     for fusion in kept:
         nodes = fusion.pair_nodes or fusion.pair
@@ -385,6 +389,17 @@ def auto_pairs(
             "list the tensors"
         )
     return pairs, skipped
+
+
+def _similarity_message(fusion: Fusion) -> str:
+    f, g = fusion.pair
+    return (
+        f"skipped the similarity product {fusion.name!r} ({f} against {g}, every sample of one "
+        "set against every sample of the other): RegBN normalises one sample's modalities "
+        "against each other, row by row, and a similarity matrix is no such fusion. To "
+        f"normalise the per-sample features anyway, pair them: pairs=[({f!r}, {g!r})] (then "
+        "every call, eval too, needs the two sets paired sample by sample, in equal numbers)."
+    )
 
 
 def split_by_projection(

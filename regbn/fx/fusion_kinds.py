@@ -1,5 +1,6 @@
 """What kind of fusion a node is: cat, stack, add, sub, mul, div, matmul, einsum, outer,
-attention, bilinear or other, from the function, method or module it calls."""
+attention, bilinear or other, from the function, method or module it calls. (`regbn.fx.modality`
+calls a matmul or einsum of two sets of samples, (N, D) against (M, D), a similarity.)"""
 
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ from .analysis import Analysis, analyse, auto_pairs, capture_options, trace_opti
 from .insert_checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
 from .insert_dependence import check_dependence_args, keep_dependent
 from .insert_modes import eval_pairs, mode_result, warn_mixed_modes
+from .modality import Fusion
 from .mode_graph import ModeGraphModule, in_mode
 from .module_state import carry_missing_state
 from .names import is_ambiguous, resolve_name
@@ -228,6 +229,7 @@ def _insert(
     if isinstance(wanted, str):  # "auto", the only string normalise_pairs returns
         wanted = _auto_pairs(train, regbn_kwargs)
     plans = plan_pairs(train.gm, wanted, model, train.graph)
+    _warn_similarity_pairs(plans, train.fusions)
     if min_dependence is not None:  # every pair checked first, in insert's words
         wanted = keep_dependent(train.gm, wanted, batches, min_dependence, model)
         plans = plan_pairs(train.gm, wanted, model, train.graph)
@@ -245,6 +247,23 @@ def _insert(
         _record(out, added)
         return out
     return build_patched(model, {True: train.gm, False: (ev or train).gm}, added, output)
+
+
+def _warn_similarity_pairs(plans: list[Plan], fusions: list[Fusion]) -> None:
+    """A pair of the two sets a similarity product compares works, but only on paired sets."""
+    sets = {fu.name: set(fu.pair_nodes or fu.pair) for fu in fusions if fu.kind == "similarity"}
+    for i, plan in enumerate(plans):
+        for name, nodes in sets.items():
+            if {plan.f.name, plan.g.name} == nodes:
+                warnings.warn(
+                    f"{CALLER}: pair {i}: ({plan.f_name!r}, {plan.g_name!r}) are the two sets "
+                    f"the similarity product {name!r} compares; RegBN normalises them row by "
+                    "row, so every call of the patched model, eval included, needs the two sets "
+                    "paired sample by sample, in equal numbers (zero-shot calls with other "
+                    "counts are refused)",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
 
 def _warn_new_parameters(layers: list[RegBN], start: int) -> None:

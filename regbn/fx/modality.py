@@ -248,6 +248,8 @@ def _fusion_at(
     kind = fusion_kind(gm, node)
     walk = BranchWalk(node, kind, graph, nodes)
     f, g = walk.branch_tensor(ops[0]), walk.branch_tensor(second)
+    if kind in ("matmul", "einsum") and _similarity(node, f, g):
+        kind = "similarity"
     return Fusion(
         name=node.name,
         kind=kind,
@@ -262,6 +264,16 @@ def _fusion_at(
         pooled=(_pooled(gm, f), _pooled(gm, g)),
         pair_itemsize=_itemsize(f, g),
     )
+
+
+def _similarity(node: fx.Node, f: fx.Node, g: fx.Node) -> bool:
+    """A product of two sets of samples: (N, D) features against (M, D) ones, giving the (N, M)
+    matrix of every pair (CLIP's logits, a cosine-similarity matrix), not a fusion of one
+    sample's modalities."""
+    out, fs, gs = (n.meta.get("regbn_shape") for n in (node, f, g))
+    if out is None or fs is None or gs is None:
+        return False
+    return len(out) == len(fs) == len(gs) == 2 and fs[1] == gs[1] and out == (fs[0], gs[0])
 
 
 def _itemsize(f: fx.Node, g: fx.Node) -> int:

@@ -70,7 +70,7 @@ def test_dual_encoder_whole_with_no_options(name):
     batch = _batch(mask)
     with pytest.warns(UserWarning, match=r"cannot trace inside .*kept as one call"):
         fusions = regbn.find_fusions(model, batch)
-    (fusion,) = [f for f in fusions if f.kind == "matmul"]  # the image-text similarity
+    (fusion,) = [f for f in fusions if f.kind == "similarity"]  # the image-text logits
     assert fusion.modalities == (frozenset({"input_ids"}), frozenset({"pixel_values"}))
     report = _quiet(regbn.inspect, model, batch)
     assert report.failure is None and len(report.pairs) == 1
@@ -78,9 +78,12 @@ def test_dual_encoder_whole_with_no_options(name):
         model.eval()
         want = model(**batch)
         model.train()
-    # the two towers' normalised embeddings, paired sample by sample: the pair find_fusions
-    # walks back to from the similarity product
-    patched = _quiet(regbn.insert, model, [fusion.pair], batch)
+    # auto does not insert at a similarity product, and says why
+    with pytest.raises(ValueError, match=r"skipped the similarity product.*row by row"):
+        _quiet(regbn.insert, model, "auto", batch)
+    # the two towers' normalised embeddings, paired sample by sample, on request
+    with pytest.warns(UserWarning, match=r"similarity product.*paired sample by sample"):
+        patched = regbn.insert(model, [fusion.pair], batch)
     assert isinstance(patched, type(model)) and hasattr(patched, "regbn_0")
     assert patched.config is model.config
     opt = torch.optim.Adam(patched.parameters(), lr=1e-3)
