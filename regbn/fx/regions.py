@@ -17,6 +17,8 @@
 - **Checkpoints**: ``torch.utils.checkpoint.checkpoint(module, *args, **kwargs)`` stays one
   call, with the module as a ``get_attr`` node, so the block is recomputed in backward as before.
   A checkpointed function that is not a module of the model is refused (`RegionError`).
+- **Calls fx cannot trace into**: tensor factories given traced sizes (``torch.ones(b, n)``) and
+  einops' functions become one ``call_function`` node each.
 
 Every node written here carries ``node.meta["regbn_region"]`` (``"grad"``, ``"autocast"`` or
 ``"checkpoint"``). `barrier_edges` gives the ordering edges that keep every node inside the
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ __all__ = [
     "RegionError",
     "barrier_edges",
     "check_checkpoint",
+    "einops_functions",
     "global_hooks",
     "hooked",
     "is_region_node",
@@ -246,9 +249,11 @@ _FACTORIES = (
 )  # fmt: skip
 
 
-def _factory_patches(rec: _Recorder) -> dict[tuple[Any, str], Any]:
-    def wrap(name: str, real: Any) -> Any:
-        def factory(*args: Any, **kwargs: Any) -> Any:
+def _leaf_function_patches(rec: _Recorder, owner: Any, names: Iterable[str]) -> dict:
+    """``owner.name(...)`` called with a traced value becomes one ``call_function`` node."""
+
+    def wrap(real: Any) -> Any:
+        def leaf(*args: Any, **kwargs: Any) -> Any:
             found: list[fx.Proxy] = []
             fx.node.map_aggregate((args, kwargs), lambda a: found.append(a)
                                   if isinstance(a, fx.Proxy) else a)
@@ -256,10 +261,23 @@ def _factory_patches(rec: _Recorder) -> dict[tuple[Any, str], Any]:
                 return real(*args, **kwargs)
             return rec.tracer.create_proxy("call_function", real, args, kwargs)
 
-        return factory
+        return leaf
 
-    return {(torch, name): wrap(name, getattr(torch, name)) for name in _FACTORIES
-            if hasattr(torch, name)}
+    return {(owner, name): wrap(getattr(owner, name)) for name in names if hasattr(owner, name)}
+
+
+def einops_functions() -> list[Any]:
+    """einops' functions (``rearrange``, ``reduce``, ``repeat``, ``einsum``, ``pack``,
+    ``unpack``) where einops is importable: traced as one call each, for their Python reads
+    shapes as integers."""
+    try:
+        import einops
+    except ImportError:
+        return []
+    return [getattr(einops, n) for n in _EINOPS if hasattr(einops, n)]
+
+
+_EINOPS = ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack")
 
 
 def _output_patches(effects: list[str]) -> dict[tuple[Any, str], Any]:
@@ -287,7 +305,11 @@ def recording_regions(tracer: fx.Tracer, effects: list[str] | None = None) -> It
     ``tracer`` (see the module docstring); ``print``/``logging`` lines go to ``effects``."""
     rec = _Recorder(tracer)
     patches = {**_grad_patches(rec), **_autocast_patches(rec), **_checkpoint_patches(rec),
-               **_factory_patches(rec)}
+               **_leaf_function_patches(rec, torch, _FACTORIES)}
+    if einops_functions():
+        import einops
+
+        patches.update(_leaf_function_patches(rec, einops, _EINOPS))
     if effects is not None:
         patches.update(_output_patches(effects))
     saved = []

@@ -123,10 +123,17 @@ def trace_error(
         code = f"\n      {frame.line.strip()}" if frame.line else ""
         lines.append(f"  at {location}, in {frame.name}(){code}")
     lines.append(f"  why: {reason}")
-    if stack:
+    if "not installed as a submodule" in str(exc):
         fixes = [
-            f"leaf_modules=[{stack[-1]!r}] to keep {stack[-1]!r} as one opaque call "
-            "(it cannot then be named inside)"
+            "build that module in __init__ (as an attribute of the model), not in forward"
+            + (f", or leaf_modules=[{type(model.get_submodule(stack[-1])).__name__}] to run the "
+               "module that builds it as written" if stack else "")
+        ]
+    elif stack:
+        cls = type(model.get_submodule(stack[-1])).__name__
+        fixes = [
+            f"leaf_modules=[{cls}] to keep every {cls} as one opaque call, or "
+            f"leaf_modules=[{stack[-1]!r}] for this one (it cannot then be named inside)"
         ]
     else:
         fixes = [

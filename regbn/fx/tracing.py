@@ -47,7 +47,14 @@ from .mode_graph import (
 )
 from .module_state import carry_missing_state, lookup
 from .patched import is_patched, patched_graphs
-from .regions import CHECKPOINT, RegionError, check_checkpoint, hooked, recording_regions
+from .regions import (
+    CHECKPOINT,
+    RegionError,
+    check_checkpoint,
+    einops_functions,
+    hooked,
+    recording_regions,
+)
 from .trace_errors import TraceError, trace_error
 
 # ModeGraphModule, TraceError, in_mode, same_graph and carry_missing_state live in the modules
@@ -106,8 +113,10 @@ class RegBNTracer(fx.Tracer):
         leaf_paths: Iterable[str] = (),
         autowrap_functions: Sequence[Callable[..., Any]] = (),
     ) -> None:
-        # A global name bound to torch.utils.checkpoint.checkpoint stays one call (regions.py).
-        super().__init__(autowrap_functions=(*autowrap_functions, CHECKPOINT))
+        # Global names bound to torch.utils.checkpoint.checkpoint or to einops' functions stay
+        # one call (regions.py).
+        self._leaf_functions = (CHECKPOINT, *einops_functions())
+        super().__init__(autowrap_functions=(*autowrap_functions, *self._leaf_functions))
         self.leaf_classes = (*leaf_classes, RegBN)
         # print/logging lines met while tracing: they run once here, never in the graph.
         self.effects: list[str] = []
@@ -131,7 +140,7 @@ class RegBNTracer(fx.Tracer):
         with recording_regions(self, self.effects):
             graph = super().trace(root, concrete_args)
         for node in graph.nodes:
-            if node.target is CHECKPOINT:  # not fx.wrap'ed in the generated code
+            if node.target in self._leaf_functions:  # not fx.wrap'ed in the generated code
                 node.meta.pop("is_wrapped", None)
         return graph
 
@@ -386,7 +395,8 @@ def _trace_once(
         graph = tracer.trace(root, concrete_args=concrete_args)
         if root is model:
             _name_placeholders(graph, model, concrete_args)
-    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
+    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError,
+            NameError) as e:  # NameError: a module built inside forward
         if isinstance(e, TraceError):
             raise
         if isinstance(e, RegionError):

@@ -165,9 +165,39 @@ def test_untraceable_model_message(inner, why):
     )
     assert err.module_path == "block.1"
     assert "leaf_modules=['block.1']" in msg and "concrete_args=" in msg
+    assert f"leaf_modules=[{inner.__name__}] to keep every {inner.__name__}" in msg
     assert __import__("re").search(why, msg)
     assert err.__cause__ is not None  # original chained, message stands alone
     assert "Traceback" not in msg
     # the suggested fix works
     gm = trace(Outer(inner()), leaf_modules=["block.1"])
     assert "block_1" in {n.name for n in gm.graph.nodes}
+
+
+class BuildsInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return nn.AvgPool1d(1)(self.fc(x)[:, None])[:, 0]  # a module made in forward
+
+
+def test_module_built_in_forward_is_a_trace_error():
+    with pytest.raises(TraceError, match=r"(?s)test_tracing.py:\d+.*not an attribute of the "
+                       r"model.*build that module in __init__"):
+        trace(BuildsInForward())
+    # inside a submodule, the public calls keep the builder as one call and say so
+    model = Outer(BuildsInForward())
+    with pytest.warns(UserWarning, match=r"cannot trace inside BuildsInForward"):
+        (fusion,) = regbn.find_fusions(Pair(model), (torch.randn(2, 4), torch.randn(2, 4)))
+    assert fusion.kind == "cat"
+
+
+class Pair(nn.Module):
+    def __init__(self, left: nn.Module):
+        super().__init__()
+        self.left, self.right = left, nn.Linear(4, 4)
+
+    def forward(self, a, b):
+        return torch.cat([self.left(a), self.right(b)], 1)
