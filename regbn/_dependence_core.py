@@ -6,6 +6,7 @@ results. Kept apart from the model-running half so that each module stays short.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -301,11 +302,15 @@ def check_batch(batch: Any, index: int) -> None:
         elif isinstance(value, (tuple, list)):
             for v in value:
                 visit(v)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):  # a dataclass batch, read field by field
+                visit(getattr(value, f.name))
         else:
             raise RegBNTypeError(
                 f"{WHERE}: batch {index} holds a {type(value).__name__}, not a tensor; each "
-                "batch is a tuple of input tensors (or a dict of keyword inputs, or one "
-                "tensor), like example_inputs. Convert it with torch.as_tensor"
+                "batch is a tuple of input tensors (or a dict of keyword inputs, one tensor, or "
+                "dataclasses and NamedTuples of them), like example_inputs. Convert it with "
+                "torch.as_tensor"
             )
 
     visit(batch)

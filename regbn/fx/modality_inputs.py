@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError
-from .names import entry_name, is_constant_getitem
+from .names import entry_label, is_constant_getitem
 from .node_facts import is_integral, is_tensor_node, nodes_in, submodule
 from .tracing import input_name, is_regbn
 
@@ -65,7 +65,7 @@ def input_labels(gm: fx.GraphModule) -> dict[str, str]:
         entries = [u for u in ph.users if is_constant_getitem(u)]
         if entries and is_tensor_node(ph) is not True:
             for u in entries:
-                labels[u.name] = entry_name(ph, u.args[1])
+                labels[u.name] = entry_label(u)
             continue
         labels[ph.name] = input_name(ph)
     return labels

@@ -24,6 +24,7 @@ from .tracing import input_name
 __all__ = [
     "INSPECT_HINT",
     "PREFIXES",
+    "entry_label",
     "entry_name",
     "is_ambiguous",
     "is_constant_getitem",
@@ -47,13 +48,36 @@ def entry_name(placeholder: fx.Node, key: Any) -> str:
     return f"{input_name(placeholder)}[{key!r}]"
 
 
+def entry_label(node: fx.Node) -> str:
+    """The name of the entry ``node`` reads (`is_constant_getitem`), as Python spells it:
+    ``batch['audio']``, ``x[0]``, ``batch.image`` (a dataclass or NamedTuple field)."""
+    src, key = node.args[0], node.args[1]
+    assert isinstance(src, fx.Node)
+    if node.target is getattr:
+        return f"{input_name(src)}.{key}"
+    return entry_name(src, key)
+
+
+# Attributes of a tensor, never the field of a batch object.
+_TENSOR_ATTRS = frozenset(
+    {"shape", "dtype", "device", "ndim", "T", "mT", "H", "mH", "real", "imag", "data", "grad",
+     "is_cuda", "requires_grad", "layout", "names"}
+)  # fmt: skip
+
+
 def is_constant_getitem(node: fx.Node) -> bool:
-    """True for ``x[k]`` with a literal int or str ``k`` (an entry of a tuple or dict input)."""
+    """True for ``x[k]`` with a literal int or str ``k`` (an entry of a tuple or dict input), or
+    for ``x.field`` (a field of a dataclass or NamedTuple input)."""
+    if node.op != "call_function" or len(node.args) != 2:
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[1], (int, str))
     return (
-        node.op == "call_function"
-        and node.target is operator.getitem
-        and len(node.args) == 2
-        and isinstance(node.args[1], (int, str))
+        node.target is getattr
+        and isinstance(node.args[1], str)
+        and node.args[1] not in _TENSOR_ATTRS
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0].op == "placeholder"
     )
 
 
@@ -68,7 +92,7 @@ def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
             continue
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "placeholder":
-            label = entry_name(src, node.args[1])
+            label = entry_label(node)
             if label == wanted:
                 out.append(_Candidate("input", f"input:{label}", node))
     return out
