@@ -146,12 +146,14 @@ def insert(
     min_dependence: float | None = None,
     **regbn_kwargs: Any,
 ) -> nn.Module:
-    """Return ``model`` as a ``GraphModule`` with a `regbn.RegBN` layer spliced in per pair.
+    """Return ``model`` with a `regbn.RegBN` layer spliced in per pair: an object of the
+    model's own class (see docs/surgery.md, "What insert returns").
 
     ``pairs``: a list of ``(f, g)`` names, "normalise f with respect to g", applied in order (a
     tensor normalised by an earlier pair enters later pairs normalised), or ``"auto"``: one layer
-    per fusion of `find_fusions`, on its ``pair`` (the fusion's first tensor operand normalised
-    with respect to its second). A name is an input (``"gray"``, ``"batch['audio']"``), a dotted
+    per pair of `find_fusions` (a fusion's first tensor operand normalised with respect to its
+    second; with three or more branches, every earlier branch with respect to every later one;
+    similarity products skipped). A name is an input (``"gray"``, ``"batch['audio']"``), a dotted
     module path (the output of that call), or an fx node name of the training-mode graph (as
     `regbn.inspect` lists them); prefix ``input:``, ``module:`` or ``node:`` to pick one when a
     name is ambiguous.

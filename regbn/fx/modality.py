@@ -42,7 +42,8 @@ identical sets (the key and value of one modality in attention) are one branch.
 
 **Pair.** Each fusion suggests the pair ``(f, g)`` that ``regbn.insert(..., pairs="auto")`` uses:
 the branch tensor of its first operand, normalised with respect to that of the first operand from
-another branch (in argument order; a fusion with more than two operands gets one layer). The
+another branch (in argument order). A fusion of three or more branches is described once per pair
+of branches, every earlier one normalised with respect to every later one. The
 *branch tensor* of an operand is the last tensor its branch produced, found by walking back past
 the fusion's own ops, the nodes whose every use leads into the fusion (or past it):
 
@@ -181,7 +182,9 @@ def annotate_modalities(
         by_name[name].meta["regbn_modalities"] = mods
     _mark_constants(gm, labels)
     for node in gm.graph.nodes:
-        node.meta["regbn_fusion"] = _fusion_at(gm, node, graph, by_name)
+        found = _fusions_at(gm, node, graph, by_name)
+        node.meta["regbn_fusion"] = found[0] if found else None
+        node.meta["regbn_fusions"] = tuple(found)  # one per pair of operands (three or more)
     return graph
 
 
@@ -209,7 +212,12 @@ def _container_modalities(
 
 def detect_fusions(gm: fx.GraphModule) -> list[Fusion]:
     """The fusions of an annotated graph, in graph order."""
-    return [n.meta["regbn_fusion"] for n in gm.graph.nodes if n.meta.get("regbn_fusion")]
+    out: list[Fusion] = []
+    for node in gm.graph.nodes:
+        first = node.meta.get("regbn_fusion")
+        if first:
+            out += node.meta.get("regbn_fusions") or [first]
+    return out
 
 
 def _operands(node: fx.Node) -> list[fx.Node]:
@@ -224,46 +232,57 @@ def _operands(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _fusion_at(
+def _fusions_at(
     gm: fx.GraphModule, node: fx.Node, graph: nx.DiGraph, nodes: dict[str, fx.Node]
-) -> Fusion | None:
-    """The `Fusion` at ``node``, or None where its operands' modalities are not disjoint."""
+) -> list[Fusion]:
+    """The `Fusion` at ``node``, or none where its operands' modalities are not disjoint.
+
+    Operands of three or more modalities give one `Fusion` per pair of them, in operand order,
+    the earlier operand normalised with respect to the later (two operands: one, as always):
+    every modality then meets every other, and each layer's inputs are well defined, since
+    later pairs read what earlier pairs normalised.
+    """
     if node.op not in ("call_function", "call_method", "call_module"):
-        return None
+        return []
     if is_regbn(gm, node):
-        return None  # the normaliser itself, not a place where branches merge
+        return []  # the normaliser itself, not a place where branches merge
     ops = _operands(node)
     if len(ops) < 2:
-        return None
+        return []
     mods = [op.meta["regbn_modalities"] for op in ops]
     # Operands from the same branch (key and value of one modality) count once.
     groups = list(dict.fromkeys(mods))
     if len(groups) < 2:
-        return None
+        return []
     for i in range(len(groups)):
         for j in range(i + 1, len(groups)):
             if groups[i] & groups[j]:
-                return None
-    second = next(op for op, m in zip(ops, mods, strict=True) if m != mods[0])
+                return []
+    firsts = [next(op for op, m in zip(ops, mods, strict=True) if m == g) for g in groups]
     kind = fusion_kind(gm, node)
     walk = BranchWalk(node, kind, graph, nodes)
-    f, g = walk.branch_tensor(ops[0]), walk.branch_tensor(second)
-    if kind in ("matmul", "einsum") and _similarity(node, f, g):
+    branches = [walk.branch_tensor(op) for op in firsts]
+    if kind in ("matmul", "einsum") and _similarity(node, branches[0], branches[1]):
         kind = "similarity"
-    return Fusion(
-        name=node.name,
-        kind=kind,
-        operands=tuple(op.name for op in ops),
-        modalities=tuple(mods),
-        shapes=tuple(op.meta.get("regbn_shape") for op in ops),
-        pair=(f.name, g.name),
-        pair_nodes=(f.name, g.name),
-        module=node.meta.get("regbn_module"),
-        output_shape=node.meta.get("regbn_shape"),
-        pair_shapes=(f.meta.get("regbn_shape"), g.meta.get("regbn_shape")),
-        pooled=(_pooled(gm, f), _pooled(gm, g)),
-        pair_itemsize=_itemsize(f, g),
-    )
+    out = []
+    for i in range(len(branches)):
+        for j in range(i + 1, len(branches)):
+            f, g = branches[i], branches[j]
+            out.append(Fusion(
+                name=node.name,
+                kind=kind,
+                operands=tuple(op.name for op in ops),
+                modalities=tuple(mods),
+                shapes=tuple(op.meta.get("regbn_shape") for op in ops),
+                pair=(f.name, g.name),
+                pair_nodes=(f.name, g.name),
+                module=node.meta.get("regbn_module"),
+                output_shape=node.meta.get("regbn_shape"),
+                pair_shapes=(f.meta.get("regbn_shape"), g.meta.get("regbn_shape")),
+                pooled=(_pooled(gm, f), _pooled(gm, g)),
+                pair_itemsize=_itemsize(f, g),
+            ))  # fmt: skip
+    return out
 
 
 def _similarity(node: fx.Node, f: fx.Node, g: fx.Node) -> bool:

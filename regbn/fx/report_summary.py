@@ -46,15 +46,17 @@ class Summary:
 def summarize(report: Report) -> Summary:
     """The summary of ``report``."""
     pairs = report.pairs
+    # A fusion of three or more branches is one fusion, described once per pair: listed once.
+    fusions = list({f.name: f for f in reversed(report.fusions)}.values())[::-1]
     return Summary(
         model_name=report.model_name,
         nodes=len(report.rows),
-        fusions=list(report.fusions),
+        fusions=fusions,
         inputs=list(report.inputs),
         total_params=report.total_params,
         params=param_items(report),
         normalised=frozenset(row.name for row in report.rows if row.is_regbn),
-        fusion_lines=[_fusion_line(report, f) for f in report.fusions],
+        fusion_lines=[_fusion_line(report, f) for f in fusions],
         pairs=pairs,
         pair_lines=_pair_lines(report, pairs),
         skipped=report.skipped,
@@ -90,11 +92,13 @@ def failure_text(fail: ShapeFailure | None) -> str:
 def _pair_lines(report: Report, pairs: list[tuple[str, str]]) -> list[str]:
     """'f (modality) with respect to g (modality), at fusion' for each suggested pair."""
     out = []
+    modalities = {row.name: row.modalities for row in report.rows}
     for fusion in report.fusions:
         if tuple(fusion.pair) not in pairs:
             continue
-        first = fusion.modalities[0]
-        second = next(m for m in fusion.modalities if m != first)
+        nodes = fusion.pair_nodes or fusion.pair
+        first = modalities.get(nodes[0]) or fusion.modalities[0]
+        second = modalities.get(nodes[1]) or next(m for m in fusion.modalities if m != first)
         out.append(
             f"{fusion.pair[0]} ({report.modality_label(first)}) with respect to "
             f"{fusion.pair[1]} ({report.modality_label(second)}), at {fusion.name}"

@@ -292,7 +292,7 @@ CASES = [
         ThreeModal,
         lambda: (_randn(B, 5), _randn(B, 6), _randn(B, 7)),
         [("enc_a", "enc_c"), ("enc_b", "enc_c")],
-        ["cat"],
+        ["cat", "cat", "cat"],  # one record per pair of its three modalities
     ),
     Case(
         "dict_input",

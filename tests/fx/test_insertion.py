@@ -16,7 +16,7 @@ from torch import nn
 import regbn
 from regbn.fx import insert, remove
 
-from .conftest import CASES, PMR, B, Case, LateConcat, ThreeModal
+from .conftest import CASES, PMR, B, Case, HandEditable, LateConcat, ThreeModal
 
 ATOL = 1e-5
 
@@ -237,15 +237,38 @@ def test_prefixes_and_input_names():
     assert b.regbn_0.f_shape == (16,)
 
 
+class ThreeWay(HandEditable):
+    """Three modalities at one cat: one layer per pair, the earlier operand normalised with
+    respect to the later, in operand order (later pairs read what earlier pairs normalised)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_a, self.enc_b, self.enc_c = nn.Linear(5, 4), nn.Linear(6, 4), nn.Linear(7, 4)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, a, b, c):
+        fa, fb, fc = self.enc_a(a), self.enc_b(b), self.enc_c(c)
+        fa, fb = self._rb(0, fa, fb)
+        fa, fc = self._rb(1, fa, fc)
+        fb, fc = self._rb(2, fb, fc)
+        return self.head(torch.cat([fa, fb, fc], 1))
+
+
 def test_pairs_auto_uses_find_fusions():
-    model = ThreeModal()
+    model = ThreeWay()
     inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
     fusions = regbn.fx.find_fusions(model, inputs)
+    assert [f.pair for f in fusions] == [("enc_a", "enc_b"), ("enc_a", "enc_c"), ("enc_b", "enc_c")]
+    assert {f.name for f in fusions} == {"cat"}  # one fusion, one record per pair
     patched = insert(model, "auto", inputs)
-    assert len(_layers(patched)) == len(fusions) == 1
-    call = next(n for n in patched.graph.nodes if n.target == "regbn_0")
-    assert tuple(a.name for a in call.args) == fusions[0].pair == ("enc_a", "enc_b")
-    patched(*inputs)
+    assert len(_layers(patched)) == 3
+    hand = copy.deepcopy(model)
+    hand.hand = nn.ModuleList(copy.deepcopy(layer) for layer in _layers(patched))
+    for training in (True, True, False):
+        patched.train(training)
+        hand.train(training)
+        x = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
+        torch.testing.assert_close(patched(*x), hand(*x), rtol=0, atol=0)
 
 
 def test_graph_module_accepted_and_not_mutated():

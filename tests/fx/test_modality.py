@@ -26,8 +26,8 @@ def test_fusion_kinds_of_every_case(case: Case):
 
 
 def test_fusions_without_shapes():
-    fusions = find_fusions(ThreeModal())
-    assert [(f.name, f.kind) for f in fusions] == [("cat", "cat")]
+    fusions = find_fusions(ThreeModal())  # three modalities at one cat: one record per pair
+    assert [(f.name, f.kind) for f in fusions] == [("cat", "cat")] * 3
     assert fusions[0].shapes == (None, None, None)
 
 
@@ -42,13 +42,15 @@ def test_modalities_on_every_node():
 
 
 def test_three_operand_pair_rule():
-    (fusion,) = find_fusions(
+    fusions = find_fusions(
         ThreeModal(), (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
     )
-    assert fusion.operands == ("enc_a", "enc_b", "enc_c")
-    assert fusion.modalities == (frozenset("a"), frozenset("b"), frozenset("c"))
-    assert fusion.shapes == ((B, 4), (B, 4), (B, 4))
-    assert fusion.pair == ("enc_a", "enc_b")  # first operand against the second
+    for fusion in fusions:  # one fusion, described once per pair
+        assert fusion.operands == ("enc_a", "enc_b", "enc_c")
+        assert fusion.modalities == (frozenset("a"), frozenset("b"), frozenset("c"))
+        assert fusion.shapes == ((B, 4), (B, 4), (B, 4))
+    # every earlier operand against every later one, in operand order
+    assert [f.pair for f in fusions] == [("enc_a", "enc_b"), ("enc_a", "enc_c"), ("enc_b", "enc_c")]
 
 
 def test_dict_entries_are_modalities():
@@ -182,7 +184,7 @@ def test_build_graph_matches_fx():
 def test_find_fusions_accepts_traced_graph_module(shapes):
     gm = torch.fx.symbolic_trace(ThreeModal())
     inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7)) if shapes else None
-    (fusion,) = find_fusions(gm, inputs)
+    fusion = find_fusions(gm, inputs)[0]
     assert fusion.pair == ("enc_a", "enc_b")
 
 
@@ -191,8 +193,7 @@ def test_analysis_leaves_a_caller_graph_module_untouched():
     before = {n.name: dict(n.meta) for n in gm.graph.nodes}
     inputs = (torch.randn(B, 5), torch.randn(B, 6), torch.randn(B, 7))
     regbn.inspect(gm, inputs)
-    (fusion,) = find_fusions(gm, inputs)
-    assert fusion.name == "cat"
+    assert {f.name for f in find_fusions(gm, inputs)} == {"cat"}
     assert {n.name: dict(n.meta) for n in gm.graph.nodes} == before
 
 
