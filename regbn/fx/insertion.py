@@ -37,9 +37,11 @@ from .insert_checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_ex
 from .insert_dependence import check_dependence_args, keep_dependent
 from .insert_modes import eval_pairs, mode_result, warn_mixed_modes
 from .modality import Fusion
+from .modality_inputs import input_labels
 from .mode_graph import ModeGraphModule, in_mode
 from .module_state import carry_missing_state
 from .names import is_ambiguous, resolve_name
+from .node_facts import is_integral
 from .pair_plan import CALLER, Plan, build_layers, normalise_pairs, plan_pairs
 from .patched import added_names, build_patched, is_patched, unpatched
 from .shapes import ShapeFailure
@@ -232,6 +234,8 @@ def _insert(
         wanted = _auto_pairs(train, regbn_kwargs)
     plans = plan_pairs(train.gm, wanted, model, train.graph)
     _warn_similarity_pairs(plans, train.fusions)
+    if regbn_kwargs.get("projection", "full") == "full":
+        _warn_sequence_dims(plans, train.gm)
     if min_dependence is not None:  # every pair checked first, in insert's words
         wanted = keep_dependent(train.gm, wanted, batches, min_dependence, model)
         plans = plan_pairs(train.gm, wanted, model, train.graph)
@@ -263,6 +267,33 @@ def _warn_similarity_pairs(plans: list[Plan], fusions: list[Fusion]) -> None:
                     "row, so every call of the patched model, eval included, needs the two sets "
                     "paired sample by sample, in equal numbers (zero-shot calls with other "
                     "counts are refused)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+
+
+def _warn_sequence_dims(plans: list[Plan], gm: fx.GraphModule) -> None:
+    """A full W is sized by every dim of its tensors: a token dimension (as long as a token-id
+    input of the same modality) fixes the layer to the example's sequence length."""
+    labels = input_labels(gm)
+    ids = {}
+    for node in gm.graph.nodes:
+        shape = node.meta.get("regbn_shape")
+        if node.name in labels and shape and len(shape) >= 2 and is_integral(node):
+            ids[labels[node.name]] = set(shape[1:])
+    for i, plan in enumerate(plans):
+        for node, name in ((plan.f, plan.f_name), (plan.g, plan.g_name)):
+            shape = node.meta.get("regbn_shape") or ()
+            mods = node.meta.get("regbn_modalities", ())
+            lengths = set().union(*(ids.get(m, set()) for m in mods))
+            token_dims = [d for d in shape[1:-1] if d in lengths]
+            if len(shape) >= 3 and token_dims:
+                warnings.warn(
+                    f"{CALLER}: pair {i}: {name!r} has shape {tuple(shape)}, whose dimension "
+                    f"{token_dims[0]} is the sequence length of its token ids; the layer's W is "
+                    "sized by it, so batches of another length are refused. Pair pooled or CLS "
+                    "tensors of the same branches instead (regbn.inspect lists them), or pad "
+                    "every batch to this length",
                     UserWarning,
                     stacklevel=4,
                 )

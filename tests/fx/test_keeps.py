@@ -538,3 +538,32 @@ def test_pretrained_minilm_frozen_with_no_grad_does_not_move():
         opt.step()
     assert all(torch.equal(model.text.state_dict()[k], v) for k, v in frozen.items())
     assert all(p.grad is not None for p in patched.image.parameters())
+
+
+# ---------------------------------------------------------------------- sequence dimensions
+
+
+class TokenFusion(nn.Module):
+    """Text tokens and image patches fused token by token (a concat over positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 4)
+        self.patch = nn.Linear(3, 4)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tokens, patches):
+        t, p = self.embed(tokens), self.patch(patches)
+        return self.head(torch.cat([t, p], -1)).mean(1)
+
+
+def test_token_dimension_fixes_the_length_and_insert_says_so():
+    x = (torch.randint(0, 30, (B, 5)), torch.randn(B, 5, 3))
+    with pytest.warns(UserWarning, match=r"pair 0: 'embed' has shape \(8, 5, 4\), whose dimension "
+                      r"5 is the sequence length.*Pair pooled or CLS tensors"):
+        patched = regbn.insert(TokenFusion(), [("embed", "patch")], x)
+    patched(*x)  # trained on length 5
+    patched.eval()
+    other = (torch.randint(0, 30, (B, 7)), torch.randn(B, 7, 3))
+    with pytest.raises(ValueError, match=r"\(B, 5, 4\).*got \(8, 7, 4\)"):  # refused, as warned
+        patched(*other)
