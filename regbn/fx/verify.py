@@ -311,10 +311,6 @@ def _few(names: list[str]) -> str:
     return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def _owner_module(path: str) -> str:
-    return path or "(the model itself: patch the module that computes the fusion instead)"
-
-
 def _owner(name: str) -> str:
     return name.rpartition(".")[0] or "(the model itself)"
 
@@ -394,12 +390,14 @@ def _verify_mode(
             b = _run(model, gm, call_graph, training and backward, rng, params, fake)
     if updated:
         names = [f"{path}.{key}" if path else key for path, key in sorted(updated)]
+        first = sorted(updated)[0][0]
+        leaf = (f"make the module that updates them a leaf (leaf_modules=[{first!r}])" if first
+                else "move that update into a submodule made a leaf")
         raise VerifyError(
             f"{caller}: the model's forward updates Python attributes outside tensors "
             f"({_few(names)}), which a traced graph cannot do: the patched model would leave "
-            f"them as they are. Make the module that updates them a leaf "
-            f"(leaf_modules=[{_owner_module(sorted(updated)[0][0])!r}]), keep such state in a "
-            "buffer, or pass verify=False to accept the difference",
+            f"them as they are. To keep them, {leaf}, keep such state in a buffer, or pass "
+            "verify=False to accept the difference",
             [f"forward updates {', '.join(names)}"],
         )
     output = a.output if training else output
