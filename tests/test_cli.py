@@ -120,7 +120,7 @@ def test_table_and_fusions(results):
     assert "gray_net_3" in r.stdout and "(2, 8)" in r.stdout  # the Linear's output shape
     assert "*F  cat" in r.stdout
     assert "Suggested pairs for regbn.insert" in r.stdout
-    assert "pairs=[('gray_net_3', 'colored_net_3')]" in r.stdout
+    assert "pairs=[('gray_net.3', 'colored_net.3')]" in r.stdout  # module paths, as in the code
     assert max(len(line) for line in r.stdout.split("\n\n")[0].splitlines()) <= 100
 
 

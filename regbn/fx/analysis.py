@@ -8,11 +8,9 @@ on a copy of its graph (its nodes' ``meta`` stay as they were).
 
 from __future__ import annotations
 
-import builtins
 import copy
 import inspect
 import math
-import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,11 +25,11 @@ from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
 from .modality_inputs import describe_input_modalities
 from .module_state import carry_missing_state
-from .names import is_ambiguous
+from .names import expression, is_ambiguous
 from .regions import global_hooks
 from .shapes import ShapeFailure, propagate_shapes
-from .tracing import input_name, trace_graph
 from .tracing import is_regbn as is_regbn_call
+from .tracing import trace_graph
 from .value_flow import value_inputs
 from .verify import check_forward
 
@@ -288,12 +286,17 @@ def with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
         path = _module_path(gm, by_name[name])
         if path is not None:
             return f"module:{path}" if is_ambiguous(gm, path) else path
+        expr = expression(by_name[name])  # a read as the user's code spells it
+        if expr != name and not is_ambiguous(gm, expr):
+            return expr
         return f"node:{name}" if is_ambiguous(gm, name) else name
 
     pooled = tuple(tuple((spell(n), s) for n, s in side) for side in fusion.pooled)
     raw = [*fusion.pair, *(n for side in fusion.pooled for n, _ in side)]
     expressions = tuple(
-        (spell(n), expr) for n in dict.fromkeys(raw) if (expr := expression(by_name[n])) != n
+        (spell(n), expr)
+        for n in dict.fromkeys(raw)
+        if (expr := expression(by_name[n])) != n and spell(n) != expr
     )
     return replace(
         fusion,
@@ -301,37 +304,6 @@ def with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
         pooled=pooled,
         expressions=expressions,
     )
-
-
-def expression(node: fx.Node, depth: int = 4) -> str:
-    """A short Python expression for an attribute or item read: ``text.pooler_output``,
-    ``text['sentence_embedding']``, ``image.last_hidden_state[:, 0]``; else the node name."""
-    if depth == 0 or node.op == "placeholder":
-        return input_name(node) if node.op == "placeholder" else node.name
-    if node.op == "call_module":
-        return str(node.target)
-    src = node.args[0] if node.op == "call_function" and len(node.args) == 2 else None
-    if isinstance(src, fx.Node):
-        key = node.args[1]
-        if node.target is builtins.getattr and isinstance(key, str):
-            return f"{expression(src, depth - 1)}.{key}"
-        if node.target is operator.getitem:
-            return f"{expression(src, depth - 1)}[{_index(key)}]"
-    return node.name
-
-
-def _index(key: Any) -> str:
-    items = key if isinstance(key, tuple) else (key,)
-    parts = []
-    for item in items:
-        if isinstance(item, slice):
-            text = ":".join("" if v is None else str(v) for v in (item.start, item.stop))
-            parts.append(text + (f":{item.step}" if item.step is not None else ""))
-        elif item is Ellipsis:
-            parts.append("...")
-        else:
-            parts.append(repr(item) if not isinstance(item, fx.Node) else item.name)
-    return ", ".join(parts)
 
 
 def _module_path(gm: fx.GraphModule, node: fx.Node) -> str | None:

@@ -9,6 +9,7 @@ bare name needs a prefix. This module depends on `tracing` (and the exceptions o
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import operator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "INSPECT_HINT",
     "PREFIXES",
     "entry_label",
+    "expression",
     "entry_name",
     "is_ambiguous",
     "is_constant_getitem",
@@ -116,6 +118,52 @@ def _module_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
     return list(out.values())
 
 
+def expression(node: fx.Node, depth: int = 4) -> str:
+    """A short Python expression for an attribute or item read: ``text.pooler_output``,
+    ``text['sentence_embedding']``, ``image.last_hidden_state[:, 0]``; else the node name."""
+    if depth == 0 or node.op == "placeholder":
+        return input_name(node) if node.op == "placeholder" else node.name
+    if node.op == "call_module":
+        return str(node.target)
+    src = node.args[0] if node.op == "call_function" and len(node.args) == 2 else None
+    if isinstance(src, fx.Node):
+        key = node.args[1]
+        if node.target is builtins.getattr and isinstance(key, str):
+            return f"{expression(src, depth - 1)}.{key}"
+        if node.target is operator.getitem:
+            return f"{expression(src, depth - 1)}[{_index(key)}]"
+    return node.name
+
+
+def _index(key: Any) -> str:
+    items = key if isinstance(key, tuple) else (key,)
+    parts = []
+    for item in items:
+        if isinstance(item, slice):
+            text = ":".join("" if v is None else str(v) for v in (item.start, item.stop))
+            parts.append(text + (f":{item.step}" if item.step is not None else ""))
+        elif item is Ellipsis:
+            parts.append("...")
+        else:
+            parts.append(repr(item) if not isinstance(item, fx.Node) else item.name)
+    return ", ".join(parts)
+
+
+def _expression_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
+    """Reads of a module's output (or an input's) as the user's code spells them:
+    ``text.pooler_output``, ``txt['sentence_embedding']``, ``text[0]``."""
+    wanted = name.replace('"', "'")
+    out = []
+    for node in gm.graph.nodes:
+        if _is_read(node) and expression(node) == wanted and expression(node) != node.name:
+            out.append(_Candidate("node", wanted, node))
+    return out
+
+
+def _is_read(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (builtins.getattr, operator.getitem)
+
+
 def _node_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
     return [
         _Candidate("node", f"node:{name}", n)
@@ -138,7 +186,12 @@ def _candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
             "module": _module_candidates,
             "node": _node_candidates,
         }[prefix](gm, rest)
-    found = _input_candidates(gm, name) + _module_candidates(gm, name) + _node_candidates(gm, name)
+    found = (
+        _input_candidates(gm, name)
+        + _module_candidates(gm, name)
+        + _node_candidates(gm, name)
+        + _expression_candidates(gm, name)
+    )
     distinct: dict[fx.Node, _Candidate] = {}
     for c in found:
         distinct.setdefault(c.node, c)
@@ -161,6 +214,8 @@ def _all_names(gm: fx.GraphModule) -> list[str]:
         names.extend(path for path, _ in node.meta.get("regbn_output_of", ()))
         if node.op == "call_module":
             names.append(node.target)
+        if _is_read(node) and (expr := expression(node)) != node.name:
+            names.append(expr)
     return list(dict.fromkeys(names))
 
 

@@ -161,7 +161,8 @@ def test_auto_skips_the_token_level_fusion_past_max_projection_bytes(towers):
         )
     message = next(str(w.message) for w in caught if "skipped" in str(w.message))
     assert "image.last_hidden_state, text.last_hidden_state" in message
-    assert "= image.pooler_output" in message and "= text.pooler_output" in message
+    # the pooled tensors named as the model's code reads them, ready to paste
+    assert "pairs=[('image.pooler_output', 'text.pooler_output')]" in message
     (call,) = [n for n in patched.graph.nodes if n.op == "call_module" and "regbn" in n.target]
     assert patched.get_submodule(call.target).f_shape == (32,)
 
@@ -284,7 +285,7 @@ def test_pretrained_minilm_as_a_leaf(minilm, tmp_path):
 
     before = {k: v.clone() for k, v in features.items()}
     (fusion,) = regbn.find_fusions(model, (features, images), leaf_modules=[leaf])
-    assert fusion.kind == "cat" and fusion.pair == ("getitem", "image_4")
+    assert fusion.kind == "cat" and fusion.pair == ("text['sentence_embedding']", "image.4")
     assert fusion.modalities == (frozenset({"features"}), frozenset({"image"}))
     assert list(features) == ["input_ids", "attention_mask"]  # the leaf updated a copy
     assert all(torch.equal(features[k], before[k]) for k in before)
@@ -297,7 +298,7 @@ def test_pretrained_minilm_as_a_leaf(minilm, tmp_path):
     assert report.unused_params == 0
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert report.params_by_modality[frozenset({"text"})] == count(sentence)
-    assert report.pairs == [("getitem", "image_4")]
+    assert report.pairs == [("text['sentence_embedding']", "image.4")]
     for depth in (0, 1, 2, 3):
         ET.parse(report.draw(tmp_path / f"d{depth}.svg", depth=depth))
     model.train()
@@ -309,4 +310,4 @@ def test_pretrained_minilm_as_a_leaf(minilm, tmp_path):
     _train_and_compare(patched, hand, make_inputs, steps=1)
     shapes = [{"input_ids": ((4, 9), torch.int64), "attention_mask": ((4, 9), torch.int64)}]
     fake = regbn.inspect(model, input_shapes=[*shapes, (4, 3, 8, 8)], leaf_modules=[leaf])
-    assert fake.failure is None and fake.pairs == [("getitem", "image_4")]
+    assert fake.failure is None and fake.pairs == [("text['sentence_embedding']", "image.4")]

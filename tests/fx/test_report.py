@@ -221,7 +221,7 @@ def test_modalities_and_fusions():
     (fusion,) = report.fusions
     assert fusion.name == "cat" and fusion.kind == "cat"
     assert fusion.shapes == ((2, 16), (2, 16))
-    assert report.pairs == [("gray_net_fc", "colored_net_fc")]
+    assert report.pairs == [("gray_net.fc", "colored_net.fc")]  # as the model's code names them
     assert [(i.name, i.shape) for i in report.inputs] == [
         ("gray", (2, 1, 28, 28)),
         ("colored", (2, 3, 28, 28)),
@@ -344,7 +344,7 @@ def test_str_is_an_aligned_table_within_the_width():
     text = str(report)
     assert "cat" in text and "*F" in text
     assert "Suggested pairs for regbn.insert" in text
-    assert "pairs=[('gray_net_fc', 'colored_net_fc')]" in text
+    assert "pairs=[('gray_net.fc', 'colored_net.fc')]" in text
 
 
 def test_long_models_fold_and_all_nodes_shows_every_node():

@@ -242,6 +242,10 @@ def test_user_two_tower_model_with_a_bert_tower():
              "pixel_values": batch["pixel_values"]}  # fmt: skip
     (fusion,) = _quiet(regbn.find_fusions, model, batch)
     assert fusion.kind == "cat"
+    # the pair as the model's code spells it, and accepted back by insert
+    assert fusion.pair == ("text.pooler_output", "image.4")
+    named = _quiet(regbn.insert, model, [("text.pooler_output", "image.4")], batch)
+    assert named.regbn_0.f_shape == (32,)
     patched = _quiet(regbn.insert, model, "auto", batch)
     opt = torch.optim.Adam(patched.parameters(), lr=1e-3)
     for _ in range(2):
