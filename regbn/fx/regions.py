@@ -30,7 +30,10 @@ tracer keeps such a module as one call (a leaf), so its hooks run as before.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import logging
+import os
 import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -103,8 +106,6 @@ def is_region_node(node: fx.Node) -> bool:
 
 def _user_line() -> str:
     """The innermost line of the model's own code on the stack (not torch's, not regbn's)."""
-    import os
-
     torch_dir = os.path.dirname(torch.__file__)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for frame in reversed(traceback.extract_stack()):
@@ -283,9 +284,6 @@ _EINOPS = ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack")
 def _output_patches(effects: list[str]) -> dict[tuple[Any, str], Any]:
     """``print`` and ``logging`` still run while tracing; their lines are noted in
     ``effects``: the patched model does not run them again (fx records tensor ops only)."""
-    import builtins
-    import logging
-
     real_print, real_log = builtins.print, logging.Logger._log
 
     def printing(*args, **kwargs):
