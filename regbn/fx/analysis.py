@@ -28,8 +28,7 @@ from .module_state import carry_missing_state
 from .names import expression, is_ambiguous
 from .regions import global_hooks
 from .shapes import ShapeFailure, propagate_shapes
-from .tracing import is_regbn as is_regbn_call
-from .tracing import trace_graph
+from .tracing import is_regbn, trace_graph
 from .value_flow import value_inputs
 from .verify import check_forward
 
@@ -207,7 +206,7 @@ def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str], caller: str) -> 
     another) may fuse them inside, where no fusion can be seen or patched: say so."""
     hidden = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.name in fusions or is_regbn_call(gm, node):
+        if node.op != "call_module" or node.name in fusions or is_regbn(gm, node):
             continue
         groups = list(dict.fromkeys(
             src.meta["regbn_modalities"] for src in value_inputs(node)

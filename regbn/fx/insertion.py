@@ -245,8 +245,8 @@ def _insert(
         per_mode.append((ev.gm, plan_pairs(ev.gm, in_eval, model, ev.graph, " (eval-mode graph)")))
         warn_mixed_modes(model, train.gm, ev.gm)
     layers = build_layers(plans, regbn_kwargs)  # may raise: still before any edit
-    _warn_new_parameters(layers, next_layer_index(train.gm))
     names = _splice_layers(per_mode, layers, model.training)
+    _warn_new_parameters(layers, names)
     added = [*added_layers(model), *names]
     if isinstance(model, fx.GraphModule):  # a graph traced by the user stays a GraphModule
         out = mode_result(model, train.gm, ev.gm if ev else None)
@@ -299,10 +299,10 @@ def _warn_sequence_dims(plans: list[Plan], gm: fx.GraphModule) -> None:
                 )
 
 
-def _warn_new_parameters(layers: list[RegBN], start: int) -> None:
+def _warn_new_parameters(layers: list[RegBN], names: list[str]) -> None:
     """RegBN's own parameters (``affine=True``) are new: an optimizer built before insert does
     not hold them."""
-    names = [f"regbn_{start + i}" for i, layer in enumerate(layers) if list(layer.parameters())]
+    names = [n for n, layer in zip(names, layers, strict=True) if list(layer.parameters())]
     if names:
         warnings.warn(
             f"{CALLER}: the new layers {names} have learnable parameters (affine=True), which an "

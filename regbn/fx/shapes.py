@@ -275,10 +275,12 @@ def propagate_shapes(
     return _run_fake(gm, input_shapes, input_dtypes, caller)
 
 
-def _run_real(gm: fx.GraphModule, args: list[Any]) -> ShapeFailure | None:
-    def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
-        return t if is_param else t.clone()
+def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
+    """A `_swapped` maker: buffers copied (a run may update them), parameters shared."""
+    return t if is_param else t.clone()
 
+
+def _run_real(gm: fx.GraphModule, args: list[Any]) -> ShapeFailure | None:
     # The run draws from the random generators where the model does (dropout, stochastic depth):
     # their states are restored, so a seeded run draws the same numbers with or without it.
     with torch.no_grad(), _swapped(copy_buffer, eager=gm), _rng_restored(gm, args):

@@ -50,6 +50,7 @@ from .shapes import (
     _rng_restored,
     _swapped,
     clear_shapes,
+    copy_buffer,
     propagate_shapes,
 )
 
@@ -126,9 +127,6 @@ def _run(
     fake: bool,
 ) -> Run:
     """One side: forward (and backward in training) on fresh copies of the buffers."""
-
-    def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
-        return t if is_param else t.clone()
 
     originals = {id(b): b for b in module.buffers()}
     names = {id(b): n for n, b in module.named_buffers()}
@@ -542,7 +540,7 @@ def _first_module(
     rng = _rng_state()
     try:
         with _sides(model, gm, example_inputs, None, None, caller) as (call_model, _, _), \
-                in_mode(model, training), torch.no_grad(), _swapped(_clone_buffer, eager=model):
+                in_mode(model, training), torch.no_grad(), _swapped(copy_buffer, eager=model):
             _set_rng(rng)
             call_model()
     finally:
@@ -560,7 +558,7 @@ def _first_module(
             return value
 
     args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
-    with in_mode(model, training), torch.no_grad(), _swapped(_clone_buffer, eager=model):
+    with in_mode(model, training), torch.no_grad(), _swapped(copy_buffer, eager=model):
         _set_rng(rng)
         Recorder(gm).run(*args)
     for node, value in traced.items():
@@ -568,10 +566,6 @@ def _first_module(
             if call in eager and not _same_value(eager[call], value):
                 return call[0]
     return None
-
-
-def _clone_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
-    return t if is_param else t.clone()
 
 
 def _same_value(a: Any, b: Any) -> bool:
