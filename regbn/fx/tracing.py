@@ -426,7 +426,7 @@ def _needs_root(model: nn.Module, given: Sequence[str]) -> bool:
         return False
     wrapped = hasattr(forward, "__wrapped__")
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    names_ok = all(n.isidentifier() and n in params or var_kw for n in given)
+    names_ok = all(n.isidentifier() and (n in params or var_kw) for n in given)
     return (wrapped or var_kw) and names_ok and len(set(given)) == len(given)
 
 
