@@ -117,7 +117,7 @@ def results(tmp_path_factory) -> dict[str, Result]:
 def test_table_and_fusions(results):
     r = results["table"]
     assert r.returncode == 0, r.stderr
-    assert "gray_net_3" in r.stdout and "(2, 8)" in r.stdout  # the Linear's output shape
+    assert "gray_net.3" in r.stdout and "(2, 8)" in r.stdout  # the Linear's output shape
     assert "*F  cat" in r.stdout
     assert "Suggested pairs for regbn.insert" in r.stdout
     assert "pairs=[('gray_net.3', 'colored_net.3')]" in r.stdout  # module paths, as in the code
@@ -236,7 +236,7 @@ def test_every_user_error_is_one_line_and_status_2(case, capsys, tmp_path, monke
 
 def test_shape_failure_still_prints_the_partial_table(results):
     r = results["shape_failure"]
-    assert "!!  a_2" in r.stdout and "a_1" in r.stdout
+    assert "!!  a.2" in r.stdout and "a.1" in r.stdout
 
 
 # In-process checks of the pieces (fast).

@@ -25,7 +25,7 @@ from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
 from .modality_inputs import describe_input_modalities
 from .module_state import carry_missing_state
-from .names import expression, is_ambiguous
+from .names import display_names, expression
 from .regions import global_hooks
 from .shapes import ShapeFailure, propagate_shapes
 from .tracing import is_regbn, trace_graph
@@ -196,7 +196,8 @@ def analyse(
             )
     # Modalities are structural: they hold for every node, even past a shape failure.
     graph = annotate_modalities(gm, modalities=modalities, caller=caller)
-    fusions = [with_pair_names(gm, f) for f in detect_fusions(gm)]
+    names = display_names(gm)
+    fusions = [with_pair_names(gm, f, names) for f in detect_fusions(gm)]
     _warn_hidden_fusions(gm, {f.name for f in fusions}, caller)
     return Analysis(gm, fusions, failure, graph)
 
@@ -271,50 +272,26 @@ def find_fusions(
     return result.fusions
 
 
-def with_pair_names(gm: fx.GraphModule, fusion: Fusion) -> Fusion:
-    """``fusion`` with its pair (and pooled names) spelled for `regbn.insert`.
-
-    A function or method result that is the output of a module called once is named by the
-    outermost such module's dotted path (``"text"`` for the last add of a text tower traced
-    through); any other tensor by its fx node name (a module call's node name is its path).
-    A prefix (``module:``, ``node:``) is added only where the bare name would be ambiguous.
-    """
+def with_pair_names(gm: fx.GraphModule, fusion: Fusion, names: dict[str, str] | None = None) -> Fusion:
+    """``fusion`` with its operands, pair and pooled tensors named as users name them
+    (`names.display_names`: an input, a module path, a read such as ``text.pooler_output``, a
+    variable of forward, else the fx node name), each a name `regbn.insert` accepts back."""
+    names = names if names is not None else display_names(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
-
-    def spell(name: str) -> str:
-        path = _module_path(gm, by_name[name])
-        if path is not None:
-            return f"module:{path}" if is_ambiguous(gm, path) else path
-        expr = expression(by_name[name])  # a read as the user's code spells it
-        if expr != name and not is_ambiguous(gm, expr):
-            return expr
-        return f"node:{name}" if is_ambiguous(gm, name) else name
-
-    pooled = tuple(tuple((spell(n), s) for n, s in side) for side in fusion.pooled)
+    pooled = tuple(tuple((names[n], s) for n, s in side) for side in fusion.pooled)
     raw = [*fusion.pair, *(n for side in fusion.pooled for n, _ in side)]
     expressions = tuple(
-        (spell(n), expr)
+        (names[n], expr)
         for n in dict.fromkeys(raw)
-        if (expr := expression(by_name[n])) != n and spell(n) != expr
+        if (expr := expression(by_name[n])) != n and names[n] != expr
     )
     return replace(
         fusion,
-        pair=(spell(fusion.pair[0]), spell(fusion.pair[1])),
+        labels=tuple(names[o] for o in fusion.operands),
+        pair=(names[fusion.pair[0]], names[fusion.pair[1]]),
         pooled=pooled,
         expressions=expressions,
     )
-
-
-def _module_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    if node.op not in ("call_function", "call_method"):
-        return None
-    calls = node.meta.get("regbn_output_of") or ()
-    counts: dict[str, int] = {}
-    for other in gm.graph.nodes:
-        for path, _ in other.meta.get("regbn_output_of") or ():
-            counts[path] = counts.get(path, 0) + 1
-    once = [path for path, _ in calls if counts.get(path) == 1]
-    return min(once, key=lambda p: (p.count("."), len(p))) if once else None
 
 
 def auto_pairs(

@@ -99,13 +99,14 @@ class Fusion:
     """A node where branches of different modalities meet.
 
     ``operands``, ``modalities`` and ``shapes`` describe the node's operands (one per branch
-    tensor read; see the module docstring). ``pair`` is the ``(f, g)`` that
-    ``regbn.insert(..., pairs="auto")`` uses: the branch tensors of the first operand and of the
-    first operand from another branch. A fusion with more than two operands therefore gets one
-    RegBN layer; pass explicit pairs to normalise the others. Each name is an fx node name
-    (from `regbn.find_fusions`: the module path for the last op of a module traced through),
-    prefixed only where the bare name would be ambiguous for ``insert``; ``pair_nodes`` holds
-    the node names.
+    tensor read; see the module docstring); ``operands`` are fx node names and ``labels`` the
+    same tensors as `regbn.inspect` shows them. ``pair`` is the ``(f, g)`` that
+    ``regbn.insert(..., pairs="auto")`` uses: the branch tensors of two operands from different
+    branches (three or more branches give one `Fusion` per pair of them). From
+    `regbn.find_fusions`, each name in ``pair`` and ``pooled`` is spelled as users name tensors
+    (an input, a module path, a read such as ``text.pooler_output``, a variable of the model's
+    forward, else the fx node name), always one ``insert`` accepts; ``pair_nodes`` holds the fx
+    node names.
     ``pair_shapes`` are the shapes of the pair's tensors; ``pooled`` lists, for each of them,
     ``(name, shape)`` of smaller 2-D tensors ``(batch, features)`` of the same branch (pooled or
     CLS features, largest first) to pair instead when the projection W would be too large
@@ -126,6 +127,7 @@ class Fusion:
     pair_nodes: tuple[str, str] | None = None  # the pair's fx node names (``pair`` may be paths)
     # (name, expression) for names of pair and pooled that read an output: text.pooler_output
     expressions: tuple[tuple[str, str], ...] = ()
+    labels: tuple[str, ...] = ()  # the operands as users name them (empty: use ``operands``)
 
     @property
     def projection_bytes(self) -> int | None:
@@ -140,10 +142,14 @@ class Fusion:
 
     def __str__(self) -> str:
         ops = ", ".join(
-            f"{o} {{{', '.join(sorted(m))}}}"
-            for o, m in zip(self.operands, self.modalities, strict=True)
+            f"{o} ({'+'.join(sorted(m))})"
+            for o, m in zip(self.labels or self.operands, self.modalities, strict=True)
         )
         return f"{self.name} [{self.kind}]: {ops} -> pair {self.pair}"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython shows a list of fusions (a notebook cell's last value) one line each.
+        printer.text(f"Fusion({self})")
 
 
 def annotate_modalities(

@@ -1,7 +1,9 @@
 """User-facing tensor names of a traced model, and the errors that explain a wrong one.
 
 A name is an input (``"gray"``, ``"batch['audio']"``), a dotted module path (the output of that
-call) or an fx node name; the prefixes ``input:``, ``module:`` and ``node:`` pick one kind when a
+call), a read of a module's output as the model's code spells it (``text.pooler_output``), a
+local variable of the model's forward (the value it holds when forward returns) or an fx node
+name; the prefixes ``input:``, ``module:`` and ``node:`` pick one kind when a
 bare name is ambiguous. `resolve_name` turns a name into its node; `is_ambiguous` says whether a
 bare name needs a prefix. This module depends on `tracing` (and the exceptions of
 `regbn.errors`) only, so that shape, modality and insertion code can all import it.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import operator
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,8 @@ __all__ = [
     "entry_label",
     "expression",
     "entry_name",
+    "display_name",
+    "display_names",
     "is_ambiguous",
     "is_constant_getitem",
     "resolve_name",
@@ -83,39 +88,128 @@ def is_constant_getitem(node: fx.Node) -> bool:
     )
 
 
-def _input_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and input_name(node) == name:
-            out.append(_Candidate("input", f"input:{name}", node))
-    wanted = name.replace('"', "'")
-    for node in gm.graph.nodes:
-        if not is_constant_getitem(node):
-            continue
-        src = node.args[0]
-        if isinstance(src, fx.Node) and src.op == "placeholder":
-            label = entry_label(node)
-            if label == wanted:
-                out.append(_Candidate("input", f"input:{label}", node))
-    return out
+class _Index:
+    """Every user-facing name of a graph's nodes, gathered in one pass."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.inputs: dict[str, list[fx.Node]] = defaultdict(list)
+        self.modules: dict[str, dict[int, fx.Node]] = defaultdict(dict)
+        self.leaves: dict[str, list[fx.Node]] = defaultdict(list)
+        self.nodes: dict[str, fx.Node] = {}
+        self.reads: dict[str, list[fx.Node]] = defaultdict(list)
+        self.variables: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                self.inputs[input_name(node)].append(node)
+            elif is_constant_getitem(node) and node.args[0].op == "placeholder":
+                self.inputs[entry_label(node)].append(node)
+            for path, idx in node.meta.get("regbn_output_of", ()):
+                self.modules[path].setdefault(idx, node)
+            if node.op == "call_module":
+                self.leaves[str(node.target)].append(node)
+            if node.op != "output" and not _region_helper(node):
+                self.nodes[node.name] = node
+            if _is_read(node) and (expr := expression(node)) != node.name:
+                self.reads[expr].append(node)
+            if var := node.meta.get("regbn_variable"):
+                self.variables[var].append(node)
+
+    def input(self, name: str) -> list[_Candidate]:
+        label = name.replace('"', "'")
+        nodes = self.inputs.get(name, []) + (self.inputs.get(label, []) if label != name else [])
+        return [_Candidate("input", f"input:{name}", n) for n in nodes]
+
+    def module(self, name: str) -> list[_Candidate]:
+        calls = self.modules.get(name, {})
+        if not calls:  # a GraphModule traced elsewhere carries no provenance meta
+            leaf = self.leaves.get(name, [])
+            return [
+                _Candidate("module", f"module:{name}" + (f" (node {n.name})" if len(leaf) > 1 else ""), n)
+                for n in leaf
+            ]
+        return [
+            _Candidate(
+                "module",
+                f"module:{name}" + (f" (call {idx}, node {n.name})" if len(calls) > 1 else ""),
+                n,
+            )
+            for idx, n in sorted(calls.items())
+        ]
+
+    def node(self, name: str) -> list[_Candidate]:
+        found = self.nodes.get(name)
+        return [_Candidate("node", f"node:{name}", found)] if found is not None else []
+
+    def read(self, name: str) -> list[_Candidate]:
+        wanted = name.replace('"', "'")
+        return [_Candidate("node", wanted, n) for n in self.reads.get(wanted, [])]
+
+    def variable(self, name: str) -> list[_Candidate]:
+        return [_Candidate("node", name, n) for n in self.variables.get(name, [])]
+
+    def candidates(self, name: str) -> list[_Candidate]:
+        prefix, _, rest = name.partition(":")
+        if prefix in PREFIXES and rest:
+            return {"input": self.input, "module": self.module, "node": self.node}[prefix](rest)
+        found = self.input(name) + self.module(name) + self.node(name) + self.read(name)
+        # A variable of forward counts only where no other kind of name matches: naming a
+        # variable never makes an input, module or node name ambiguous.
+        found = found or self.variable(name)
+        distinct: dict[fx.Node, _Candidate] = {}
+        for c in found:
+            distinct.setdefault(c.node, c)
+        # Several labels for one node (input 'x' is node 'x') are one tensor, not an ambiguity.
+        return list(distinct.values()) if len(distinct) > 1 else found[:1]
+
+    def module_path(self, node: fx.Node) -> str | None:
+        """A leaf module call's own path; for a function or method result, the outermost
+        module called once whose output it is (``text`` for the last add of a text tower)."""
+        if node.op == "call_module":
+            path = str(node.target)
+            calls = self.modules.get(path) or dict(enumerate(self.leaves.get(path, [])))
+            return path if len(calls) == 1 else None
+        once = [
+            path
+            for path, _ in node.meta.get("regbn_output_of") or ()
+            if len(self.modules.get(path, {})) == 1
+        ]
+        return min(once, key=lambda p: (p.count("."), len(p))) if once else None
+
+    def display(self, node: fx.Node) -> str:
+        """The name `regbn.inspect` and the errors show for ``node``: its input name, module
+        path, read expression or forward variable, in that order, else its fx node name; always
+        one that `resolve_name` maps back to ``node`` (prefixed where the bare name is
+        ambiguous)."""
+        options: list[tuple[str, str]] = []
+        if node.op == "placeholder":
+            options.append(("input", input_name(node)))
+        elif is_constant_getitem(node) and node.args[0].op == "placeholder":
+            options.append(("input", entry_label(node)))
+        if (path := self.module_path(node)) is not None:
+            options.append(("module", path))
+        if _is_read(node) and (expr := expression(node)) != node.name:
+            options.append(("", expr))
+        if var := node.meta.get("regbn_variable"):
+            options.append(("", var))
+        options.append(("node", node.name))
+        for prefix, name in options:
+            for spelled in (name, f"{prefix}:{name}" if prefix else None):
+                if spelled is not None and [c.node for c in self.candidates(spelled)] == [node]:
+                    return spelled
+        return f"node:{node.name}"
 
 
-def _module_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    out: dict[fx.Node, _Candidate] = {}
-    calls: dict[int, fx.Node] = {}
-    for node in gm.graph.nodes:
-        for path, idx in node.meta.get("regbn_output_of", ()):
-            if path == name:
-                calls[idx] = node
-    for idx, node in sorted(calls.items()):
-        label = f"module:{name}" + (f" (call {idx}, node {node.name})" if len(calls) > 1 else "")
-        out[node] = _Candidate("module", label, node)
-    if not calls:  # a GraphModule traced elsewhere carries no provenance meta
-        leaf = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-        for n in leaf:
-            label = f"module:{name}" + (f" (node {n.name})" if len(leaf) > 1 else "")
-            out[n] = _Candidate("module", label, n)
-    return list(out.values())
+def display_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The user-facing name of one node (see `display_names`)."""
+    return _Index(gm).display(node)
+
+
+def display_names(gm: fx.GraphModule) -> dict[str, str]:
+    """Node name -> the name shown to users: an input, a dotted module path, a read as the
+    model's code spells it (``text.pooler_output``) or a variable of the model's forward
+    (``g``), else the fx node name. Every name maps back to its node in `resolve_name`."""
+    index = _Index(gm)
+    return {n.name: index.display(n) for n in gm.graph.nodes if n.op != "output"}
 
 
 def expression(node: fx.Node, depth: int = 4) -> str:
@@ -149,27 +243,8 @@ def _index(key: Any) -> str:
     return ", ".join(parts)
 
 
-def _expression_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    """Reads of a module's output (or an input's) as the user's code spells them:
-    ``text.pooler_output``, ``txt['sentence_embedding']``, ``text[0]``."""
-    wanted = name.replace('"', "'")
-    out = []
-    for node in gm.graph.nodes:
-        if _is_read(node) and expression(node) == wanted and expression(node) != node.name:
-            out.append(_Candidate("node", wanted, node))
-    return out
-
-
 def _is_read(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (builtins.getattr, operator.getitem)
-
-
-def _node_candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    return [
-        _Candidate("node", f"node:{name}", n)
-        for n in gm.graph.nodes
-        if n.name == name and n.op != "output" and not _region_helper(n)
-    ]
 
 
 def _region_helper(node: fx.Node) -> bool:
@@ -179,24 +254,7 @@ def _region_helper(node: fx.Node) -> bool:
 
 
 def _candidates(gm: fx.GraphModule, name: str) -> list[_Candidate]:
-    prefix, _, rest = name.partition(":")
-    if prefix in PREFIXES and rest:
-        return {
-            "input": _input_candidates,
-            "module": _module_candidates,
-            "node": _node_candidates,
-        }[prefix](gm, rest)
-    found = (
-        _input_candidates(gm, name)
-        + _module_candidates(gm, name)
-        + _node_candidates(gm, name)
-        + _expression_candidates(gm, name)
-    )
-    distinct: dict[fx.Node, _Candidate] = {}
-    for c in found:
-        distinct.setdefault(c.node, c)
-    # Several labels for one node (input 'x' is node 'x') are one tensor, not an ambiguity.
-    return list(distinct.values()) if len(distinct) > 1 else found[:1]
+    return _Index(gm).candidates(name)
 
 
 def is_ambiguous(gm: fx.GraphModule, name: str) -> bool:
@@ -216,6 +274,8 @@ def _all_names(gm: fx.GraphModule) -> list[str]:
             names.append(node.target)
         if _is_read(node) and (expr := expression(node)) != node.name:
             names.append(expr)
+        if var := node.meta.get("regbn_variable"):
+            names.append(var)
     return list(dict.fromkeys(names))
 
 

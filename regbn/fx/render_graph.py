@@ -61,7 +61,7 @@ def node_label(line: Line, measured: DependenceRow | None = None) -> list[str]:
     """The text lines of a graph node's box: name, layer, output shape, marks, and the
     dependence above chance of a ``measured`` fusion."""
     layer = f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer
-    label = [line.name, layer, format_shape(line.shape)]
+    label = [line.label or line.name, layer, format_shape(line.shape)]
     if line.is_fusion:
         label.append("FUSION")
     if measured is not None:

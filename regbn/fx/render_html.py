@@ -70,7 +70,7 @@ def html(report: Report) -> str:
 def html_cells(report: Report, row: Row) -> list[str]:
     """One table row's cells, as HTML, a cell per `HTML_HEADERS` entry."""
     text = [
-        row.name,
+        row.label or row.name,
         row.module or "",
         row.layer,
         format_shape(row.shape_or_nested),

@@ -68,7 +68,7 @@ def table_cells(report: Report, line: Line, failed: str | None) -> list[str]:
         mark = "RB" if line.is_regbn else "*F" if line.is_fusion else ""
     return [
         mark,
-        f"({len(line.members)} nodes)" if line.folded else line.name,
+        f"({len(line.members)} nodes)" if line.folded else line.label or line.name,
         line.module or "",
         line.layer,
         format_shape(line.shape),
@@ -95,11 +95,11 @@ def summary(report: Report) -> str:
         where = f" in {fusion.module}" if fusion.module else ""
         done = "  (a RegBN layer: already normalised)" if fusion.name in s.normalised else ""
         out = format_shape(fusion.output_shape)
-        lines.append(f"  {fusion.name} [{fusion.kind}]{where} -> {out}{done}")
+        lines.append(f"  {report.label(fusion.name)} [{fusion.kind}]{where} -> {out}{done}")
         operands = [
             [name, report.modality_label(mods), format_shape(shape)]
             for name, mods, shape in zip(
-                fusion.operands, fusion.modalities, fusion.shapes, strict=False
+                fusion.labels or fusion.operands, fusion.modalities, fusion.shapes, strict=False
             )
         ]
         lines += _align(operands, indent=6)
@@ -174,7 +174,7 @@ def markdown(report: Report, depth: int | None, all_nodes: bool) -> str:
 def markdown_cells(report: Report, line: Line) -> list[object]:
     """One row of the Markdown table, a cell per column of `MARKDOWN_HEADER`."""
     return [
-        f"`{line.name}`",
+        f"`{line.label or line.name}`",
         line.layer,
         format_shape(line.shape),
         dtype_name(line.dtype),

@@ -35,6 +35,7 @@ from ..errors import RegBNValueError
 from . import render_graph, render_html, render_json, render_text
 from .analysis import analyse, split_by_projection, trace_options
 from .modality import Fusion
+from .names import display_names
 from .report_dependence import measure_fusions
 from .report_rows import input_order, params_by_modality, row_fields
 from .report_summary import Summary, failure_text, summarize
@@ -73,6 +74,8 @@ class Row:
     calls: tuple[tuple[str, int], ...] = ()
     # For a node returning a tuple/list/dict of tensors (shape None): the shapes inside it.
     nested: Any = None
+    # The name users see and `regbn.insert` accepts: input, module path, read, variable or node.
+    label: str = ""
 
     @property
     def shape_or_nested(self) -> Any:
@@ -81,6 +84,7 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "label": self.label or self.name,
             "module": self.module,
             "op": self.op,
             "target": self.target,
@@ -136,6 +140,7 @@ class Line:
     params: int
     members: tuple[str, ...]
     op: str
+    label: str = ""  # the name shown: the node's user-facing name, or the folded module's path
 
     @property
     def folded(self) -> bool:
@@ -199,6 +204,13 @@ class Report:
         """The given modalities in input order."""
         order = self._modality_order
         return sorted(modalities, key=lambda m: (order.get(m, len(order)), m))
+
+    def label(self, name: str) -> str:
+        """The name users see for the node named ``name`` (`Row.label`)."""
+        for row in self.rows:
+            if row.name == name:
+                return row.label or name
+        return name
 
     def modality_label(self, modalities: Iterable[str]) -> str:
         return "+".join(self.ordered(modalities)) or "-"
@@ -286,6 +298,7 @@ class Report:
                 last.params,
                 (last.name,),
                 last.op,
+                last.label or last.name,
             )
         out = ([r for r in members if r.op != "get_attr"] or members)[-1]
         return Line(
@@ -300,6 +313,7 @@ class Report:
             sum(r.params for r in members),
             tuple(r.name for r in members),
             "module",
+            path,
         )
 
     # -- views (each in its own module) --------------------------------------------------
@@ -405,7 +419,8 @@ def report_from_graph(
     """Build a :class:`Report` from a graph whose nodes carry the ``regbn_*`` meta keys."""
     model = gm if model is None else model
     fusion_names = {f.name for f in fusions}
-    rows = [Row(**row_fields(node, gm, fusion_names)) for node in gm.graph.nodes]
+    labels = display_names(gm)
+    rows = [Row(**row_fields(node, gm, fusion_names, labels)) for node in gm.graph.nodes]
     by_modality, unused = params_by_modality(model, rows)
     return Report(
         rows=rows,

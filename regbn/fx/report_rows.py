@@ -31,14 +31,18 @@ __all__ = [
 ]
 
 
-def row_fields(node: fx.Node, gm: fx.GraphModule, fusion_names: set[str]) -> dict[str, Any]:
-    """The fields of the report's `Row` for ``node``, read from its ``regbn_*`` meta keys."""
+def row_fields(
+    node: fx.Node, gm: fx.GraphModule, fusion_names: set[str], labels: dict[str, str]
+) -> dict[str, Any]:
+    """The fields of the report's `Row` for ``node``, read from its ``regbn_*`` meta keys;
+    ``labels`` maps node names to the names users see (`names.display_names`)."""
     module = node.meta.get("regbn_module")
     if module is None and node.op == "call_module":
         module = str(node.target)
     shape = node.meta.get("regbn_shape")
     return {
         "name": node.name,
+        "label": labels.get(node.name, node.name),
         "module": module or None,
         "op": node.op,
         "target": target_str(node),

@@ -101,7 +101,7 @@ def _pair_lines(report: Report, pairs: list[tuple[str, str]]) -> list[str]:
         second = modalities.get(nodes[1]) or next(m for m in fusion.modalities if m != first)
         out.append(
             f"{fusion.pair[0]} ({report.modality_label(first)}) with respect to "
-            f"{fusion.pair[1]} ({report.modality_label(second)}), at {fusion.name}"
+            f"{fusion.pair[1]} ({report.modality_label(second)}), at {report.label(fusion.name)}"
         )
     return list(dict.fromkeys(out))
 
@@ -109,6 +109,8 @@ def _pair_lines(report: Report, pairs: list[tuple[str, str]]) -> list[str]:
 def _fusion_line(report: Report, fusion: Fusion) -> str:
     operands = ", ".join(
         f"{op} {report.modality_label(m)} {format_shape(s)}"
-        for op, m, s in zip(fusion.operands, fusion.modalities, fusion.shapes, strict=False)
+        for op, m, s in zip(
+            fusion.labels or fusion.operands, fusion.modalities, fusion.shapes, strict=False
+        )
     )
-    return f"{fusion.name} [{fusion.kind}] of {operands} -> pair {tuple(fusion.pair)!r}"
+    return f"{report.label(fusion.name)} [{fusion.kind}] of {operands} -> pair {tuple(fusion.pair)!r}"

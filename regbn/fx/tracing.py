@@ -13,6 +13,10 @@ name resolution in `regbn.insert`, `regbn.inspect`) reads these annotations:
 ``node.meta["regbn_output_of"]``
     The ``(path, call_index)`` calls whose return value is this node. For a leaf module it is its
     own call; for a traced-through module (a ``Sequential``) the node its ``forward`` returned.
+``node.meta["regbn_variable"]``
+    The local variable of the model's own ``forward`` that holds this node's value when forward
+    returns (``g`` for ``g = torch.flatten(self.gray_net(gray), 1)``), read from forward's frame
+    as tracing leaves it; absent where no variable holds it.
 
 Training mode. Code that reads ``self.training`` is frozen into the graph with the mode the model
 had while it was traced; `regbn.fx.mode_graph` holds one graph per mode (`ModeGraphModule`) and
@@ -26,10 +30,13 @@ they wrap, which `trace` traces instead.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import sys
+import types
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -137,8 +144,9 @@ class RegBNTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         # Grad-mode and autocast regions and checkpoint calls become nodes (regions.py).
-        with recording_regions(self, self.effects):
+        with recording_regions(self, self.effects), _forward_locals(root) as variables:
             graph = super().trace(root, concrete_args)
+        _name_variables(graph, variables)
         for node in graph.nodes:
             if node.target in self._leaf_functions:  # not fx.wrap'ed in the generated code
                 node.meta.pop("is_wrapped", None)
@@ -365,6 +373,52 @@ def trace_graph(
             continue
         traced.auto_leaves = made
         return traced
+
+
+class _Locals(dict):
+    """The local variables of one forward call as it returned (filled by `_forward_locals`)."""
+
+
+@contextlib.contextmanager
+def _forward_locals(root: nn.Module) -> Iterator[_Locals]:
+    """Record the locals of ``type(root).forward``'s frame when it returns: which proxy each
+    of the user's variable names holds at the end. Skipped under a debugger or coverage tool,
+    whose own trace function must stay the only one."""
+    found = _Locals()
+    forward = inspect.unwrap(type(root).forward)
+    code = getattr(forward, "__code__", None)
+    if code is None or sys.gettrace() is not None:
+        yield found
+        return
+
+    def local(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if event == "return":  # the outermost call returns last
+            found.clear()
+            found.update(frame.f_locals)
+        return local
+
+    def calls(frame: types.FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code is code else None
+
+    sys.settrace(calls)
+    try:
+        yield found
+    finally:
+        sys.settrace(None)
+
+
+def _name_variables(graph: fx.Graph, variables: dict[str, Any]) -> None:
+    for name, value in variables.items():
+        node = getattr(value, "node", None) if isinstance(value, fx.Proxy) else None
+        if (
+            node is None
+            or node.graph is not graph
+            or node.op == "placeholder"
+            or name == "self"
+            or name.startswith("_")
+        ):
+            continue
+        node.meta.setdefault("regbn_variable", name)
 
 
 _MAX_AUTO = 64

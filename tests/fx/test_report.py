@@ -306,7 +306,7 @@ def test_shape_failure_gives_a_partial_report():
     assert rows["a_2"].shape is None
     text = str(report)
     assert "FAILED at node 'a_2'" in text and "(2, 16)" in text
-    assert "!!  a_2" in text
+    assert "!!  a.2" in text
     assert report.to_dict()["failure"]["node"] == "a_2"
     assert "a_2" in report._repr_html_()
 
@@ -358,7 +358,7 @@ def test_long_models_fold_and_all_nodes_shows_every_node():
     assert sum(len(line.members) for line in top) == len(report.rows)
     assert len(str(report).splitlines()) < 100
     full = report.table(all_nodes=True)
-    assert all(row.name in full for row in report.rows)
+    assert all(row.label in full for row in report.rows)
     with pytest.raises(ValueError):
         report.lines(depth=-1)
 
@@ -407,7 +407,7 @@ def test_html_parses_and_holds_every_row_escaped():
     parser = _Cells()
     parser.feed(report._repr_html_())
     body = [cells for cells in parser.rows if cells]
-    assert [cells[0] for cells in body] == [r.name for r in report.rows]
+    assert [cells[0] for cells in body] == [r.label for r in report.rows]
     assert "img" not in parser.tags and "script" not in parser.tags
     assert any("batch['<img src=x>']" in "".join(cells) for cells in body)
     conv = two_branch_report()._repr_html_()
@@ -444,7 +444,7 @@ def test_draw_svg_and_png_for_a_300_node_model(tmp_path):
     root = ET.parse(svg).getroot()
     assert root.tag.endswith("svg")
     text = svg.read_text()
-    assert "audio_blocks_36_fc2" in text and "FUSION" in text  # text kept as text
+    assert "audio.blocks.36.fc2" in text and "FUSION" in text  # text kept as text
     png = report.draw(tmp_path / "deep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(RegBNValueError, match=r"^Report\.draw: .*svg or .png"):
