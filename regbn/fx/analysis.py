@@ -272,7 +272,9 @@ def find_fusions(
     return result.fusions
 
 
-def with_pair_names(gm: fx.GraphModule, fusion: Fusion, names: dict[str, str] | None = None) -> Fusion:
+def with_pair_names(
+    gm: fx.GraphModule, fusion: Fusion, names: dict[str, str] | None = None
+) -> Fusion:
     """``fusion`` with its operands, pair and pooled tensors named as users name them
     (`names.display_names`: an input, a module path, a read such as ``text.pooler_output``, a
     variable of forward, else the fx node name), each a name `regbn.insert` accepts back."""

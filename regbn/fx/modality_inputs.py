@@ -10,6 +10,7 @@ indexing only.
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from collections.abc import Callable
@@ -91,15 +92,19 @@ def _grouping(
         for raw in names:
             name = _canonical_input(raw, caller)
             if name not in known and name in containers:
-                entries = [k for k in known if k.startswith(f"{name}[")]
+                entries = [k for k in known if k.startswith((f"{name}[", f"{name}."))]
                 for k in entries or [name]:
                     out.setdefault(k, modality)
                 continue
             if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                did = f"; did you mean {close[0]!r}?" if close else "."
                 raise RegBNValueError(
                     f"{caller}: modalities[{modality!r}]: {raw!r} is not an input of this "
-                    f"model; its inputs are {known}. Name forward arguments, or entries as "
-                    "\"batch['audio']\""
+                    f"model; its inputs are {known}{did} modalities= groups inputs only (a "
+                    "tensor inside the model takes the modalities of the inputs it depends on): "
+                    "name forward arguments, their entries as \"batch['audio']\" or their "
+                    "fields as \"batch.image\""
                 )
             if name in out and out[name] != modality:
                 raise RegBNValueError(

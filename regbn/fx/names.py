@@ -101,7 +101,7 @@ class _Index:
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 self.inputs[input_name(node)].append(node)
-            elif is_constant_getitem(node) and node.args[0].op == "placeholder":
+            elif _is_input_entry(node):
                 self.inputs[entry_label(node)].append(node)
             for path, idx in node.meta.get("regbn_output_of", ()):
                 self.modules[path].setdefault(idx, node)
@@ -123,8 +123,9 @@ class _Index:
         calls = self.modules.get(name, {})
         if not calls:  # a GraphModule traced elsewhere carries no provenance meta
             leaf = self.leaves.get(name, [])
+            many = len(leaf) > 1
             return [
-                _Candidate("module", f"module:{name}" + (f" (node {n.name})" if len(leaf) > 1 else ""), n)
+                _Candidate("module", f"module:{name}" + (f" (node {n.name})" if many else ""), n)
                 for n in leaf
             ]
         return [
@@ -183,7 +184,7 @@ class _Index:
         options: list[tuple[str, str]] = []
         if node.op == "placeholder":
             options.append(("input", input_name(node)))
-        elif is_constant_getitem(node) and node.args[0].op == "placeholder":
+        elif _is_input_entry(node):
             options.append(("input", entry_label(node)))
         if (path := self.module_path(node)) is not None:
             options.append(("module", path))
@@ -241,6 +242,11 @@ def _index(key: Any) -> str:
         else:
             parts.append(repr(item) if not isinstance(item, fx.Node) else item.name)
     return ", ".join(parts)
+
+
+def _is_input_entry(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return is_constant_getitem(node) and isinstance(src, fx.Node) and src.op == "placeholder"
 
 
 def _is_read(node: fx.Node) -> bool:

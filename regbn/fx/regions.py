@@ -281,6 +281,17 @@ def einops_functions() -> list[Any]:
 _EINOPS = ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack")
 
 
+def einops_layers() -> tuple[type[nn.Module], ...]:
+    """einops' layers (``Rearrange``, ``Reduce``, ``EinMix``) where einops is importable: leaf
+    modules, for the same reason as `einops_functions`."""
+    try:
+        from einops.layers import torch as layers
+    except ImportError:
+        return ()
+    names = ("Rearrange", "Reduce", "EinMix")
+    return tuple(getattr(layers, n) for n in names if hasattr(layers, n))
+
+
 def _output_patches(effects: list[str]) -> dict[tuple[Any, str], Any]:
     """``print`` and ``logging`` still run while tracing; their lines are noted in
     ``effects``: the patched model does not run them again (fx records tensor ops only)."""

@@ -101,7 +101,8 @@ def _pair_lines(report: Report, pairs: list[tuple[str, str]]) -> list[str]:
         second = modalities.get(nodes[1]) or next(m for m in fusion.modalities if m != first)
         out.append(
             f"{fusion.pair[0]} ({report.modality_label(first)}) with respect to "
-            f"{fusion.pair[1]} ({report.modality_label(second)}), at {report.label(fusion.name)}"
+            f"{fusion.pair[1]} ({report.modality_label(second)}), "
+            f"at {report.label(fusion.name)}"
         )
     return list(dict.fromkeys(out))
 
@@ -113,4 +114,5 @@ def _fusion_line(report: Report, fusion: Fusion) -> str:
             fusion.labels or fusion.operands, fusion.modalities, fusion.shapes, strict=False
         )
     )
-    return f"{report.label(fusion.name)} [{fusion.kind}] of {operands} -> pair {tuple(fusion.pair)!r}"
+    pair = tuple(fusion.pair)
+    return f"{report.label(fusion.name)} [{fusion.kind}] of {operands} -> pair {pair!r}"

@@ -9,6 +9,7 @@ flow, iteration over a traced value, ``len()``/``int()`` of one); the fix names 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import traceback
 from collections.abc import Sequence
@@ -22,6 +23,16 @@ __all__ = ["TraceError", "trace_error"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _REGBN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Code that is never the user's line: torch, regbn and einops (whose functions a model
+    calls; the call site in the model is what the user can change)."""
+    dirs = [_TORCH_DIR, _REGBN_DIR]
+    spec = importlib.util.find_spec("einops")
+    if spec is not None and spec.origin:
+        dirs.append(os.path.dirname(os.path.abspath(spec.origin)))
+    return tuple(d + os.sep for d in dirs)
 
 
 class TraceError(RegBNError, ValueError):
@@ -91,9 +102,9 @@ def _reason(exc: BaseException) -> str:
 
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     frames = traceback.extract_tb(exc.__traceback__)
+    libraries = _library_dirs()
     for frame in reversed(frames):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_REGBN_DIR + os.sep + "fx"):
+        if os.path.abspath(frame.filename).startswith(libraries):
             continue
         if frame.filename.startswith("<"):  # generated code (fx, eval)
             continue

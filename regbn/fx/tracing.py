@@ -59,6 +59,7 @@ from .regions import (
     RegionError,
     check_checkpoint,
     einops_functions,
+    einops_layers,
     hooked,
     recording_regions,
 )
@@ -124,7 +125,7 @@ class RegBNTracer(fx.Tracer):
         # one call (regions.py).
         self._leaf_functions = (CHECKPOINT, *einops_functions())
         super().__init__(autowrap_functions=(*autowrap_functions, *self._leaf_functions))
-        self.leaf_classes = (*leaf_classes, RegBN)
+        self.leaf_classes = (*leaf_classes, RegBN, *einops_layers())
         # print/logging lines met while tracing: they run once here, never in the graph.
         self.effects: list[str] = []
         self.leaf_paths = frozenset(leaf_paths)
@@ -450,7 +451,7 @@ def _trace_once(
         if root is model:
             _name_placeholders(graph, model, concrete_args)
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError,
-            NameError) as e:  # NameError: a module built inside forward
+            NameError, KeyError, IndexError) as e:  # NameError: a module built inside forward
         if isinstance(e, TraceError):
             raise
         if isinstance(e, RegionError):

@@ -71,3 +71,41 @@ def test_einops_model_traced_with_no_options():
     x = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(patched(*x), hand(*x), rtol=0, atol=0)
+
+
+class EinopsLayers(HandEditable):
+    """einops' layers inside the branches and ``einops.pack`` at the fusion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from einops.layers.torch import Rearrange, Reduce
+
+        self.a = nn.Sequential(Rearrange("b c h w -> b (c h w)"), nn.Linear(12, 4))
+        self.b = nn.Sequential(nn.Linear(5, 4), Reduce("b n d -> b d", "mean"))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        fa, fb = self._rb(0, self.a(x), self.b(y))
+        packed, _ = einops.pack([fa, fb], "b *")
+        return self.head(packed)
+
+
+def _layer_inputs():
+    return torch.randn(B, 3, 2, 2), torch.randn(B, 6, 5)
+
+
+def test_einops_layers_are_leaves_and_pack_is_a_fusion():
+    model = EinopsLayers()
+    (fusion,) = regbn.find_fusions(model, _layer_inputs())
+    assert fusion.pair == ("a.1", "b.1") and fusion.shapes == ((B, 4), (B, 4))
+    report = regbn.inspect(model, input_shapes=[(B, 3, 2, 2), (B, 6, 5)])
+    assert report.failure is None
+    assert {row.layer for row in report.rows} >= {"Rearrange", "Reduce"}
+    patched = regbn.insert(model, "auto", _layer_inputs())
+    hand = copy.deepcopy(model)
+    hand.hand = nn.ModuleList([copy.deepcopy(patched.regbn_0)])
+    for mode in ("train", "eval"):
+        getattr(patched, mode)()
+        getattr(hand, mode)()
+        x = _layer_inputs()
+        torch.testing.assert_close(patched(*x), hand(*x), rtol=0, atol=0)

@@ -243,7 +243,7 @@ MAP = ((B, 5), (B, 2, 6, 6))
 KINDS = {
     "cat_features": Kind(CatFeatures, VEC, "cat", ("enc_a", "enc_b")),
     "cat_tokens": Kind(CatTokens, TOK, "cat", ("proj_a", "proj_b")),
-    "cat_tokens_with_positions": Kind(CatPositions, TOK, "cat", ("ta", "proj_b")),  # ta: the variable,
+    "cat_tokens_with_positions": Kind(CatPositions, TOK, "cat", ("ta", "proj_b")),  # variable ta,
     "stack": Kind(Stack, VEC, "stack", ("enc_a", "enc_b")),
     "add": Kind(Add, VEC, "add", ("enc_a", "enc_b")),
     "mul": Kind(Mul, VEC, "mul", ("enc_a", "enc_b")),
@@ -286,8 +286,9 @@ def test_auto_equals_a_hand_edit_at_the_pair(kind: Kind):
     model = kind.make()
     patched = regbn.insert(model, pairs="auto", example_inputs=_inputs(kind))
     (call,) = [n for n in patched.graph.nodes if n.op == "call_module" and n.target == "regbn_0"]
-    labels = {n.name: n.meta.get("regbn_variable", n.name) for n in patched.graph.nodes}
-    assert tuple(labels[a.name] for a in call.args) == kind.pair
+    (fusion,) = regbn.find_fusions(model, _inputs(kind))
+    assert fusion.pair == kind.pair
+    assert tuple(a.name for a in call.args) == fusion.pair_nodes
     hand = copy.deepcopy(model)
     hand.hand = nn.ModuleList([copy.deepcopy(patched.regbn_0)])
     opt_p = torch.optim.SGD(patched.parameters(), lr=0.05)

@@ -109,3 +109,105 @@ def test_dataclass_and_namedtuple_batches_by_field(kind):
     torch.testing.assert_close(patched(*x), hand(*x), rtol=0, atol=0)
     (row,) = regbn.measure_dependence(model, [batch() for _ in range(3)], [("a", "b")]).rows
     assert 0 <= row.r2 <= 1
+
+
+def test_modalities_group_fields_of_a_batch():
+    batch = (ImageText(torch.randn(5, 4), torch.randn(5, 6)),)
+    groups = {"vision": ["batch.image"], "language": "batch.text"}
+    (fusion,) = regbn.find_fusions(FieldBatch(), batch, modalities=groups)
+    assert fusion.modalities == (frozenset({"vision"}), frozenset({"language"}))
+    # The batch argument as a whole: every field joins one modality, so nothing fuses.
+    assert regbn.find_fusions(FieldBatch(), batch, modalities={"all": ["batch"]}) == []
+    with pytest.raises(ValueError, match=r"modalities\['vision'\]: 'batch.imag' is not an input "
+                       r".*did you mean 'batch.image'\? modalities= groups inputs only"):
+        regbn.find_fusions(FieldBatch(), batch, modalities={"vision": ["batch.imag"]})
+    with pytest.raises(ValueError, match=r"'a' is not an input .*fields as \"batch.image\""):
+        regbn.find_fusions(FieldBatch(), batch, modalities={"vision": ["a"]})
+
+
+# ----------------------------------------------------------- variables of the model's forward
+
+
+class Locals(HandEditable):
+    """Branch features that only variables of forward name: no module returns them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_a = nn.Linear(10, 6)
+        self.enc_b = nn.Linear(12, 5)
+        self.head = nn.Linear(11, 3)
+
+    def forward(self, a, b):
+        fa = torch.relu(self.enc_a(a)).square()
+        fb = torch.relu(self.enc_b(b))
+        fb = fb.exp()  # reassigned: 'fb' names the value it holds when forward returns
+        fa, fb = self._rb(0, fa, fb)
+        head = fa.sum()  # a variable that shadows a module: the module keeps its name
+        return self.head(torch.cat([fa, fb], 1)) + head
+
+
+def _locals_inputs():
+    return torch.randn(8, 10), torch.randn(8, 12)
+
+
+def test_variables_of_forward_are_shown_and_accepted():
+    model = Locals()
+    (fusion,) = regbn.find_fusions(model, _locals_inputs())
+    assert fusion.labels == ("fa", "fb") and fusion.pair == ("fa", "fb")
+    assert fusion.pair_nodes == ("square", "exp")
+    report = regbn.inspect(model, _locals_inputs())
+    labels = {row.name: row.label for row in report.rows}
+    assert labels["square"] == "fa" and labels["exp"] == "fb"
+    assert labels["relu_1"] == "relu_1"  # fb's first value: no name of the user's holds it now
+    assert labels["sum_1"] == "sum_1"  # 'head' is the module: the variable is not shown
+    assert labels["head"] == "head"
+    text = str(report)
+    assert "\n      fa  a  (8, 6)" in text and "pairs=[('fa', 'fb')]" in text
+    gm = trace(model)
+    assert resolve_name(gm, "fa").name == "square" and resolve_name(gm, "head").op == "call_module"
+
+
+def test_a_pair_of_variables_equals_the_hand_edit():
+    from .test_real_models import _train_and_compare
+
+    torch.manual_seed(0)
+    model = Locals()
+    patched = regbn.insert(model, [("fa", "fb")], _locals_inputs())
+    hand = copy.deepcopy(model)
+    hand.hand = nn.ModuleList([copy.deepcopy(patched.regbn_0)])
+    _train_and_compare(patched, hand, _locals_inputs, steps=3)
+
+
+def test_every_name_shown_maps_back_to_its_node(case):
+    """inspect's table shows, per node, a name insert resolves to that very node."""
+    from regbn.fx.analysis import analyse
+
+    model = case.make()
+    inputs = case.inputs()
+    gm = analyse(model, inputs, caller="test").gm
+    shown = names.display_names(gm)
+    assert len(set(shown.values())) == len(shown)  # one name, one node
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            assert resolve_name(gm, shown[node.name]) is node, shown[node.name]
+    report = regbn.inspect(model, inputs)
+    assert [row.label for row in report.rows if row.op != "output"] == list(shown.values())
+
+
+def test_variables_are_not_read_under_a_debugger():
+    """A trace function already set (a debugger, coverage) stays the only one."""
+    import sys
+
+    seen = []
+
+    def tracer(frame, event, arg):
+        seen.append(event)
+        return None
+
+    sys.settrace(tracer)
+    try:
+        gm = trace(Locals())
+    finally:
+        sys.settrace(None)
+    assert seen and not any("regbn_variable" in n.meta for n in gm.graph.nodes)
+    assert resolve_name(gm, "node:square").name == "square"
