@@ -176,6 +176,11 @@ class _Index:
         ]
         return min(once, key=lambda p: (p.count("."), len(p))) if once else None
 
+    def _named_root(self, node: fx.Node) -> bool:
+        while _is_read(node) and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node.op in ("placeholder", "call_module") or self.module_path(node) is not None
+
     def display(self, node: fx.Node) -> str:
         """The name `regbn.inspect` and the errors show for ``node``: its input name, module
         path, read expression or forward variable, in that order, else its fx node name; always
@@ -188,10 +193,16 @@ class _Index:
             options.append(("input", entry_label(node)))
         if (path := self.module_path(node)) is not None:
             options.append(("module", path))
-        if _is_read(node) and (expr := expression(node)) != node.name:
-            options.append(("", expr))
-        if var := node.meta.get("regbn_variable"):
+        read = expression(node) if _is_read(node) else node.name
+        var = node.meta.get("regbn_variable")
+        # A read of an input or a module's output (text.pooler_output) beats a variable; a
+        # read of an unnamed result (rearrange_2[0]) does not.
+        if read != node.name and self._named_root(node):
+            options.append(("", read))
+        if var:
             options.append(("", var))
+        if read != node.name:
+            options.append(("", read))
         options.append(("node", node.name))
         for prefix, name in options:
             for spelled in (name, f"{prefix}:{name}" if prefix else None):
