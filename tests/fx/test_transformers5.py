@@ -72,7 +72,10 @@ def test_dual_encoder_whole_with_no_options(name):
         fusions = regbn.find_fusions(model, batch)
     (fusion,) = [f for f in fusions if f.kind == "similarity"]  # the image-text logits
     assert fusion.modalities == (frozenset({"input_ids"}), frozenset({"pixel_values"}))
+    # named as the model's forward names them: its normalised embeddings, not 'truediv_1'
+    assert fusion.pair == ("text_embeds", "image_embeds")
     report = _quiet(regbn.inspect, model, batch)
+    assert "text_embeds (input_ids) with respect to image_embeds (pixel_values)" in str(report)
     assert report.failure is None and len(report.pairs) == 1
     with torch.no_grad():
         model.eval()
