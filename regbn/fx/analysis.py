@@ -308,7 +308,8 @@ def auto_pairs(
     RegBN layer's W would pass ``max_projection_bytes`` (default: the layer's, 2**30): Df·Dg·4
     bytes for ``projection="full"``, Cf·Cg·4 for ``"channel"`` (8 per entry for float64). Those
     are skipped, typically token-level fusions of two transformer towers, and the message names
-    the pooled or CLS tensors of the same branches to pair instead. Names are ``node:``-prefixed.
+    the pooled or CLS tensors of the same branches to pair instead. Names are those
+    `find_fusions` shows (``node:``-prefixed fx node names for fusions without them).
     Raises ``ValueError`` when no fusion is left (none found, or every one skipped); with the
     annotated ``gm``, the message of "none found" lists each input's modalities (or why it has
     none), since one input left without a modality is the usual reason.
@@ -320,8 +321,10 @@ def auto_pairs(
     skipped += [_similarity_message(f) for f in similarity]
     pairs: list[tuple[str, str]] = []
     for fusion in kept:
-        nodes = fusion.pair_nodes or fusion.pair
-        pair = (_node_name(nodes[0]), _node_name(nodes[1]))
+        # find_fusions' names resolve to the pair's nodes in this graph (with_pair_names);
+        # bare node names from detect_fusions get the node: prefix.
+        nodes = fusion.pair if fusion.labels else fusion.pair_nodes or fusion.pair
+        pair = nodes if fusion.labels else (_node_name(nodes[0]), _node_name(nodes[1]))
         if pair not in pairs:
             pairs.append(pair)
     if not pairs:

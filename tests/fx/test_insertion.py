@@ -843,7 +843,7 @@ def test_min_dependence_skips_an_independent_pair_and_keeps_a_dependent_one():
     with pytest.warns(UserWarning, match=r"min_dependence=0\.2: skipped 1 of 2 pairs") as record:
         patched = insert(model, "auto", batches[0], batches=batches, min_dependence=0.2)
     (message,) = [str(w.message) for w in record if "min_dependence" in str(w.message)]
-    assert "by 'node:fz'" in message and "fy'" not in message  # the independent pair, named
+    assert "by 'fz'" in message and "fy'" not in message  # the independent pair, named
     assert "above -0.0" in message or "above 0.0" in message  # its number, near zero
     (layer,) = [m for m in patched.modules() if isinstance(m, regbn.RegBN)]
     call = next(n for n in patched.graph.nodes if n.op == "call_module" and n.target == "regbn_0")

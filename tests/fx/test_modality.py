@@ -422,9 +422,9 @@ def test_auto_pairs_skip_a_projection_past_the_limit_and_name_pooled_tensors():
     assert xattn.pair_shapes == ((B, 10, 16), (B, 12, 16))
     assert xattn.projection_bytes == 160 * 192 * 4
     pairs, skipped = auto_pairs(fusions)
-    assert ("node:text", "node:image") in pairs and not skipped
+    assert ("text", "image") in pairs and not skipped
     pairs, skipped = auto_pairs(fusions, max_projection_bytes=160 * 192 * 4 - 1)
-    assert ("node:text", "node:image") not in pairs
+    assert ("text", "image") not in pairs
     (message,) = skipped
     assert "skipped fusion 'xattn' [attention]" in message
     assert "160·192·4" in message and "max_projection_bytes=122879" in message
