@@ -315,8 +315,11 @@ def auto_pairs(
     none), since one input left without a modality is the usual reason.
     """
     similarity = [f for f in fusions if f.kind == "similarity"]
+    normalised = [f for f in fusions if f.kind == "regbn"]
     kept, skipped = split_by_projection(
-        [f for f in fusions if f.kind != "similarity"], max_projection_bytes, projection
+        [f for f in fusions if f.kind not in ("similarity", "regbn")],
+        max_projection_bytes,
+        projection,
     )
     skipped += [_similarity_message(f) for f in similarity]
     pairs: list[tuple[str, str]] = []
@@ -327,6 +330,16 @@ def auto_pairs(
         pair = nodes if fusion.labels else (_node_name(nodes[0]), _node_name(nodes[1]))
         if pair not in pairs:
             pairs.append(pair)
+    if normalised:
+        done = ", ".join(f"{f.name} on {f.pair!r}" for f in normalised)
+        if not pairs:
+            raise RegBNValueError(
+                f"regbn.insert: pairs='auto': every fusion of this model is already normalised by "
+                f"its RegBN layer ({done}), so there is nothing to insert. To add layers "
+                "elsewhere, name the pairs: regbn.insert(patched, pairs=[(f, g)], ...); "
+                "regbn.inspect(patched, ...) lists the tensors"
+            )
+        skipped.append(f"pairs='auto' left the fusions already normalised alone: {done}")
     if not pairs:
         if skipped:
             raise RegBNValueError(

@@ -81,7 +81,7 @@ def warn_existing_layers(model: nn.Module) -> None:
             "to them (numbered after them). regbn.remove(patched) removes only the layers "
             "insert added",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -191,7 +191,6 @@ def insert(
             "[(8, 1, 28, 28), (8, 3, 28, 28)]) to infer each RegBN layer's dims"
         )
     model = unwrapped(model)
-    warn_existing_layers(model)
     if copy:
         model = copy_module.deepcopy(model)
     saved = python_state(model)  # tracing and verifying run the model's Python
@@ -232,6 +231,7 @@ def _insert(
         )
     if isinstance(wanted, str):  # "auto", the only string normalise_pairs returns
         wanted = _auto_pairs(train, regbn_kwargs)
+    warn_existing_layers(model)  # once there is something to insert
     plans = plan_pairs(train.gm, wanted, model, train.graph)
     _warn_similarity_pairs(plans, train.fusions)
     if regbn_kwargs.get("projection", "full") == "full":

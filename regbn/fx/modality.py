@@ -251,7 +251,7 @@ def _fusions_at(
     if node.op not in ("call_function", "call_method", "call_module"):
         return []
     if is_regbn(gm, node):
-        return []  # the normaliser itself, not a place where branches merge
+        return _normalised_at(node)
     ops = _operands(node)
     if len(ops) < 2:
         return []
@@ -289,6 +289,27 @@ def _fusions_at(
                 pair_itemsize=_itemsize(f, g),
             ))  # fmt: skip
     return out
+
+
+def _normalised_at(node: fx.Node) -> list[Fusion]:
+    """An inserted RegBN layer: the fusion of its f and g, already normalised (kind "regbn"),
+    so that `regbn.inspect` lists it and ``pairs="auto"`` leaves it alone."""
+    ops = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    mods = [op.meta.get("regbn_modalities") for op in ops]
+    if len(ops) != 2 or not all(mods):
+        return []
+    f, g = ops
+    return [Fusion(
+        name=node.name,
+        kind="regbn",
+        operands=(f.name, g.name),
+        modalities=(mods[0], mods[1]),
+        shapes=(f.meta.get("regbn_shape"), g.meta.get("regbn_shape")),
+        pair=(f.name, g.name),
+        pair_nodes=(f.name, g.name),
+        pair_shapes=(f.meta.get("regbn_shape"), g.meta.get("regbn_shape")),
+        pair_itemsize=_itemsize(f, g),
+    )]  # fmt: skip
 
 
 def _similarity(node: fx.Node, f: fx.Node, g: fx.Node) -> bool:

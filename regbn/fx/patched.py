@@ -122,6 +122,40 @@ class PatchedModel(nn.Module):
         }
         return (_rebuild, (patch.base, state, saved))
 
+    def __repr__(self) -> str:
+        patch: Patch = self.__dict__[PATCH]
+        if patch.base.__repr__ is not nn.Module.__repr__:
+            return super().__repr__()  # the model's own printout
+        # Each added layer is printed after the submodule its inputs come from last, not at the
+        # end where parameters() lists it.
+        modules = self.__dict__["_modules"]
+        try:
+            self.__dict__["_modules"] = _display_order(modules, patch)
+            return nn.Module.__repr__(self)
+        finally:
+            self.__dict__["_modules"] = modules
+
+
+def _top_module(node: fx.Node) -> str | None:
+    calls = node.meta.get("regbn_module_calls") or ()
+    path = calls[0][0] if calls else str(node.target) if node.op == "call_module" else None
+    return path.split(".")[0] if path else None
+
+
+def _display_order(modules: dict[str, Any], patch: Patch) -> dict[str, Any]:
+    order = [name for name in modules if name not in patch.added]
+    for node in patch.graphs[True].nodes:
+        if node.op != "call_module" or node.target not in patch.added:
+            continue
+        sources = [n for n in node.all_input_nodes if n.op != "placeholder"]
+        tops = {_top_module(n) for n in sources} & set(order)
+        at = max((order.index(t) + 1 for t in tops), default=0)
+        while at < len(order) and order[at] in patch.added:
+            at += 1  # after layers placed there before it
+        order.insert(at, str(node.target))
+    order += [name for name in modules if name not in order]
+    return {name: modules[name] for name in order}
+
 
 def _class_for(base: type[nn.Module], forward: Any, taken: set[str]) -> type[nn.Module]:
     """A subclass of ``base`` for one patched object: ``forward`` runs the patched graph."""

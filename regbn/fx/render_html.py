@@ -1,7 +1,9 @@
-"""The notebook view of a report (``report._repr_html_()``): a styled table of every node.
+"""The notebook view of a report (``report._repr_html_()``): the summary and the fusion rows
+first, then the graph folded by module depth and every node, each in a collapsed ``<details>``.
 
 A column is one header in `HTML_HEADERS` and one cell in `html_cells`. A report measured on
-batches has one more column, the dependence at each fusion, shaded by its value.
+batches has one more column, the dependence at each fusion, shaded by its value. Every marked
+row sets its own background and text colour, so it reads the same in light and dark themes.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from .report_dependence import (
     dependence_cell,
     dependence_colour,
     fusion_row,
+    line_row,
 )
 
 if TYPE_CHECKING:
-    from .report import Report, Row
+    from .report import Line, Report
 
-__all__ = ["PALETTE", "colours", "html", "html_cells"]
+__all__ = ["PALETTE", "colours", "html", "html_cells", "text_colour"]
 
 # One colour per modality, in input order (the graph views use them too).
 PALETTE = (
@@ -30,19 +33,34 @@ PALETTE = (
 
 HTML_HEADERS = ("node", "module", "layer", "output shape", "dtype", "modalities", "params")
 
+# Marked rows carry their own background and text colour, and JupyterLab's right alignment and
+# centred, fixed-layout tables are overridden: readable in light and dark themes alike. Rows
+# without a mark take the theme's colours.
+_MARKS = {
+    "fusion": ("#fde2e1", "#5c0b0b"),
+    "regbn": ("#fff3bf", "#3d2f00"),
+    "failed": ("#f8b4b4", "#4d0000"),
+}
 _CSS = (
     "<style>"
-    ".regbn-report{font-family:ui-monospace,monospace;font-size:12px}"
-    ".regbn-report table{border-collapse:collapse}"
-    ".regbn-report th,.regbn-report td{padding:2px 8px;text-align:left;"
-    "border-bottom:1px solid #eee;white-space:nowrap}"
-    ".regbn-report tr.fusion td{background:#fde2e1;font-weight:bold}"
-    ".regbn-report tr.regbn td{background:#fff6bf}"
-    ".regbn-report tr.failed td{background:#f8b4b4}"
-    ".regbn-report tr.noshape td{color:#999}"
-    ".regbn-report .tag{border-radius:3px;padding:0 4px;margin-right:2px;color:#fff}"
-    ".regbn-report .scroll{max-height:600px;overflow:auto}"
-    ".regbn-report td.num{text-align:right}"
+    ".regbn-report{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;"
+    "font-size:12px;line-height:1.45;text-align:left}"
+    ".regbn-report table{border-collapse:collapse;table-layout:auto!important;"
+    "margin:4px 0 8px 0!important}"
+    ".regbn-report th,.regbn-report td,.regbn-report tr{text-align:left!important;"
+    "padding:2px 8px!important;white-space:nowrap!important;vertical-align:top!important}"
+    ".regbn-report th{border-bottom:1px solid rgba(128,128,128,.5)}"
+    ".regbn-report td.num{text-align:right!important}"
+    + "".join(
+        f".regbn-report tr.{mark} td{{background:{bg}!important;color:{fg}!important}}"
+        for mark, (bg, fg) in _MARKS.items()
+    )
+    + ".regbn-report tr.fusion td{font-weight:bold}"
+    ".regbn-report tr.noshape td{opacity:.7}"
+    ".regbn-report .tag{border-radius:3px;padding:0 4px;margin-right:2px;font-weight:normal}"
+    ".regbn-report details{margin:4px 0}"
+    ".regbn-report summary{cursor:pointer}"
+    ".regbn-report .line{margin:1px 0}"
     "</style>"
 )
 
@@ -52,69 +70,111 @@ def colours(report: Report) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(report.modality_names)}
 
 
-def html(report: Report) -> str:
-    """The summary above a scrolling table of every node (no folding: a notebook scrolls)."""
-    failed = report.failure.node_name if report.failure is not None else None
-    rows = "".join(_html_row(report, row, failed) for row in report.rows)
-    headers = HTML_HEADERS + (("dependence",) if report.dependence is not None else ())
-    head = "".join(f"<th>{h}</th>" for h in headers)
+def text_colour(background: str) -> str:
+    """Black or white, whichever reads better on ``background`` (``#rrggbb``)."""
     return (
-        f'<div class="regbn-report">{_CSS}'
-        + "".join(f"<div>{s}</div>" for s in _summary(report))
-        + f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
-        + rows
-        + "</tbody></table></div></div>"
+        "#000000"
+        if _contrast(background, "#000000") >= _contrast(background, "#ffffff")
+        else ("#ffffff")
     )
 
 
-def html_cells(report: Report, row: Row) -> list[str]:
+def _luminance(colour: str) -> float:
+    channels = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two ``#rrggbb`` colours."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def html(report: Report) -> str:
+    """The summary and the key rows (fusions, RegBN layers, where shapes failed) first; the
+    graph folded by module depth and every node below, each in a collapsed ``<details>``."""
+    failed = report.failure.node_name if report.failure is not None else None
+    headers = HTML_HEADERS + (("dependence",) if report.dependence is not None else ())
+    every = report.lines(all_nodes=True)
+    key = [line for line in every if line.is_fusion or line.is_regbn or failed in line.members]
+    depth = report.auto_depth()
+    folded = report.lines()
+    parts = [f'<div class="regbn-report">{_CSS}']
+    parts += [f'<div class="line">{s}</div>' for s in _summary(report)]
+    if key:
+        parts.append(_table(report, headers, key, failed))
+    if depth is not None and len(folded) < len(every):
+        parts.append(
+            f"<details><summary>The graph, module calls folded below depth {depth} "
+            f"({len(folded)} lines)</summary>{_table(report, headers, folded, failed)}</details>"
+        )
+    parts.append(
+        f"<details><summary>Every node ({len(every)})</summary>"
+        f"{_table(report, headers, every, failed)}</details></div>"
+    )
+    return "".join(parts)
+
+
+def _table(report: Report, headers: tuple[str, ...], lines: list[Line], failed: str | None) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join(_html_row(report, line, failed) for line in lines)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_cells(report: Report, line: Line) -> list[str]:
     """One table row's cells, as HTML, a cell per `HTML_HEADERS` entry."""
+    name = line.label or line.name
     text = [
-        row.label or row.name,
-        row.module or "",
-        row.layer,
-        format_shape(row.shape_or_nested),
-        dtype_name(row.dtype),
+        name,
+        "" if line.module in (None, name) else line.module,
+        f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer,
+        format_shape(line.shape),
+        dtype_name(line.dtype) or "",
     ]
     cells = [f"<td>{escape(str(c))}</td>" for c in text] + [
-        f"<td>{_tags(report, row.modalities)}</td>",
-        f'<td class="num">{escape(format_count(row.params))}</td>',
+        f"<td>{_tags(report, line.modalities)}</td>",
+        f'<td class="num">{escape(format_count(line.params))}</td>',
     ]
     if report.dependence is not None:
-        cells.append(_dependence_td(report, row))
+        cells.append(_dependence_td(report, line))
     return cells
 
 
-def _dependence_td(report: Report, row: Row) -> str:
+def _dependence_td(report: Report, line: Line) -> str:
     """The dependence cell: the value above chance, shaded as the picture shades the fusion."""
-    measured = fusion_row(report, row.name) if row.is_fusion else None
+    measured = line_row(report, line) if line.is_fusion else None
     if measured is None:
         return '<td class="num dependence"></td>'
     colour = dependence_colour(measured.above_chance)
     return (
-        f'<td class="num dependence" style="background:{colour}" '
-        f'title="{escape(measured.summary())}">{escape(dependence_cell(measured))}</td>'
+        f'<td class="num dependence" style="background:{colour}!important;'
+        f'color:{text_colour(colour)}!important" title="{escape(measured.summary())}">'
+        f"{escape(dependence_cell(measured))}</td>"
     )
 
 
-def _html_row(report: Report, row: Row, failed: str | None) -> str:
+def _html_row(report: Report, line: Line, failed: str | None) -> str:
     flags = (
-        ("fusion", row.is_fusion),
-        ("regbn", row.is_regbn),
-        ("failed", row.name == failed),
-        ("noshape", row.shape is None),
+        ("fusion", line.is_fusion),
+        ("regbn", line.is_regbn),
+        ("failed", failed in line.members),
+        ("noshape", line.shape is None and not line.is_regbn and failed not in line.members),
     )
     classes = " ".join(c for c, on in flags if on)
-    return f'<tr class="{classes}">{"".join(html_cells(report, row))}</tr>'
+    return f'<tr class="{classes}">{"".join(html_cells(report, line))}</tr>'
 
 
 def _tags(report: Report, modalities: frozenset[str]) -> str:
     """The modalities as coloured tags, in input order."""
     palette = colours(report)
-    return "".join(
-        f'<span class="tag" style="background:{palette.get(m, "#777")}">{escape(m)}</span>'
-        for m in report.ordered(modalities)
-    )
+    spans = []
+    for m in report.ordered(modalities):
+        bg = palette.get(m, "#777777")
+        spans.append(
+            f'<span class="tag" style="background:{bg};color:{text_colour(bg)}">{escape(m)}</span>'
+        )
+    return "".join(spans)
 
 
 def _summary(report: Report) -> list[str]:
@@ -125,7 +185,8 @@ def _summary(report: Report) -> list[str]:
         f"{s.total_params:,} parameters, {plural(len(s.fusions), 'fusion')}"
     ]
     if s.failure:
-        out.append(f'<b style="color:#b00">{escape(s.failure)}</b>')
+        bg, fg = _MARKS["failed"]
+        out.append(f'<b style="background:{bg};color:{fg};padding:0 4px">{escape(s.failure)}</b>')
     out.append(
         "Inputs: "
         + ", ".join(

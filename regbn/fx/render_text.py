@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 __all__ = ["markdown", "markdown_cells", "summary", "table", "table_cells"]
 
 TABLE_HEADERS = ["", "node", "module", "layer", "output shape", "dtype", "modalities", "params"]
-# (column, narrowest) in the order columns give up room; the module path mostly repeats the
-# node name, so it gives up room first, and it is the column left out when that is not enough.
-_SHRINK = [(2, 12), (3, 10), (6, 12), (1, 16), (4, 14)]
+# (column, narrowest) in the order columns give up room, wrapping their cells: a long nested
+# shape first, then the module path (blank where the name says it), which is also the column
+# left out when that is not enough.
+_SHRINK = [(4, 16), (2, 12), (3, 10), (6, 12), (1, 16)]
 _OPTIONAL = 2
 _RIGHT = {7}
 _LEGEND = (
@@ -66,11 +67,13 @@ def table_cells(report: Report, line: Line, failed: str | None) -> list[str]:
         mark = "!!"
     else:
         mark = "RB" if line.is_regbn else "*F" if line.is_fusion else ""
+    name = line.label or line.name
     return [
         mark,
-        f"({len(line.members)} nodes)" if line.folded else line.label or line.name,
-        line.module or "",
-        line.layer,
+        name,
+        # the enclosing module of a function's result; blank where the name says it already
+        "" if line.module in (None, name) else line.module,
+        f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer,
         format_shape(line.shape),
         dtype_name(line.dtype, short=True) or "-",
         report.modality_label(line.modalities),
@@ -93,9 +96,14 @@ def summary(report: Report) -> str:
     lines += [f"Fusions ({len(s.fusions)})"]
     for fusion in s.fusions:
         where = f" in {fusion.module}" if fusion.module else ""
-        done = "  (a RegBN layer: already normalised)" if fusion.name in s.normalised else ""
-        out = format_shape(fusion.output_shape)
-        lines.append(f"  {report.label(fusion.name)} [{fusion.kind}]{where} -> {out}{done}")
+        if fusion.kind == "regbn":
+            lines.append(
+                f"  {report.label(fusion.name)} [regbn]{where}: a RegBN layer, already "
+                f"normalising {fusion.pair[0]} with respect to {fusion.pair[1]}"
+            )
+        else:
+            out = format_shape(fusion.output_shape)
+            lines.append(f"  {report.label(fusion.name)} [{fusion.kind}]{where} -> {out}")
         operands = [
             [name, report.modality_label(mods), format_shape(shape)]
             for name, mods, shape in zip(
@@ -200,7 +208,8 @@ def _format_table(
     shrink: Sequence[tuple[int, int]] = (),
     optional: int | None = None,
 ) -> str:
-    """Aligned columns, shortened (middle ellipsis) to fit ``width``.
+    """Aligned columns that fit ``width``; a cell wider than its column wraps onto the next
+    lines (at dots, commas or underscores), so no name is ever cut.
 
     ``shrink`` lists (column, narrowest) in the order columns give up room; if that is not
     enough the ``optional`` column is left out, and then the widest column shrinks further.
@@ -222,7 +231,7 @@ def _format_table(
             {renumber[i] for i in right_align if i in renumber},
             [(renumber[i], n) for i, n in shrink if i in renumber],
         )
-    minimum = [max(len(h), 2) for h in headers]
+    minimum = [max(len(h), 6) for h in headers]
     while excess > 0:
         i = max(range(len(widths)), key=lambda j: widths[j] - minimum[j])
         if widths[i] <= minimum[i]:
@@ -230,24 +239,35 @@ def _format_table(
         widths[i] -= 1
         excess -= 1
 
-    def fmt(cells: list[str]) -> str:
-        parts = []
-        for i, cell in enumerate(cells):
-            cell = _shorten(cell, widths[i])
-            parts.append(cell.rjust(widths[i]) if i in right_align else cell.ljust(widths[i]))
-        return (" " * sep).join(parts).rstrip()
+    def fmt(cells: list[str]) -> list[str]:
+        pieces = [_wrap(cell, widths[i]) for i, cell in enumerate(cells)]
+        out = []
+        for k in range(max(len(p) for p in pieces)):
+            parts = []
+            for i, piece in enumerate(pieces):
+                cell = piece[k] if k < len(piece) else ""
+                parts.append(cell.rjust(widths[i]) if i in right_align else cell.ljust(widths[i]))
+            out.append((" " * sep).join(parts).rstrip())
+        return out
 
     rule = "-" * min(width, sum(widths) + sep * (len(widths) - 1))
-    return "\n".join([fmt(headers), rule] + [fmt(r) for r in body] + [rule])
+    lines = [*fmt(headers), rule]
+    for row in body:
+        lines += fmt(row)
+    return "\n".join([*lines, rule])
 
 
-def _shorten(text: str, width: int) -> str:
-    if len(text) <= width:
-        return text
-    if width <= 3:
-        return text[:width]
-    head = (width - 2) // 2
-    return text[:head] + ".." + text[len(text) - (width - 2 - head) :]
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in pieces of at most ``width`` characters, broken after a '.', ', ' or '_'
+    where one falls in the piece (``gray_net.`` / ``conv1``); nothing is dropped."""
+    pieces = []
+    while len(text) > width:
+        cut = max(text.rfind(c, 0, width) for c in "._, ") + 1
+        if cut <= width // 3:  # no break point in reach: split the word itself
+            cut = width
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    return [*pieces, text]
 
 
 def _terminal_width() -> int:

@@ -226,7 +226,9 @@ class Report:
 
     def failure_text(self) -> str:
         """One sentence naming where shape propagation stopped, or '' when it did not."""
-        return failure_text(self.failure)
+        if self.failure is None:
+            return ""
+        return failure_text(self.failure, self.label(self.failure.node_name))
 
     # -- folding -------------------------------------------------------------------------
 

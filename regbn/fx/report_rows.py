@@ -48,7 +48,7 @@ def row_fields(
         "target": target_str(node),
         "shape": tuple(shape) if shape is not None else None,
         "nested": strip_dtypes(node.meta.get("regbn_nested")),
-        "dtype": node.meta.get("regbn_dtype"),
+        "dtype": node.meta.get("regbn_dtype") or _common_dtype(node.meta.get("regbn_nested")),
         "modalities": frozenset(node.meta.get("regbn_modalities", ())),
         "is_fusion": node.name in fusion_names,
         "inputs": tuple(n.name for n in node.all_input_nodes),
@@ -57,6 +57,25 @@ def row_fields(
         "is_regbn": is_regbn(gm, node),
         "calls": tuple(tuple(c) for c in node.meta.get("regbn_module_calls", ())),
     }
+
+
+def _common_dtype(nested: Any) -> torch.dtype | None:
+    """The one dtype of every tensor in a tuple/dict output (a RegBN layer's (f_r, g_out)),
+    or None when they differ or there is none."""
+    found: set[torch.dtype] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
+            found.add(value[1])
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+
+    visit(nested)
+    return found.pop() if len(found) == 1 else None
 
 
 def target_str(node: fx.Node) -> str:

@@ -60,7 +60,7 @@ def summarize(report: Report) -> Summary:
         pairs=pairs,
         pair_lines=_pair_lines(report, pairs),
         skipped=report.skipped,
-        failure=failure_text(report.failure),
+        failure=report.failure_text(),
     )
 
 
@@ -77,13 +77,16 @@ def param_items(report: Report) -> list[tuple[str, int]]:
     return items
 
 
-def failure_text(fail: ShapeFailure | None) -> str:
-    """One sentence naming where shape propagation stopped, or '' when it did not."""
+def failure_text(fail: ShapeFailure | None, label: str | None = None) -> str:
+    """One sentence naming where shape propagation stopped (``label``: the node's name as users
+    see it), or '' when it did not."""
     if fail is None:
         return ""
     shapes = ", ".join(format_shape(s) for s in (fail.input_shapes or ()))
+    label = label or fail.node_name
+    target = f" ({fail.target})" if str(fail.target) != label else ""
     return (
-        f"Shape propagation FAILED at node {fail.node_name!r} ({fail.target}) "
+        f"Shape propagation FAILED at {label!r}{target} "
         f"with input shapes [{shapes}]: {one_line(fail.message).rstrip('.')}. "
         "Rows after it have no shape."
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+import regbn
 from regbn.errors import RegBNTypeError, RegBNValueError
+from regbn.fx.analysis import find_fusions
 from regbn.fx.report import Report, inspect
 from regbn.fx.tracing import TraceError, trace
 
@@ -305,10 +309,10 @@ def test_shape_failure_gives_a_partial_report():
     assert rows["a_1"].shape == (2, 16)
     assert rows["a_2"].shape is None
     text = str(report)
-    assert "FAILED at node 'a_2'" in text and "(2, 16)" in text
+    assert "FAILED at 'a.2' with input shapes" in text and "(2, 16)" in text
     assert "!!  a.2" in text
     assert report.to_dict()["failure"]["node"] == "a_2"
-    assert "a_2" in report._repr_html_()
+    assert "a.2" in report._repr_html_()
 
 
 def test_trace_failure_raises_trace_error():
@@ -407,7 +411,8 @@ def test_html_parses_and_holds_every_row_escaped():
     parser = _Cells()
     parser.feed(report._repr_html_())
     body = [cells for cells in parser.rows if cells]
-    assert [cells[0] for cells in body] == [r.label for r in report.rows]
+    # the key rows (the fusion) first, then every node in the last table
+    assert [cells[0] for cells in body] == ["mul"] + [r.label for r in report.rows]
     assert "img" not in parser.tags and "script" not in parser.tags
     assert any("batch['<img src=x>']" in "".join(cells) for cells in body)
     conv = two_branch_report()._repr_html_()
@@ -578,8 +583,10 @@ def test_inspect_with_batches_shows_the_dependence_in_every_view(tmp_path):
     parser.feed(html)
     body = [cells for cells in parser.rows if cells]
     assert all(len(cells) == 8 for cells in body)
-    assert {cells[0]: cells[-1] for cells in body}["cat"] == value
-    assert [cells[-1] for cells in body].count("") == len(body) - 1
+    every = body[-len(report.rows) :]
+    assert {cells[0]: cells[-1] for cells in every}["cat"] == value
+    assert [cells[-1] for cells in every].count("") == len(every) - 1
+    assert body[0][0] == "cat" and body[0][-1] == value  # the fusion row comes first
     assert 'class="num dependence" style="background:#' in html
     # The picture and Graphviz text: the value on the fusion's node, filled by the ramp.
     assert f"dependence {value}" in report.to_dot()
@@ -611,3 +618,94 @@ def test_inspect_batches_errors_name_inspect():
         inspect(model, input_shapes=shapes, batches=[(torch.zeros(4, 3), torch.zeros(4, 12))])
     with pytest.raises(RegBNValueError, match=r"^regbn\.inspect: batch 0: inputs: got 3"):
         inspect(model, input_shapes=shapes, batches=[(torch.zeros(4, 10),) * 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# What a notebook user meets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_html_opens_on_the_key_rows_and_folds_the_rest():
+    report = inspect(Deep(n=37), input_shapes=[(2, 12), (2, 20)])
+    html = report._repr_html_()
+    first_table = html.index("<table>")
+    assert html.index('<tr class="fusion">') < html.index("<details>")  # the fusion comes first
+    assert first_table < html.index("<details>")
+    assert "max-height" not in html and "overflow" not in html  # no scroll box
+    depth = report.auto_depth()
+    assert depth is not None
+    assert f"folded below depth {depth} ({len(report.lines())} lines)" in html
+    assert f"Every node ({len(report.rows)})" in html
+    for mark in ("fusion", "regbn", "failed"):  # own background and text colour, both
+        assert re.search(rf"tr\.{mark} td\{{background:#\w+!important;color:#\w+!important", html)
+
+
+def test_table_wraps_long_names_instead_of_cutting_them():
+    report = inspect(Deep(n=37), input_shapes=[(2, 12), (2, 20)])
+    for width in (80, 100):
+        text = report.table(width=width, all_nodes=True)
+        table = text.split("\n\n")[0]
+        assert ".." not in table and max(len(line) for line in table.splitlines()) <= width
+        header = table.splitlines()[0]
+        start = header.index("node")
+        stop = header.index(header[start + 4 :].split()[0], start + 4)  # the next column
+        names, current = [], ""
+        lines = table.splitlines()
+        rules = [i for i, line in enumerate(lines) if line.startswith("---")]
+        for line in lines[rules[0] + 1 : rules[-1]]:
+            cell, rest = line[start:stop].strip(), line[stop:].strip()
+            if rest:  # a row starts; a line with only the name column continues it
+                names.append(current)
+                current = cell
+            else:
+                current += cell
+        names = [*names[1:], current]
+        assert names == [row.label for row in report.rows]
+
+
+def test_fusions_print_as_users_name_them():
+    fusions = find_fusions(ConvMaps(), (torch.randn(2, 1, 28, 28), torch.randn(2, 3, 28, 28)))
+    (fusion,) = fusions
+    text = str(fusion)
+    assert "frozenset" not in text and text.startswith("cat [cat]: ")
+    pretty = []
+
+    class Printer:
+        def text(self, s):
+            pretty.append(s)
+
+    fusion._repr_pretty_(Printer(), False)
+    assert pretty == [f"Fusion({text})"]
+
+
+def test_inspect_of_a_patched_model_lists_the_fusion_as_normalised():
+    x = (torch.randn(4, 10), torch.randn(4, 12))
+    patched = regbn.insert(Vectors(), [("enc_a", "enc_b")], x)
+    report = inspect(patched, x)
+    (fusion,) = report.fusions
+    assert fusion.kind == "regbn" and fusion.pair == ("enc_a.2", "enc_b.1")
+    assert report.pairs == []  # nothing left to insert
+    text = str(report)
+    assert "1 fusion" in text
+    assert "a RegBN layer, already normalising enc_a.2 with respect to enc_b.1" in text
+    (row,) = [r for r in report.rows if r.is_regbn]
+    assert row.dtype == torch.float32 and "RB  regbn_0" in text
+    with pytest.raises(RegBNValueError, match=r"already normalised by its RegBN layer \(regbn_0 "
+                       r"on \('enc_a.2', 'enc_b.1'\)\), so there is nothing to insert"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no warning that says the opposite first
+            regbn.insert(patched, "auto", x)
+    with pytest.warns(UserWarning, match=r"already holds RegBN layers \['regbn_0'\]"):
+        again = regbn.insert(patched, [("enc_a.0", "enc_b.0")], x)
+    assert isinstance(again.regbn_1, regbn.RegBN)
+
+
+def test_printout_keeps_classes_and_puts_each_layer_after_its_inputs():
+    x = (torch.randn(4, 10), torch.randn(4, 12))
+    patched = regbn.insert(Vectors(), [("enc_a", "enc_b")], x)
+    text = repr(patched)
+    order = [line.strip().split(")")[0].lstrip("(") for line in text.splitlines()
+             if line.startswith("  (")]  # fmt: skip
+    assert order.index("regbn_0") == order.index("enc_b") + 1
+    assert text.startswith("Vectors(") and "Sequential(" in text
+    assert list(dict(patched.named_children()))[-1] == "regbn_0"  # parameters() order unchanged
