@@ -295,7 +295,7 @@ def _normalised_at(node: fx.Node) -> list[Fusion]:
     """An inserted RegBN layer: the fusion of its f and g, already normalised (kind "regbn"),
     so that `regbn.inspect` lists it and ``pairs="auto"`` leaves it alone."""
     ops = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    mods = [op.meta.get("regbn_modalities") for op in ops]
+    mods: list[frozenset[str]] = [op.meta.get("regbn_modalities") or frozenset() for op in ops]
     if len(ops) != 2 or not all(mods):
         return []
     f, g = ops

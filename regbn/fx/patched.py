@@ -148,7 +148,7 @@ def _display_order(modules: dict[str, Any], patch: Patch) -> dict[str, Any]:
         if node.op != "call_module" or node.target not in patch.added:
             continue
         sources = [n for n in node.all_input_nodes if n.op != "placeholder"]
-        tops = {_top_module(n) for n in sources} & set(order)
+        tops = {t for n in sources if (t := _top_module(n)) is not None} & set(order)
         at = max((order.index(t) + 1 for t in tops), default=0)
         while at < len(order) and order[at] in patch.added:
             at += 1  # after layers placed there before it
