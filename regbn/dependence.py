@@ -59,7 +59,7 @@ from ._dependence_core import (
     dependence_of,
     pairs_argument,
 )
-from .errors import RegBNTypeError, RegBNValueError
+from .errors import RegBNTypeError, RegBNValueError, public
 from .fx.analysis import Analysis, analyse, split_by_projection, trace_options
 from .fx.modality import Fusion
 from .fx.names import resolve_name
@@ -323,6 +323,7 @@ def measure_graph(
 # ----------------------------------------------------------------------------- public API
 
 
+@public
 def measure_dependence(
     model: nn.Module,
     batches: Iterable[Any],

@@ -12,11 +12,21 @@ messages start with ``"RegBN: "``, the command line's with ``"regbn <command>: "
 
 from __future__ import annotations
 
-__all__ = ["RegBNError", "RegBNTypeError", "RegBNValueError"]
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+__all__ = ["RegBNError", "RegBNTypeError", "RegBNValueError", "public"]
 
 
 class RegBNError(Exception):
-    """Base class of every error regbn raises on purpose."""
+    """Base class of every error regbn raises on purpose.
+
+    ``original``: the exception it was raised from (a torch.fx or torch error), set where a
+    public entry point (`public`) hands it to the caller without its chain.
+    """
+
+    original: BaseException | None
 
 
 class RegBNValueError(RegBNError, ValueError):
@@ -25,3 +35,26 @@ class RegBNValueError(RegBNError, ValueError):
 
 class RegBNTypeError(RegBNError, TypeError):
     """An argument has a type regbn cannot use."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def public(fn: F) -> F:
+    """Mark a public entry point: a `RegBNError` raised below it reaches the caller with its
+    message first, not under a chain of internal exceptions and frames. What caused it stays
+    on the error as ``original`` (the exception it was raised from, or None)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RegBNError as error:
+            if not hasattr(error, "original"):
+                error.original = error.__cause__ or error.__context__
+            error.__cause__ = None
+            error.__suppress_context__ = True
+            # The chain stays on .original; the caller sees the message first.
+            raise error.with_traceback(None)  # noqa: B904
+
+    return cast(F, call)

@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from .errors import RegBNValueError
+from .errors import RegBNValueError, public
 from .fx.module_state import carry_missing_state
 from .fx.patched import is_patched, patched_graphs
 from .layer import RegBN, eval_maths, norm_spec
@@ -30,6 +30,7 @@ __all__ = ["fold"]
 _NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
 
 
+@public
 def fold(model: nn.Module) -> fx.GraphModule:
     """Return an eval-mode copy of ``model`` in which each RegBN call is plain torch ops.
 

@@ -20,7 +20,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegBNTypeError, RegBNValueError
+from ..errors import RegBNTypeError, RegBNValueError, public
 from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
 from .modality_inputs import describe_input_modalities
@@ -243,6 +243,7 @@ def private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
+@public
 def find_fusions(
     model: nn.Module,
     example_inputs: Any = None,

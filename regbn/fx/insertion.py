@@ -30,7 +30,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegBNTypeError, RegBNValueError
+from ..errors import RegBNTypeError, RegBNValueError, public
 from ..layer import RegBN
 from .analysis import Analysis, analyse, auto_pairs, capture_options, trace_options
 from .insert_checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
@@ -131,6 +131,7 @@ def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[
 
 
 # Over 60 lines only by its docstring, which documents the public API; the body is ~50.
+@public
 def insert(
     model: nn.Module,
     pairs: Any,
@@ -372,6 +373,7 @@ def _warn_kept(patched: nn.Module, names: set[str]) -> None:
         )
 
 
+@public
 def remove(patched: nn.Module) -> nn.Module:
     """Return ``patched`` without the RegBN layers `insert` added.
 

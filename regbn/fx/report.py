@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from .._dependence_core import DependenceReport
 from .._format import dtype_name, plural, shape_to_json
-from ..errors import RegBNValueError
+from ..errors import RegBNValueError, public
 from . import render_graph, render_html, render_json, render_text
 from .analysis import analyse, split_by_projection, trace_options
 from .modality import Fusion
@@ -377,6 +377,7 @@ def _path_depth(path: str | None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+@public
 def inspect(
     model: nn.Module,
     example_inputs: Any = None,

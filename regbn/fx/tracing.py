@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegBNTypeError, RegBNValueError
+from ..errors import RegBNTypeError, RegBNValueError, public
 from ..layer import RegBN
 from .mode_graph import (
     ModeGraphModule,
@@ -240,6 +240,7 @@ def _split_leaf_modules(
     return tuple(classes), paths
 
 
+@public
 def trace(
     model: nn.Module,
     *,

@@ -872,3 +872,31 @@ def test_min_dependence_bad_arguments(kwargs, error, match):
     kwargs = {k: batches if v == "B" else v for k, v in kwargs.items()}
     with pytest.raises(error, match=r"^regbn\.insert: " + match):
         insert(TwoFusions(), "auto", batches[0], **kwargs)
+
+
+def test_errors_reach_the_caller_without_internal_chains():
+    """A typo or an untraceable model shows its message under the user's own call: no chained
+    torch.fx traceback, at most the one frame that re-raises it; the cause stays on .original."""
+    import traceback
+
+    from regbn.fx.tracing import TraceError
+
+    inputs = (torch.randn(B, 10), torch.randn(B, 12))
+    with pytest.raises(ValueError, match="did you mean") as caught:
+        insert(LateConcat(), [("enc_aa", "enc_b")], inputs)
+    err = caught.value
+    assert err.__cause__ is None and err.__suppress_context__
+    frames = [f for f in traceback.extract_tb(caught.tb) if "/regbn/" in f.filename]
+    assert len(frames) == 1
+
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(TraceError) as caught:
+        regbn.inspect(Untraceable(), input_shapes=[(2, 3)])
+    err = caught.value
+    assert err.__cause__ is None and err.__suppress_context__
+    assert isinstance(err.original, Exception) and not isinstance(err.original, TraceError)
+    shown = "".join(traceback.format_exception(err))
+    assert "torch/fx" not in shown and shown.count("Traceback") == 1

@@ -167,7 +167,7 @@ def test_untraceable_model_message(inner, why):
     assert "leaf_modules=['block.1']" in msg and "concrete_args=" in msg
     assert f"leaf_modules=[{inner.__name__}] to keep every {inner.__name__}" in msg
     assert __import__("re").search(why, msg)
-    assert err.__cause__ is not None  # original chained, message stands alone
+    assert err.__cause__ is None and err.original is not None  # original kept, message first
     assert "Traceback" not in msg
     # the suggested fix works
     gm = trace(Outer(inner()), leaf_modules=["block.1"])
