@@ -39,7 +39,7 @@ calls.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ from ._dependence_core import (
     dependence_of,
     pairs_argument,
 )
+from ._progress import progress_bar
 from .errors import RegBNTypeError, RegBNValueError, public
 from .fx.analysis import Analysis, analyse, split_by_projection, trace_options
 from .fx.modality import Fusion
@@ -200,15 +201,26 @@ class DependenceMeter:
     def full(self) -> bool:
         return self.n_samples >= self.max_samples
 
-    def update(self, batches: Iterable[Any]) -> DependenceMeter:
-        """Run the model on ``batches`` (an iterable of batches) and pool the pairs' tensors."""
+    def update(
+        self, batches: Iterable[Any], progress: bool = False, total: int | None = None
+    ) -> DependenceMeter:
+        """Run the model on ``batches`` (an iterable of batches) and pool the pairs' tensors;
+        ``progress`` shows a bar of the batches run (tqdm, when installed), out of ``total``
+        (default: ``len(batches)`` where it has one)."""
+        if total is None and isinstance(batches, Sized):
+            total = len(batches)
         batches = check_batches(batches)
         wanted = {n for p in self._pairs for n in (p.f, p.g)}
-        with in_mode(self.gm, False), torch.no_grad():
-            for i, batch in enumerate(batches):
-                if self.full:
-                    break
-                self._record(self._run(batch, i, wanted), i)
+        bar = progress_bar(total, f"{WHERE}: batches", "batch", progress)
+        try:
+            with in_mode(self.gm, False), torch.no_grad():
+                for i, batch in enumerate(batches):
+                    if self.full:
+                        break
+                    self._record(self._run(batch, i, wanted), i)
+                    bar.update(1)
+        finally:
+            bar.close()
         return self
 
     def _run(self, batch: Any, index: int, wanted: set[fx.Node]) -> dict[fx.Node, Any]:
@@ -306,13 +318,14 @@ def measure_graph(
     batches: Iterable[Any],
     *,
     caller: str = WHERE,
+    progress: bool = False,
     **options: Any,
 ) -> DependenceReport:
     """`DependenceMeter` ``(gm, pairs, **options)`` over ``batches``, reported: for callers
     that have traced and analysed the model already (``inspect``, ``insert``). An error names
     ``caller``, the public callable that refused (``"regbn.inspect"``)."""
     try:
-        return DependenceMeter(gm, pairs, **options).update(batches).report()
+        return DependenceMeter(gm, pairs, **options).update(batches, progress).report()
     except (RegBNValueError, RegBNTypeError) as e:
         text = str(e)
         if caller == WHERE or not text.startswith(f"{WHERE}: "):
@@ -338,6 +351,7 @@ def measure_dependence(
     seed: int = 0,
     lambda_rule: str = "paper",
     max_projection_bytes: int | None = None,
+    progress: bool = True,
 ) -> DependenceReport:
     """How much of f does g explain, at each fusion of ``model`` (or each named pair)?
 
@@ -347,11 +361,13 @@ def measure_dependence(
     or a list of ``(f, g)`` names as `regbn.insert` takes them, resolved in the eval-mode graph.
     Tracing options are `regbn.insert`'s. The model runs in eval mode under ``no_grad`` on the
     first ``max_samples`` samples; its parameters, buffers and training flags are left as they
-    were. See the module docstring for the numbers and `DependenceReport` for the result.
+    were. ``progress`` shows a bar of the batches run (tqdm, when installed). See the module
+    docstring for the numbers and `DependenceReport` for the result.
     """
     if not isinstance(model, nn.Module):
         raise RegBNTypeError(f"{WHERE}: model must be an nn.Module; got {type(model).__name__}")
     model, _ = unwrap(model)
+    total = len(batches) if isinstance(batches, Sized) else None
     it = check_batches(batches)
     first = next(it, None)
     if first is None:
@@ -380,7 +396,7 @@ def measure_dependence(
             lambda_rule=lambda_rule,
             skipped=skipped,
         )
-        meter.update(_chain(first, it))
+        meter.update(_chain(first, it), progress, total)
     return meter.report()
 
 

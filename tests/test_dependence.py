@@ -331,3 +331,17 @@ def test_exported_from_regbn():
 
     for name in ("measure_dependence", "dependence_of", "DependenceReport", "DependenceRow"):
         assert name in regbn.__all__ and getattr(regbn, name) is getattr(dependence, name)
+
+
+def test_a_progress_bar_counts_the_samples_unless_turned_off(capsys):
+    pytest.importorskip("tqdm")
+    from regbn.fx.report import inspect
+
+    measure_dependence(TwoBranch(), _batches())
+    shown = capsys.readouterr().err
+    assert "regbn.measure_dependence: batches" in shown and "/6 [" in shown
+    measure_dependence(TwoBranch(), _batches(), progress=False)
+    inspect(TwoBranch(), _batches()[0], batches=_batches(), progress=False)
+    assert capsys.readouterr().err == ""
+    inspect(TwoBranch(), _batches()[0], batches=_batches())
+    assert "batches" in capsys.readouterr().err

@@ -389,6 +389,7 @@ def inspect(
     leaf_modules: Sequence[type | str] | None = None,
     autowrap_functions: Sequence[Callable] | None = None,
     batches: Iterable[Any] | None = None,
+    progress: bool = True,
 ) -> Report:
     """Trace ``model``, propagate shapes and modalities, and report every node.
 
@@ -404,12 +405,15 @@ def inspect(
     dependence at each fusion (`regbn.measure_dependence` on the pair ``pairs="auto"`` would
     take there, run on the traced graph with every module in eval mode, no parameter or buffer
     changed): ``report.dependence``, a column of the tables and the colour of the fusions in
-    ``draw``. Random batches measure the architecture, not the data.
+    ``draw``. Random batches measure the architecture, not the data. ``progress`` shows a bar
+    of the batches run (tqdm, when installed).
     """
     result = analyse(model, example_inputs, **trace_options(locals()))
     report = report_from_graph(result.gm, result.fusions, result.failure, model=model)
     if batches is not None:
-        report.dependence = measure_fusions(result.gm, report.open_fusions(), batches, model)
+        report.dependence = measure_fusions(
+            result.gm, report.open_fusions(), batches, model, progress
+        )
     return report
 
 

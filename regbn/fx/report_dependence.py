@@ -47,6 +47,7 @@ def measure_fusions(
     fusions: Sequence[Fusion],
     batches: Iterable[Any],
     model: nn.Module,
+    progress: bool = True,
 ) -> DependenceReport:
     """The dependence at each of ``fusions`` (those not at an inserted RegBN layer), measured
     on ``batches`` through ``gm``, the report's traced graph; a fusion whose RegBN W would pass
@@ -59,7 +60,9 @@ def measure_fusions(
         # Still run the batches' checks, so a bad argument is refused with or without fusions.
         list(_checked(batches))
         return DependenceReport((), skipped=tuple(skipped))
-    report = measure_graph(gm, pairs, batches, caller=CALLER, fusions=names, model=model)
+    report = measure_graph(
+        gm, pairs, batches, caller=CALLER, progress=progress, fusions=names, model=model
+    )
     return DependenceReport(
         report.rows,
         report.lambda_rule,
