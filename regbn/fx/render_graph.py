@@ -60,6 +60,10 @@ _RANK_SEP = 40.0  # between layers: room for the curves and an arrowhead
 _ARROW = 8.0  # arrowhead length
 _MARGIN = 10.0
 _DUMMY_WIDTH = 8.0  # the lane a long edge takes through a layer (grandalf)
+# SVG keeps its labels as text (searchable, small), not as glyph outlines. Agg's hinting rounds
+# each glyph's advance to whole pixels, which at 100 dpi widens a label by 6 % and out of its
+# box; unhinted, the PNG's text is as wide as the SVG's.
+RC = {"svg.fonttype": "none", "svg.hashsalt": "regbn", "text.hinting": "none"}
 
 
 def graph(report: Report, depth: int | None, all_nodes: bool) -> nx.DiGraph:
@@ -229,6 +233,8 @@ def _dot_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> Layout:
     boxes = {}
     by_gvid: dict[int, str] = {}
     for obj in data.get("objects", []):
+        if "nodes" in obj:  # the subgraph holding the inputs' rank
+            continue
         name = names[int(obj["name"][1:])]
         by_gvid[obj["_gvid"]] = name
         x, y = (float(c) for c in obj["pos"].split(","))
@@ -471,7 +477,7 @@ class Drawing:
         w, h = self.figure.get_size_inches()
         dpi = min(100.0, 30000.0 / max(w, h))
         metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "regbn"}):
+        with matplotlib.rc_context(RC):
             self.figure.savefig(target, format=fmt, dpi=dpi, metadata=metadata)
 
     def __repr__(self) -> str:
@@ -599,6 +605,7 @@ def _legend_handles(report: Report) -> list[Artist]:
 def _legend_shape(handles: list[Artist], room: float) -> tuple[int, float, float]:
     """As many columns as fit in ``room`` points, and the legend's (width, height) in points,
     measured on a scratch figure (text widths depend on the font)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -606,7 +613,8 @@ def _legend_shape(handles: list[Artist], room: float) -> tuple[int, float, float
     for ncol in range(len(handles), 0, -1):
         fig = Figure(figsize=(1, 1), dpi=72)
         legend = fig.legend(handles=handles, ncol=ncol, fontsize=FONT_SIZE, frameon=True)
-        box = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+        with matplotlib.rc_context(RC):
+            box = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())
         shape = (ncol, box.width, box.height)
         if box.width <= room:
             break
