@@ -178,9 +178,7 @@ def box_size(label: Sequence[str]) -> tuple[float, float]:
     return width, len(label) * _LINE_HEIGHT + 2 * _PAD_Y
 
 
-def layout(
-    g: nx.DiGraph, sizes: dict[str, tuple[float, float]], engine: Engine = "auto"
-) -> Layout:
+def layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]], engine: Engine = "auto") -> Layout:
     """Lay out ``g`` from its sources (top) down, each node a box of ``sizes[node]`` points.
 
     ``engine="auto"`` takes Graphviz ``dot`` where it is on the PATH, else grandalf.
@@ -312,9 +310,11 @@ def _grandalf_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> La
         for (u, v), e in gedges.items():
             if e in comp.sE:
                 ctrl = sug.ctrls.get(e, {})
-                chains[(u, v)] = [vertex[u]] + [
-                    ctrl[r] for r in range(rank[vertex[u]] + 1, rank[vertex[v]])
-                ] + [vertex[v]]
+                chains[(u, v)] = (
+                    [vertex[u]]
+                    + [ctrl[r] for r in range(rank[vertex[u]] + 1, rank[vertex[v]])]
+                    + [vertex[v]]
+                )
     # Each layer a band as tall as its tallest box; the gaps between bands hold no box.
     band = [
         max((sizes[v.data][1] for v in layer if isinstance(v, Vertex)), default=0.0)
@@ -551,11 +551,15 @@ def draw(
     gids = {n: i for i, n in enumerate(g.nodes)}
     for key, pts in lay.edges.items():
         codes = [MPath.MOVETO] + [MPath.CURVE4] * (len(pts) - 1)
-        ax.add_patch(
-            PathPatch(MPath(pts, codes), fc="none", ec=_EDGE_COLOUR, lw=0.9, zorder=1)
+        ax.add_patch(PathPatch(MPath(pts, codes), fc="none", ec=_EDGE_COLOUR, lw=0.9, zorder=1))
+        head = Polygon(
+            _arrowhead(pts[-1], lay.tips[key]),
+            closed=True,
+            fc=_EDGE_COLOUR,
+            ec=_EDGE_COLOUR,
+            lw=0.5,
+            zorder=2,
         )
-        head = Polygon(_arrowhead(pts[-1], lay.tips[key]), closed=True, fc=_EDGE_COLOUR,
-                       ec=_EDGE_COLOUR, lw=0.5, zorder=2)
         head.set_gid(f"arrow-{gids[key[0]]}-{gids[key[1]]}")
         ax.add_patch(head)
     for name in g.nodes:
@@ -563,14 +567,27 @@ def draw(
         edge, lw = (_FUSION_COLOUR, 2.5) if fusion[name] else ("#333333", 0.7)
         r = 3.0
         patch = FancyBboxPatch(
-            (x0 + r, y0 + r), x1 - x0 - 2 * r, y1 - y0 - 2 * r,
-            boxstyle=f"round,pad={r}", fc=fills[name], ec=edge, lw=lw, zorder=3,
+            (x0 + r, y0 + r),
+            x1 - x0 - 2 * r,
+            y1 - y0 - 2 * r,
+            boxstyle=f"round,pad={r}",
+            fc=fills[name],
+            ec=edge,
+            lw=lw,
+            zorder=3,
         )
         patch.set_gid(f"node-{gids[name]}")
         ax.add_patch(patch)
         ax.text(
-            (x0 + x1) / 2, (y0 + y1) / 2, "\n".join(labels[name]), ha="center", va="center",
-            fontsize=FONT_SIZE, family="monospace", zorder=4, linespacing=1.2,
+            (x0 + x1) / 2,
+            (y0 + y1) / 2,
+            "\n".join(labels[name]),
+            ha="center",
+            va="center",
+            fontsize=FONT_SIZE,
+            family="monospace",
+            zorder=4,
+            linespacing=1.2,
         )
     for artist in ax.get_children():
         artist.set_clip_on(False)
