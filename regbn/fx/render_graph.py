@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
 
@@ -63,7 +63,7 @@ _DUMMY_WIDTH = 8.0  # the lane a long edge takes through a layer (grandalf)
 # SVG keeps its labels as text (searchable, small), not as glyph outlines. Agg's hinting rounds
 # each glyph's advance to whole pixels, which at 100 dpi widens a label by 6 % and out of its
 # box; unhinted, the PNG's text is as wide as the SVG's.
-RC = {"svg.fonttype": "none", "svg.hashsalt": "regbn", "text.hinting": "none"}
+RC: dict[Any, Any] = {"svg.fonttype": "none", "svg.hashsalt": "regbn", "text.hinting": "none"}
 
 
 def graph(report: Report, depth: int | None, all_nodes: bool) -> nx.DiGraph:
