@@ -187,11 +187,18 @@ def layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]], engine: Engine 
         raise RegBNValueError(
             f"Report.draw: engine must be 'auto', 'dot' or 'grandalf', got {engine!r}"
         )
-    if engine == "auto":
-        engine = "dot" if shutil.which("dot") else "grandalf"
-    if engine == "dot":
-        return _dot_layout(g, sizes)
+    if engine == "dot" or (engine == "auto" and shutil.which("dot")):
+        try:
+            return _dot_layout(g, sizes)
+        except _DotFailed:
+            if engine == "dot":
+                raise
+            # An old or broken Graphviz should not cost the user the picture.
     return _grandalf_layout(g, sizes)
+
+
+class _DotFailed(RegBNValueError):
+    """Graphviz's dot ran but gave no layout."""
 
 
 def _dot_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> Layout:
@@ -219,15 +226,18 @@ def _dot_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> Layout:
     text.append(f"  {{rank=min; {sources}}}")
     text += [f"  n{index[u]} -> n{index[v]};" for u, v in g.edges]
     text.append("}")
-    done = subprocess.run(
-        [exe, "-Tjson0"], input="\n".join(text), capture_output=True, text=True, timeout=120
-    )
-    if done.returncode != 0:
-        raise RegBNValueError(
-            f"Report.draw: Graphviz's dot failed to lay out {len(names)} boxes "
-            f"({done.stderr.strip()[:200]!r}); pass engine='grandalf' instead"
+    try:
+        done = subprocess.run(
+            [exe, "-Tjson0"], input="\n".join(text), capture_output=True, text=True, timeout=120
         )
-    data = json.loads(done.stdout)
+        if done.returncode != 0:
+            raise ValueError(done.stderr.strip()[:200])
+        data = json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as err:
+        raise _DotFailed(
+            f"Report.draw: Graphviz's dot ({exe}) failed to lay out {len(names)} boxes: {err}; "
+            "pass engine='grandalf' instead"
+        ) from None
     boxes = {}
     by_gvid: dict[int, str] = {}
     for obj in data.get("objects", []):

@@ -337,10 +337,17 @@ def test_colours_and_marks_survive_either_engine(engine):
 def test_auto_takes_dot_where_installed_else_grandalf(monkeypatch):
     need("grandalf")
     report = two_tower()
+    broken = shutil.which("false")
     monkeypatch.setattr(render_graph.shutil, "which", lambda name: None)
     assert report.draw().layout.engine == "grandalf"
     with pytest.raises(RegBNValueError, match=r"^Report\.draw: engine='dot' needs Graphviz"):
         report.draw(engine="dot")
+    # A dot that runs but fails: engine="dot" says so, "auto" falls back to grandalf.
+    monkeypatch.setattr(render_graph.shutil, "which", lambda name: broken)
+    with pytest.raises(RegBNValueError, match=r"^Report\.draw: Graphviz's dot .* failed to lay"):
+        report.draw(engine="dot")
+    assert report.draw().layout.engine == "grandalf"
+    monkeypatch.setattr(render_graph.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "grandalf.graphs", None)  # as if not installed
     with pytest.raises(RegBNValueError, match=r"needs grandalf.*pip install grandalf"):
         report.draw()
