@@ -617,7 +617,11 @@ def _legend_handles(report: Report) -> list[Artist]:
     from matplotlib.patches import Patch  # optional, as in `draw`
 
     palette = colours(report)
-    handles: list[Artist] = [Patch(fc=palette[m], label=m) for m in report.modality_names]
+    # The swatches are the boxes' own (lightened) fills, so a box's colour matches its entry.
+    handles: list[Artist] = [
+        Patch(fc=_fill(frozenset({m}), palette), ec="#333333", lw=0.7, label=m)
+        for m in report.modality_names
+    ]
     handles.append(Patch(fc="white", ec=_FUSION_COLOUR, lw=2.5, label="fusion"))
     if any(r.is_regbn for r in report.rows):
         handles.append(Patch(fc=_REGBN_COLOUR, label="RegBN"))
