@@ -223,7 +223,8 @@ def _dot_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> Layout:
         text.append(f"  n{i} [width={w / 72:.4f}, height={h / 72:.4f}];")
     # Every input on the top row, as grandalf places them, whatever the towers' depths.
     sources = " ".join(f"n{index[n]};" for n in names if g.in_degree(n) == 0)
-    text.append(f"  {{rank=min; {sources}}}")
+    if sources:
+        text.append(f"  {{rank=min; {sources}}}")
     text += [f"  n{index[u]} -> n{index[v]};" for u, v in g.edges]
     text.append("}")
     try:
@@ -241,7 +242,7 @@ def _dot_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> Layout:
     boxes = {}
     by_gvid: dict[int, str] = {}
     for obj in data.get("objects", []):
-        if "nodes" in obj:  # the subgraph holding the inputs' rank
+        if "pos" not in obj:  # the subgraph holding the inputs' rank
             continue
         name = names[int(obj["name"][1:])]
         by_gvid[obj["_gvid"]] = name
@@ -274,9 +275,9 @@ def _grandalf_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> La
         from grandalf.layouts import SugiyamaLayout
     except ImportError:
         raise RegBNValueError(
-            "Report.draw: the pure-Python layout needs grandalf, which is not installed, and "
-            "Graphviz's dot is not on the PATH; pip install grandalf (or regbn[draw]) or "
-            "install Graphviz"
+            "Report.draw: the pure-Python layout (engine='grandalf', taken where Graphviz's dot "
+            "is not on the PATH) needs grandalf, which is not installed; pip install grandalf "
+            "(or regbn[draw]), or install Graphviz"
         ) from None
 
     class View:
@@ -296,7 +297,8 @@ def _grandalf_layout(g: nx.DiGraph, sizes: dict[str, tuple[float, float]]) -> La
     chains: dict[tuple[str, str], list[object]] = {}
     offset = 0.0
     # Components side by side, in the order of their first node (fx order: inputs first).
-    for comp in sorted(big.C, key=lambda c: min(list(g.nodes).index(v.data) for v in c.sV)):
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for comp in sorted(big.C, key=lambda c: min(order[v.data] for v in c.sV)):
         sug = SugiyamaLayout(comp)
         sug.xspace, sug.dw, sug.dh = _NODE_SEP, _DUMMY_WIDTH, 0.0
         sug.init_all()
