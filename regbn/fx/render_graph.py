@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .._dependence_core import DependenceRow
     from .report import Line, Report
 
-__all__ = ["Drawing", "Layout", "dot", "draw", "graph", "layout", "node_label"]
+__all__ = ["Drawing", "Layout", "box_size", "dot", "draw", "graph", "layout", "node_label"]
 
 Engine = Literal["auto", "dot", "grandalf"]
 Point = tuple[float, float]
