@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import networkx as nx
 import torch
@@ -355,13 +355,62 @@ class Report:
         """Graphviz text (``dot -Tsvg``) of the folded graph."""
         return render_graph.dot(self, depth, all_nodes)
 
-    def draw(self, path: str | Path, depth: int | None = None, all_nodes: bool = False) -> Path:
-        """Write the graph as SVG or PNG (by suffix), laid out from inputs (top) to outputs.
+    @overload
+    def draw(
+        self,
+        path: None = None,
+        depth: int | None = None,
+        all_nodes: bool = False,
+        engine: render_graph.Engine = "auto",
+    ) -> render_graph.Drawing: ...
+
+    @overload
+    def draw(
+        self,
+        path: str | Path,
+        depth: int | None = None,
+        all_nodes: bool = False,
+        engine: render_graph.Engine = "auto",
+    ) -> Path: ...
+
+    def draw(
+        self,
+        path: str | Path | None = None,
+        depth: int | None = None,
+        all_nodes: bool = False,
+        engine: render_graph.Engine = "auto",
+    ) -> render_graph.Drawing | Path:
+        """Draw the graph, laid out from the inputs (top) to the outputs.
 
         Nodes are coloured by modality, fusions have a red frame, RegBN layers are gold, and
-        every node shows its output shape. ``depth`` folds module calls (None: automatic).
+        every node shows its output shape; a report measured on batches fills each measured
+        fusion by its dependence. No edge runs through a box it does not join, and the legend
+        has a row of its own. Needs matplotlib, and Graphviz's ``dot`` on the PATH or the
+        grandalf package (``pip install regbn[draw]``).
+
+        Args:
+            path: a file ending in .svg or .png to write; None returns a `Drawing`, which a
+                notebook shows inline (SVG) and ``Drawing.save(path)`` writes later.
+            depth: fold module calls below this depth into one box (None: automatic).
+            all_nodes: one box per graph node, nothing folded.
+            engine: the layout engine: ``"dot"`` (Graphviz), ``"grandalf"`` (pure Python), or
+                ``"auto"``, dot where it is on the PATH, else grandalf.
+
+        Returns:
+            The path written, or without a path the `Drawing`.
+
+        Raises:
+            RegBNValueError: the path ends in neither .svg nor .png; the engine is unknown;
+                the engine chosen (or, with "auto", both) is not installed.
+            ImportError: matplotlib is not installed.
+
+        Example:
+            >>> report = regbn.inspect(model, example_inputs=(image, text))
+            >>> report.draw()  # in a notebook: the picture, inline
+            >>> report.draw("model.svg")
+            PosixPath('model.svg')
         """
-        return render_graph.draw(self, path, depth, all_nodes)
+        return render_graph.draw(self, path, depth, all_nodes, engine)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists, strings, numbers, None only)."""
