@@ -350,6 +350,7 @@ def _inspect(args: argparse.Namespace) -> int:
             modalities=modalities,
             leaf_modules=leaves,
             batches=batches,
+            progress=sys.stderr.isatty(),  # a bar for people, none in logs and pipes
         )
     # TraceError is a ValueError; the others are inputs that do not fit the forward's arguments.
     except (ValueError, TypeError) as e:
@@ -362,7 +363,12 @@ def _inspect(args: argparse.Namespace) -> int:
         try:
             report.draw(args.draw, depth=args.depth, all_nodes=args.all_nodes)
         except ImportError:
-            raise UserError("--draw needs matplotlib: pip install matplotlib") from None
+            raise UserError(
+                "--draw needs matplotlib and a layout engine: pip install 'regbn[draw]' "
+                "(matplotlib, grandalf), or Graphviz's dot (apt-get install graphviz)"
+            ) from None
+        except (ValueError, TypeError) as e:
+            raise UserError(_api_message(e)) from None
         except OSError as e:
             raise UserError(f"cannot write {args.draw!r}: {e.strerror or e}") from None
         print(f"{_PROG}: wrote {args.draw}", file=sys.stderr)
