@@ -118,4 +118,9 @@ def _fusion_line(report: Report, fusion: Fusion) -> str:
         )
     )
     pair = tuple(fusion.pair)
+    if fusion.kind == "regbn":
+        return (
+            f"{report.label(fusion.name)}: a RegBN layer, already normalising {pair[0]} "
+            f"with respect to {pair[1]} ({operands})"
+        )
     return f"{report.label(fusion.name)} [{fusion.kind}] of {operands} -> pair {pair!r}"
