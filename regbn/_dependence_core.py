@@ -144,7 +144,12 @@ class DependenceReport:
         return "\n".join(lines + [""] + self._notes())
 
     def __repr__(self) -> str:
-        return f"<regbn DependenceReport: {len(self.rows)} pairs, {self.lambda_rule} rule>"
+        pairs = f"{len(self.rows)} pair" + ("" if len(self.rows) == 1 else "s")
+        return f"<regbn DependenceReport: {pairs}, {self.lambda_rule} rule>"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython without HTML (a terminal console) shows the table, not the one-line repr.
+        printer.text(str(self))
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured Markdown table, then the notes."""

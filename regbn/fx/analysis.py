@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import RegBNTypeError, RegBNValueError, public
 from ..layer import RegBN
 from .modality import Fusion, annotate_modalities, detect_fusions
-from .modality_inputs import describe_input_modalities
+from .modality_inputs import describe_input_modalities, input_labels
 from .module_state import carry_missing_state
 from .names import display_names, expression
 from .regions import global_hooks
@@ -351,11 +351,19 @@ def auto_pairs(
         raise RegBNValueError(
             "regbn.insert: pairs='auto': found no fusion (no node whose tensor operands come from "
             f"disjoint sets of inputs), so there is nowhere to insert RegBN.{inputs} Group the "
-            "inputs with modalities={'text': ['input_ids', 'attention_mask'], 'image': "
-            "['pixel_values']}, or name the pairs explicitly; run regbn.inspect(model, ...) to "
-            "list the tensors"
+            f"inputs into modalities with modalities={_grouping_example(gm)}, or name the pairs "
+            "explicitly; run regbn.inspect(model, ...) to list the tensors"
         )
     return pairs, skipped
+
+
+def _grouping_example(gm: fx.GraphModule | None) -> str:
+    """A ``modalities=`` argument written with this model's own inputs (one modality each)."""
+    names = list(input_labels(gm).values()) if gm is not None else []
+    names = list(dict.fromkeys(names))
+    if len(names) < 2:
+        return "{'text': ['input_ids', 'attention_mask'], 'image': ['pixel_values']}"
+    return "{" + ", ".join(f"'m{i}': [{n!r}]" for i, n in enumerate(names)) + "}"
 
 
 def _similarity_message(fusion: Fusion) -> str:

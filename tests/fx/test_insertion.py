@@ -900,3 +900,18 @@ def test_errors_reach_the_caller_without_internal_chains():
     assert isinstance(err.original, Exception) and not isinstance(err.original, TraceError)
     shown = "".join(traceback.format_exception(err))
     assert "torch/fx" not in shown and shown.count("Traceback") == 1
+
+
+def test_no_fusion_hint_names_the_models_own_inputs():
+    class Separate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(3, 2)
+
+        def forward(self, audio, video):
+            return self.a(audio), self.b(video)
+
+    with pytest.raises(ValueError, match=r"found no fusion.*modalities=\{'m0': \['audio'\], "
+                       r"'m1': \['video'\]\}") as caught:
+        insert(Separate(), "auto", (torch.randn(B, 4), torch.randn(B, 3)))
+    assert "input_ids" not in str(caught.value)
