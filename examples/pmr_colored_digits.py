@@ -108,6 +108,10 @@ PLACEMENTS: dict[str, tuple[str, str]] = {
     "conv4": ("node:gray_net_relu_3", "node:colored_net_relu_3"),
 }
 PROJECTIONS = ("full", "channel")
+NORMS_ONLY = "norms-only"
+# Where the branches fuse (the concat before the head), named as a user names the tensors: the
+# dependence between them is measured there after training, on the test digits, in every arm.
+FUSION_PAIR = ("gray_net.fc", "colored_net.fc")
 MODALITIES = ("fused", "gray", "colored")
 
 
@@ -159,6 +163,28 @@ class CGClassifier(nn.Module):
         g = torch.flatten(self.gray_net(gray), 1)
         out = self.fc_out(torch.cat((g, c), dim=1))
         return g, c, out
+
+
+class NormsOnlyClassifier(CGClassifier):
+    """The classifier with RegBN's input and output normalisation on the raw inputs but without
+    its projection: each modality through ``BatchNorm2d`` then ``LayerNorm`` over (C, H, W),
+    torch's own modules, as ``RegBN(normalize_input=True, normalize_output=True, affine=True)``
+    builds them (the norms-only arm).
+
+    Built by hand here rather than by an option of the layer: RegBN without its projection is
+    not RegBN, and torch's modules make plain that nothing of the λ solve runs in this arm.
+    """
+
+    def __init__(self, image_size: int = 28) -> None:
+        super().__init__()
+        side = [image_size, image_size]
+        self.gray_norms = nn.Sequential(nn.BatchNorm2d(1), nn.LayerNorm([1, *side]))
+        self.colored_norms = nn.Sequential(nn.BatchNorm2d(3), nn.LayerNorm([3, *side]))
+
+    def forward(
+        self, gray: torch.Tensor, colored: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return super().forward(self.gray_norms(gray), self.colored_norms(colored))
 
 
 def weight_init(m: nn.Module) -> None:
@@ -238,13 +264,16 @@ def build_model(
 ) -> nn.Module:
     """The official classifier, initialised from ``seed``; RegBN spliced in by ``regbn.insert``.
 
-    ``arm`` is ``"baseline"`` or ``"regbn-<placement>[-official]"`` (see ``arm_name``); the
-    official example's RegBN settings apply, updated by ``regbn_kwargs``.
+    ``arm`` is ``"baseline"``, ``"norms-only"`` (`NormsOnlyClassifier`) or
+    ``"regbn-<placement>[-official]"`` (see ``arm_name``); the official example's RegBN settings
+    apply, updated by ``regbn_kwargs``.
     """
     torch.manual_seed(seed)
-    model = CGClassifier()
+    # The norms draw no random numbers: every arm's classifier starts from the same weights.
+    side = example_inputs[0].shape[-1]
+    model = NormsOnlyClassifier(side) if arm == NORMS_ONLY else CGClassifier()
     model.apply(weight_init)
-    if arm == "baseline":
+    if arm in ("baseline", NORMS_ONLY):
         return model
     placement, lambda_rule = parse_arm(arm)
     pair = PLACEMENTS[placement]
@@ -378,7 +407,27 @@ def train_run(
             colored=f"{curves['test_acc_colored'][-1]:.3f}",
         )
     bar.close()
+    curves["dependence"] = fusion_dependence(model, data)
     return curves
+
+
+def fusion_dependence(
+    model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 250
+) -> dict[str, float]:
+    """How much of the gray features the colored ones explain where the branches fuse, on the
+    test digits (`regbn.measure_dependence` at `FUSION_PAIR`, eval mode, nothing changed):
+    r2, r2 with the colored rows shuffled, and the difference, the dependence above chance."""
+    gray, colored = data["test_gray"], data["test_colored"]
+    batches = [
+        (gray[i : i + batch_size], colored[i : i + batch_size])
+        for i in range(0, len(gray), batch_size)
+    ]
+    (row,) = regbn.measure_dependence(model, batches, pairs=[FUSION_PAIR], progress=False).rows
+    return {
+        "r2": row.r2,
+        "r2_shuffled": row.r2_shuffled,
+        "above_chance": row.r2 - row.r2_shuffled,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +441,9 @@ COLUMNS = (
     ("loss_gray", "train_loss", "gray", "gray-half train loss"),
     ("loss_colored", "train_loss", "colored", "colored-half train loss"),
 )
+
+
+DEPENDENCE_KEYS = ("r2", "r2_shuffled", "above_chance")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -409,17 +461,32 @@ def summarise(results: dict) -> dict[str, dict[str, dict]]:
             finals = [run[f"{metric}_{mod}"][-1] for run in runs["per_seed"]]
             mean, std = _mean_std(finals)
             table[arm][key] = {"mean": mean, "std": std, "per_seed": finals}
+        measured = [run["dependence"] for run in runs["per_seed"] if "dependence" in run]
+        if measured:
+            table[arm]["dependence"] = {}
+            for key in DEPENDENCE_KEYS:
+                values = [m[key] for m in measured]
+                mean, std = _mean_std(values)
+                table[arm]["dependence"][key] = {"mean": mean, "std": std, "per_seed": values}
     return table
 
 
+DEPENDENCE_TITLES = ("fusion r2", "r2 shuffled", "r2 above chance")
+
+
 def format_table(table: dict[str, dict[str, dict]]) -> str:
-    """Two Markdown tables: mean ± std over seeds, then the value of each seed."""
-    head = "| arm | " + " | ".join(c[3] for c in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
+    """Two Markdown tables: mean ± std over seeds, then the value of each seed; with the
+    dependence at the fusion (r2, shuffled, above chance) where it was measured."""
+    measured = all("dependence" in row for row in table.values())
+    titles = [c[3] for c in COLUMNS] + (list(DEPENDENCE_TITLES) if measured else [])
+    head = "| arm | " + " | ".join(titles) + " |"
+    rule = "|---|" + "---:|" * len(titles)
     means = [head, rule]
-    seeds = ["| arm, per seed | " + " | ".join(c[3] for c in COLUMNS) + " |", rule]
+    seeds = ["| arm, per seed | " + " | ".join(titles) + " |", rule]
     for arm, row in table.items():
         cells = [row[c[0]] for c in COLUMNS]
+        if measured:
+            cells += [row["dependence"][k] for k in DEPENDENCE_KEYS]
         means.append(
             f"| {arm} | " + " | ".join(f"{v['mean']:.3f} ± {v['std']:.3f}" for v in cells) + " |"
         )
@@ -433,6 +500,7 @@ def format_table(table: dict[str, dict[str, dict]]) -> str:
 
 ARM_COLOURS = {
     "baseline": "tab:gray",
+    "norms-only": "tab:olive",
     "regbn-input": "tab:red",
     "regbn-input-official": "tab:orange",
     "regbn-late": "tab:blue",
@@ -464,6 +532,39 @@ def _reference_lines(axes, arms: list[str]) -> None:
             )
 
 
+def _plot_dependence(top, bottom, results: dict) -> None:
+    """r2 and shuffled r2 at the fusion per arm (top), and their difference (bottom)."""
+    arms = list(results["arms"])
+    final = summarise(results)
+    xs = range(len(arms))
+    for key, offset, hatch in (("r2", -0.2, None), ("r2_shuffled", 0.2, "//")):
+        top.bar(
+            [x + offset for x in xs],
+            [final[a]["dependence"][key]["mean"] for a in arms],
+            0.4,
+            yerr=[final[a]["dependence"][key]["std"] for a in arms],
+            color=[ARM_COLOURS.get(a, "tab:gray") for a in arms],
+            hatch=hatch,
+            edgecolor="k",
+            label="r2" if key == "r2" else "r2, colored rows shuffled",
+        )
+    top.set_title("dependence at the fusion (test digits)")
+    top.set_ylabel("share of gray features explained")
+    top.legend(fontsize=8)
+    bottom.bar(
+        list(xs),
+        [final[a]["dependence"]["above_chance"]["mean"] for a in arms],
+        0.6,
+        yerr=[final[a]["dependence"]["above_chance"]["std"] for a in arms],
+        color=[ARM_COLOURS.get(a, "tab:gray") for a in arms],
+        edgecolor="k",
+    )
+    bottom.set_title("dependence above chance (r2 − shuffled)")
+    for ax in (top, bottom):
+        ax.set_xticks(list(xs), arms, rotation=15, fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+
+
 def plot(results: dict, path: Path) -> None:
     """Test accuracy (top) and training loss (bottom) per modality, mean ± std over seeds."""
     import matplotlib
@@ -471,7 +572,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
+    measured = all("dependence" in run for runs in results["arms"].values()
+                   for run in runs["per_seed"])  # fmt: skip
+    fig, axes = plt.subplots(2, 4 if measured else 3, figsize=(18 if measured else 14, 7.5))
     for arm, runs in results["arms"].items():
         for row, metric in enumerate(("test_acc", "train_loss")):
             for col, mod in enumerate(MODALITIES):
@@ -493,7 +596,10 @@ def plot(results: dict, path: Path) -> None:
         axes[0, col].grid(alpha=0.3)
         axes[1, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    axes[1, 0].xaxis.get_major_locator().set_params(integer=True)
+    for col in range(len(MODALITIES)):
+        axes[1, col].xaxis.get_major_locator().set_params(integer=True)
+    if measured:
+        _plot_dependence(axes[0, 3], axes[1, 3], results)
     cfg = results["config"]
     fig.suptitle(
         f"Gray + colored digits ({cfg['dataset']}, {cfg['n_train']} train / {cfg['n_test']} "
@@ -638,12 +744,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def arms_of(placement: str, lambda_rule: str, projection: str = "full") -> list[str]:
-    """The baseline, then one RegBN arm per (placement, projection, λ rule) asked for."""
+    """The baseline, the norms-only arm where RegBN goes on the inputs, then one RegBN arm per
+    (placement, projection, λ rule) asked for."""
     placements = {"both": ("input", "late"), "none": ()}.get(placement, (placement,))
     rules = ("paper", "official") if lambda_rule == "both" else (lambda_rule,)
     projections = PROJECTIONS if projection == "both" else (projection,)
     return [
         "baseline",
+        *([NORMS_ONLY] if "input" in placements and projection != "both" else []),
         *(arm_name(p, r, j) for p in placements for j in projections for r in rules),
     ]
 
@@ -695,6 +803,8 @@ def _numeric_argv(argv: list[str]) -> list[str]:
 def make_config(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
     pairs = {}
     for arm in arms[1:]:
+        if arm == NORMS_ONLY:
+            continue
         pair = PLACEMENTS[parse_arm(arm)[0]]
         pairs[arm] = list(pair if args.f_modality == "gray" else pair[::-1])
     return {
@@ -715,6 +825,11 @@ def make_config(args: argparse.Namespace, data: dict, arms: list[str]) -> dict:
         "arms": arms,
         "pairs": pairs,
         "regbn_kwargs": OFFICIAL_REGBN_KWARGS,
+        "dependence": {
+            "pair": list(FUSION_PAIR),
+            "on": "the test digits, after training, eval mode",
+            "measure": "regbn.measure_dependence: r2 of f by g, and with g's rows shuffled",
+        },
         # Recorded only where asked, so that the default command's JSON stays as it was.
         **({"projection": args.projection} if args.projection != "full" else {}),
         **({"cost": COST_METHOD} if args.cost else {}),

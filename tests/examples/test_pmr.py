@@ -86,11 +86,34 @@ def test_build_model_splices_one_regbn(arm, f_modality, pair_shapes, rule):
     assert out.shape == (8, 10)
 
 
+def test_norms_only_is_regbn_without_its_projection():
+    """The norms-only arm's modules are the layer's own norms: with W = 0 (a layer that has not
+    trained yet) RegBN's eval output is exactly theirs, for both modalities."""
+    from pmr_colored_digits import OFFICIAL_REGBN_KWARGS, NormsOnlyClassifier
+
+    layer = regbn.RegBN(f_num_channels=1, g_num_channels=3, f_layer_dim=[28, 28],
+                        g_layer_dim=[28, 28], **OFFICIAL_REGBN_KWARGS).eval()  # fmt: skip
+    model = NormsOnlyClassifier().eval()
+    x, y = torch.randn(5, 1, 28, 28), torch.randn(5, 3, 28, 28)
+    assert layer.W.abs().max() == 0
+    f_out, g_out = layer(x, y)
+    # the same torch modules, the same initial values: bit for bit
+    torch.testing.assert_close(f_out, model.gray_norms(x), rtol=0, atol=0)
+    torch.testing.assert_close(g_out, model.colored_norms(y), rtol=0, atol=0)
+    assert [type(m) for m in model.gray_norms] == [type(layer.norm_f), type(layer.norm_f_out)]
+    # and the classifier itself starts from the baseline's weights
+    base, norms = build_model("baseline", 3, (x, y)), build_model("norms-only", 3, (x, y))
+    for (name, p), (_, q) in zip(base.named_parameters(), norms.named_parameters(), strict=False):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
 def test_arms_and_their_names():
-    assert arms_of("input", "paper") == ["baseline", "regbn-input"]
+    assert arms_of("input", "paper") == ["baseline", "norms-only", "regbn-input"]
+    assert arms_of("late", "paper") == ["baseline", "regbn-late"]  # norms-only: at the inputs
     assert arms_of("none", "both") == ["baseline"]
     assert arms_of("both", "both") == [
         "baseline",
+        "norms-only",
         "regbn-input",
         "regbn-input-official",
         "regbn-late",
@@ -134,6 +157,13 @@ def test_summary_and_table_by_hand():
     text = format_table(table)
     assert "| baseline | 0.500 ± 0.361 | 0.250 ± 0.180 | 0.100 ± 0.000 |" in text
     assert "| baseline | 0.200 / 0.400 / 0.900 |" in text
+    assert "fusion r2" not in text  # no dependence measured: no such columns
+    for run, r2 in zip(runs, (0.5, 0.6, 0.7), strict=True):
+        run["dependence"] = {"r2": r2, "r2_shuffled": 0.1, "above_chance": r2 - 0.1}
+    table = summarise({"arms": {"baseline": {"per_seed": runs}}})
+    dep = table["baseline"]["dependence"]["above_chance"]
+    assert dep["mean"] == pytest.approx(0.5) and dep["std"] == pytest.approx(0.1)
+    assert "| 0.600 ± 0.100 | 0.100 ± 0.000 | 0.500 ± 0.100 |" in format_table(table)
 
 
 def _numbers(results: dict) -> dict:
@@ -189,7 +219,11 @@ def test_quick_end_to_end(quick_twice):
                 assert len(curves[f"test_acc_{mod}"]) == cfg["epochs"]
                 assert len(curves[f"train_loss_{mod}"]) == cfg["epochs"]
                 assert all(0.0 <= a <= 1.0 for a in curves[f"test_acc_{mod}"])
-            assert ("lambda" in curves) == (arm != "baseline")
+            assert ("lambda" in curves) == arm.startswith("regbn-")
+            dep = curves["dependence"]  # measured at the fusion on every trained arm
+            assert 0.0 <= dep["r2_shuffled"] <= 1.0 and 0.0 <= dep["r2"] <= 1.0
+            assert dep["above_chance"] == pytest.approx(dep["r2"] - dep["r2_shuffled"])
+        assert set(results["final"][arm]["dependence"]) == {"r2", "r2_shuffled", "above_chance"}
     # The printed tables are the JSON's.
     assert format_table(results["final"]) in proc.stdout
     assert format_table(summarise(results)) == format_table(results["final"])
@@ -240,7 +274,7 @@ def test_projection_arms_and_their_names():
         "regbn-conv4-channel",
         "regbn-conv4-channel-official",
     ]
-    assert arms_of("both", "paper") == ["baseline", "regbn-input", "regbn-late"]  # unchanged
+    assert arms_of("both", "paper") == ["baseline", "norms-only", "regbn-input", "regbn-late"]
     assert parse_arm("regbn-conv4-channel-official") == ("conv4", "official")
     assert arm_projection("regbn-conv4-channel-official") == "channel"
     assert arm_projection("regbn-conv4-official") == arm_projection("baseline") == "full"
