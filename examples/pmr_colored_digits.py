@@ -350,11 +350,17 @@ def train_run(
     x_gray, x_col, y = data["train_gray"], data["train_colored"], data["train_labels"]
     example = (x_gray[:batch_size].cpu(), x_col[:batch_size].cpu())
     model = build_model(arm, seed, example, f_modality=f_modality, regbn_kwargs=regbn_kwargs)
-    model = model.to(device)
+    # Channels-last images and weights: oneDNN's convolutions and pooling run about a third
+    # faster on a CPU than in the default layout (a batch indexed from them stays channels-last).
+    model = model.to(device=device, memory_format=torch.channels_last)
+    x_gray, x_col, t_gray, t_col = (
+        data[k].contiguous(memory_format=torch.channels_last)
+        for k in ("train_gray", "train_colored", "test_gray", "test_colored")
+    )
     head = model.get_submodule("fc_out")
-    # The official optimiser: Adam with betas (0.9, 0.99). RegBN's affine parameters, if any,
-    # are part of model.parameters() and train with the rest.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    # The official optimiser: Adam with betas (0.9, 0.99), its fused kernel (the same update in
+    # one pass). RegBN's affine parameters, if any, are part of model.parameters().
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), fused=True)
     order = torch.Generator().manual_seed(10_000 + seed)
     n = len(y)
     # Drop the last partial batch: RegBN refuses a training batch of 1 (and a tiny batch gives
@@ -398,16 +404,14 @@ def train_run(
             curves.setdefault(f"train_loss_{k}", []).append(v)
         if has_regbn:  # mean lambda+ of the epoch's batches: how hard the constraint binds
             curves["lambda"].append(sum(lambdas) / len(lambdas))
-        for k, v in evaluate(
-            model, data["test_gray"], data["test_colored"], data["test_labels"]
-        ).items():
+        for k, v in evaluate(model, t_gray, t_col, data["test_labels"]).items():
             curves.setdefault(k, []).append(v)
         bar.set_postfix(
             gray=f"{curves['test_acc_gray'][-1]:.3f}",
             colored=f"{curves['test_acc_colored'][-1]:.3f}",
         )
     bar.close()
-    curves["dependence"] = fusion_dependence(model, data)
+    curves["dependence"] = fusion_dependence(model, {"test_gray": t_gray, "test_colored": t_col})
     return curves
 
 
