@@ -21,8 +21,8 @@ import torch
 from torch import fx, nn
 
 from .errors import RegBNValueError, public
-from .fx.module_state import carry_missing_state
-from .fx.patched import is_patched, patched_graphs
+from .fx.tracing.module_state import carry_missing_state
+from .fx.tracing.patched import is_patched, patched_graphs
 from .layer import RegBN, eval_maths, norm_spec
 
 __all__ = ["fold"]

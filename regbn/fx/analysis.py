@@ -22,15 +22,15 @@ from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError, public
 from ..layer import RegBN
-from .modality import Fusion, annotate_modalities, detect_fusions
-from .modality_inputs import describe_input_modalities, input_labels
-from .module_state import carry_missing_state
+from .modality.fusions import Fusion, annotate_modalities, detect_fusions
+from .modality.inputs import describe_input_modalities, input_labels
+from .modality.value_flow import value_inputs
 from .names import display_names, expression
-from .regions import global_hooks
-from .shapes import ShapeFailure, propagate_shapes
-from .tracing import is_regbn, trace_graph
-from .value_flow import value_inputs
-from .verify import check_forward
+from .shapes.propagate import ShapeFailure, propagate_shapes
+from .shapes.verify import check_forward
+from .tracing.capture import is_regbn, trace_graph
+from .tracing.module_state import carry_missing_state
+from .tracing.regions import global_hooks
 
 __all__ = [
     "DEFAULT_MAX_PROJECTION_BYTES",
