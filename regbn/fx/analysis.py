@@ -257,10 +257,31 @@ def find_fusions(
 ) -> list[Fusion]:
     """Trace ``model`` and list the nodes where its modality branches fuse, in graph order.
 
-    With ``example_inputs`` or ``input_shapes`` the fusions carry shapes and only floating-point
-    tensor operands count; without, every operand with a modality counts. ``modalities`` groups
-    inputs, e.g. ``{"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]}``. See
-    `Fusion` for ``pair``. A shape-propagation failure raises ``ValueError`` naming the node.
+    Args:
+        model: the ``nn.Module`` to analyse.
+        example_inputs: real inputs; with them (or ``input_shapes``) the fusions carry shapes
+            and only floating-point tensor operands count; without, every operand with a
+            modality counts.
+        input_shapes: shapes instead of ``example_inputs`` (fake tensors).
+        input_dtypes: dtypes for ``input_shapes``.
+        modalities: groups inputs, e.g.
+            ``{"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]}``.
+        concrete_args: tracing option, as in torch.fx.
+        leaf_modules: module classes or dotted paths to keep as one call.
+        autowrap_functions: functions to keep as one call.
+
+    Returns:
+        A list of `Fusion`, each with ``.name``, ``.kind``, ``.operands``, ``.modalities``,
+        ``.shapes`` and the ``pair`` that `regbn.insert` would use (see `Fusion`).
+
+    Raises:
+        RegBNValueError: a shape-propagation failure, naming the node.
+        TraceError: the model cannot be traced.
+
+    Example:
+        >>> fusions = regbn.find_fusions(model, example_inputs=(gray, colored))
+        >>> [(f.name, f.kind) for f in fusions]
+        [('cat', 'cat')]
     """
     result = analyse(
         model, example_inputs, caller="regbn.find_fusions", **trace_options(locals())

@@ -356,14 +356,41 @@ def measure_dependence(
 ) -> DependenceReport:
     """How much of f does g explain, at each fusion of ``model`` (or each named pair)?
 
-    ``batches``: an iterable of batches, each like ``example_inputs`` (a tuple of input
-    tensors, a dict of keyword inputs, or one tensor). ``pairs``: ``"auto"`` (one pair per
-    fusion, as ``regbn.insert(..., pairs="auto")`` would choose; ``modalities`` groups inputs)
-    or a list of ``(f, g)`` names as `regbn.insert` takes them, resolved in the eval-mode graph.
-    Tracing options are `regbn.insert`'s. The model runs in eval mode under ``no_grad`` on the
-    first ``max_samples`` samples; its parameters, buffers and training flags are left as they
-    were. ``progress`` shows a bar of the batches run (tqdm, when installed). See the module
-    docstring for the numbers and `DependenceReport` for the result.
+    The model runs in eval mode under ``no_grad`` on the first ``max_samples`` samples; its
+    parameters, buffers and training flags are left as they were. See the module docstring
+    for the numbers.
+
+    Args:
+        model: the ``nn.Module`` to measure.
+        batches: an iterable of batches, each like ``example_inputs`` (a tuple of input
+            tensors, a dict of keyword inputs, or one tensor).
+        pairs: ``"auto"`` (one pair per fusion, as ``regbn.insert(..., pairs="auto")`` would
+            choose) or a list of ``(f, g)`` names as `regbn.insert` takes them, resolved in
+            the eval-mode graph.
+        modalities: groups inputs for ``pairs="auto"``.
+        concrete_args: tracing option, as in `regbn.insert`.
+        leaf_modules: tracing option, as in `regbn.insert`.
+        autowrap_functions: tracing option, as in `regbn.insert`.
+        max_samples: the samples measured, from the first batches.
+        permutations: shuffles for the chance baseline.
+        seed: seeds the shuffles (the global random state is not touched).
+        lambda_rule: the layer's rule for λ⁺, ``"paper"`` or ``"official"``.
+        max_projection_bytes: with ``pairs="auto"``, leave out a fusion whose W would pass
+            it (None: the layer's default).
+        progress: show a bar of the batches run (tqdm, when installed).
+
+    Returns:
+        A `DependenceReport`: one `DependenceRow` per pair.
+
+    Raises:
+        RegBNValueError: no batch, a batch unlike the model's inputs, an unknown name, or a
+            bad option value.
+        RegBNTypeError: an argument of the wrong type.
+        TraceError: the model cannot be traced.
+
+    Example:
+        >>> report = regbn.measure_dependence(model, batches=[(gray, colored)])
+        >>> print(report)
     """
     if not isinstance(model, nn.Module):
         raise RegBNTypeError(f"{WHERE}: model must be an nn.Module; got {type(model).__name__}")

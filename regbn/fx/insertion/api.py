@@ -149,34 +149,62 @@ def insert(
     min_dependence: float | None = None,
     **regbn_kwargs: Any,
 ) -> nn.Module:
-    """Return ``model`` with a `regbn.RegBN` layer spliced in per pair: an object of the
-    model's own class (see docs/surgery.md, "What insert returns").
+    """Return ``model`` with a `regbn.RegBN` layer spliced in per pair.
 
-    ``pairs``: a list of ``(f, g)`` names, "normalise f with respect to g", applied in order (a
-    tensor normalised by an earlier pair enters later pairs normalised), or ``"auto"``: one layer
-    per pair of `find_fusions` (a fusion's first tensor operand normalised with respect to its
-    second; with three or more branches, every earlier branch with respect to every later one;
-    similarity products skipped). A name is an input (``"gray"``, ``"batch['audio']"``), a dotted
-    module path (the output of that call), or an fx node name of the training-mode graph (as
-    `regbn.inspect` lists them); prefix ``input:``, ``module:`` or ``node:`` to pick one when a
-    name is ambiguous.
+    The result is an object of the model's own class (see docs/surgery.md, "What insert
+    returns"). It shares the model's parameters and buffers (``copy=True`` for an independent
+    copy), keeps every ``state_dict`` key, and has the model's training mode;
+    ``train()``/``eval()`` give the model's behaviour in that mode, with the layers (see the
+    module docstring). A ``torch.compile`` d or ``(Distributed)DataParallel`` model is patched
+    through the module it wraps, with a warning: wrap the result again. The model itself is
+    never modified; nothing is touched unless every pair is valid.
 
-    Shapes come from ``example_inputs`` (real tensors) or ``input_shapes`` (fake tensors; no
-    memory) with ``input_dtypes`` (e.g. ``torch.int64`` for token ids). ``modalities`` groups
-    inputs for ``pairs="auto"``, as in `find_fusions`. Layers are named ``regbn_0``,
-    ``regbn_1``, ... (continuing after existing ones) and get ``regbn_kwargs`` (an unknown
-    keyword is a ``TypeError``). The result shares the model's parameters and buffers
-    (``copy=True`` for an independent copy), keeps every ``state_dict`` key, and has the model's
-    training mode; ``train()``/``eval()`` give the model's behaviour in that mode, with the
-    layers (see the module docstring). A ``torch.compile`` d or ``(Distributed)DataParallel``
-    model is patched through the module it wraps, with a warning: wrap the result again. The
-    model itself is never modified; nothing is touched unless every pair is valid.
+    Args:
+        model: the ``nn.Module`` to patch (or an already traced ``GraphModule``).
+        pairs: a list of ``(f, g)`` names, "normalise f with respect to g", applied in order
+            (a tensor normalised by an earlier pair enters later pairs normalised), or
+            ``"auto"``: one layer per pair of `find_fusions` (a fusion's first tensor operand
+            normalised with respect to its second; with three or more branches, every earlier
+            branch with respect to every later one; similarity products skipped). A name is an
+            input (``"gray"``, ``"batch['audio']"``), a dotted module path (the output of that
+            call), or an fx node name of the training-mode graph (as `regbn.inspect` lists
+            them); prefix ``input:``, ``module:`` or ``node:`` to pick one when a name is
+            ambiguous.
+        example_inputs: real inputs (a tuple, a dict of keyword arguments, possibly holding
+            dicts of tensors) that the shapes come from.
+        input_shapes: shapes instead of ``example_inputs`` (fake tensors; no memory).
+        input_dtypes: dtypes for ``input_shapes`` (e.g. ``torch.int64`` for token ids).
+        modalities: groups inputs into modalities for ``pairs="auto"``, as in `find_fusions`.
+        concrete_args: tracing option, as in torch.fx.
+        leaf_modules: module classes or dotted paths to keep as one call.
+        autowrap_functions: functions to keep as one call.
+        copy: patch an independent copy of the model's parameters and buffers.
+        verify: check the traced graph against the model (outputs, dtypes, gradients, buffer
+            updates, in training and eval mode) before splicing.
+        batches: a few batches, each like ``example_inputs``, to measure the dependence on
+            (with ``min_dependence``).
+        min_dependence: insert only where the branches depend: each pair, ``"auto"`` or
+            explicit alike, is measured as `regbn.measure_dependence` measures it (on the raw
+            tensors, every module in eval mode) and kept when its dependence above chance,
+            ``r2 - r2_shuffled``, reaches ``min_dependence``; a ``UserWarning`` names the
+            pairs skipped and their numbers.
+        **regbn_kwargs: passed to every layer (an unknown keyword is a ``TypeError``).
 
-    ``min_dependence`` with ``batches`` (a few batches, each like ``example_inputs``) inserts
-    only where the branches depend: each pair, ``"auto"`` or explicit alike, is measured as
-    `regbn.measure_dependence` measures it (on the raw tensors, every module in eval mode) and
-    kept when its dependence above chance, ``r2 - r2_shuffled``, reaches ``min_dependence``; a
-    ``UserWarning`` names the pairs skipped and their numbers.
+    Returns:
+        The patched model. Layers are named ``regbn_0``, ``regbn_1``, ... (continuing after
+        existing ones).
+
+    Raises:
+        RegBNValueError: a name that is not a tensor of the model (the message lists close
+            matches), a pair whose f feeds g, dims that cannot be inferred, a failed verify
+            (`regbn.fx.VerifyError`), or no pair reaching ``min_dependence``.
+        RegBNTypeError: a model that is not an ``nn.Module``, or a bad argument type.
+        TraceError: the model cannot be traced; names the module and the source line.
+
+    Example:
+        >>> patched = regbn.insert(model, pairs=[("gray_net.fc", "colored_net.fc")],
+        ...                        example_inputs=(gray, colored))
+        >>> patched = regbn.insert(model, pairs="auto", example_inputs=(gray, colored))
     """
     if not isinstance(model, nn.Module):
         raise RegBNTypeError(
@@ -377,10 +405,24 @@ def _warn_kept(patched: nn.Module, names: set[str]) -> None:
 def remove(patched: nn.Module) -> nn.Module:
     """Return ``patched`` without the RegBN layers `insert` added.
 
-    Uses of each layer's outputs read the layer's inputs again, and those ``regbn_*`` submodules
-    are gone. RegBN layers the model had before `insert` stay, with a ``UserWarning`` naming
-    them. ``patched`` itself is not modified; the result shares its other modules and tensors
-    and, for a `ModeGraphModule`, keeps one graph per mode.
+    Uses of each layer's outputs read the layer's inputs again, and those ``regbn_*``
+    submodules are gone. ``patched`` itself is not modified; the result shares its other
+    modules and tensors and, for a `ModeGraphModule`, keeps one graph per mode.
+
+    Args:
+        patched: a model returned by `regbn.insert`.
+
+    Returns:
+        The model without the added layers: an object of the model's class that runs the
+        model's own ``forward``. RegBN layers the model had before `insert` stay, with a
+        ``UserWarning`` naming them.
+
+    Raises:
+        RegBNTypeError: ``patched`` is not an ``nn.Module``.
+
+    Example:
+        >>> patched = regbn.insert(model, pairs="auto", example_inputs=(gray, colored))
+        >>> original = regbn.remove(patched)
     """
     if is_patched(patched):
         _warn_kept(patched, set(added_names(patched)))

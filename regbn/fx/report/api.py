@@ -154,20 +154,42 @@ def inspect(
 ) -> Report:
     """Trace ``model``, propagate shapes and modalities, and report every node.
 
-    ``example_inputs`` (tuple, dict of keyword arguments, possibly holding dicts of tensors)
-    runs the model for real; ``input_shapes`` (with optional ``input_dtypes``) runs on fake
-    tensors, so it needs no memory and works for models on ``torch.device("meta")``. A shape
-    is a tuple of sizes or ``(sizes, dtype)``; ``input_shapes`` is one per argument, or a dict by
-    argument name whose values may be dicts for dict arguments. ``modalities`` maps a modality
-    name to the inputs that make it. A shape-propagation failure gives a partial report
-    (``report.failure``); a trace failure raises ``TraceError``.
+    Args:
+        model: the ``nn.Module`` to inspect.
+        example_inputs: real inputs (tuple, dict of keyword arguments, possibly holding dicts
+            of tensors); the model runs for real.
+        input_shapes: runs on fake tensors instead, so it needs no memory and works for
+            models on ``torch.device("meta")``. A shape is a tuple of sizes or
+            ``(sizes, dtype)``; ``input_shapes`` is one per argument, or a dict by argument
+            name whose values may be dicts for dict arguments.
+        input_dtypes: dtypes for ``input_shapes``.
+        modalities: maps a modality name to the inputs that make it.
+        concrete_args: tracing option, as in torch.fx.
+        leaf_modules: module classes or dotted paths to keep as one call.
+        autowrap_functions: functions to keep as one call.
+        batches: an iterable of batches, each like ``example_inputs``; adds the cross-modal
+            dependence at each fusion (`regbn.measure_dependence` on the pair
+            ``pairs="auto"`` would take there, run on the traced graph with every module in
+            eval mode, no parameter or buffer changed): ``report.dependence``, a column of
+            the tables and the colour of the fusions in ``draw``. Random batches measure the
+            architecture, not the data.
+        progress: show a bar of the batches run (tqdm, when installed).
 
-    ``batches`` (an iterable of batches, each like ``example_inputs``) adds the cross-modal
-    dependence at each fusion (`regbn.measure_dependence` on the pair ``pairs="auto"`` would
-    take there, run on the traced graph with every module in eval mode, no parameter or buffer
-    changed): ``report.dependence``, a column of the tables and the colour of the fusions in
-    ``draw``. Random batches measure the architecture, not the data. ``progress`` shows a bar
-    of the batches run (tqdm, when installed).
+    Returns:
+        A `Report`: one row per fx node, the fusions, a summary and its views (``str``,
+        ``_repr_html_``, ``to_dict``, ``draw``). A shape-propagation failure gives a partial
+        report (``report.failure``).
+
+    Raises:
+        TraceError: the model cannot be traced.
+        RegBNValueError: bad inputs, shapes, modalities or batches.
+        RegBNTypeError: an argument of the wrong type.
+
+    Example:
+        >>> report = regbn.inspect(model, input_shapes=[(2, 1, 28, 28), (2, 3, 28, 28)])
+        >>> print(report)
+        >>> report.pairs
+        [('gray_net.fc', 'colored_net.fc')]
     """
     result = analyse(model, example_inputs, **trace_options(locals()))
     report = report_from_graph(result.gm, result.fusions, result.failure, model=model)
