@@ -90,8 +90,7 @@ def _analyse(
         hint = var_args_hint(model, example_inputs)
         if not hint:
             raise
-        text = str(e) if str(e).startswith(f"{CALLER}: ") else f"{CALLER}: {e}"
-        raise RegBNValueError(f"{text}{hint}") from e
+        raise RegBNValueError(f"{e}{hint}") from e  # `public` names regbn.insert
     if result.failure is not None:
         raise RegBNValueError(
             f"{CALLER}: cannot infer RegBN dims{mode}, {result.failure}. Check example_inputs/"

@@ -233,7 +233,7 @@ def _split_leaf_modules(
     return tuple(classes), paths
 
 
-@public
+@public(name="regbn.fx.trace")
 def trace(
     model: nn.Module,
     *,
