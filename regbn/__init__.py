@@ -1,10 +1,10 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
-from .dependence import DependenceReport, DependenceRow, dependence_of, measure_dependence
 from .distributed import convert_sync_regbn
 from .errors import RegBNError, RegBNTypeError, RegBNValueError
 from .fold import fold
 from .fx.analysis import find_fusions
+from .fx.dependence import DependenceReport, DependenceRow, dependence_of, measure_dependence
 from .fx.insertion import insert, remove
 from .fx.modality import Fusion
 from .fx.report import Report, inspect

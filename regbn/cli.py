@@ -26,7 +26,7 @@ from torch import nn
 
 from ._format import one_line
 from .cli_batches import BatchesError, load_batches, random_batches
-from .fx.report import inspect
+from .fx.report.api import inspect
 
 __all__ = ["main"]
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._format import one_line
-from .fx.shape_inputs import fake_inputs
+from .fx.shapes.inputs import fake_inputs
 
 __all__ = ["BatchesError", "load_batches", "random_batches"]
 

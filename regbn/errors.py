@@ -13,10 +13,11 @@ messages start with ``"RegBN: "``, the command line's with ``"regbn <command>: "
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-__all__ = ["RegBNError", "RegBNTypeError", "RegBNValueError", "public"]
+__all__ = ["RegBNError", "RegBNTypeError", "RegBNValueError", "public", "with_context"]
 
 
 class RegBNError(Exception):
@@ -39,11 +40,30 @@ class RegBNTypeError(RegBNError, TypeError):
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# A message that already says who refused: a public callable, the layer, a view, the CLI.
+_CONTEXT = re.compile(r"^(regbn(\.\w+)+|RegBN|SyncRegBN|Report\.\w+|regbn \w+): ")
 
-def public(fn: F) -> F:
-    """Mark a public entry point: a `RegBNError` raised below it reaches the caller with its
-    message first, not under a chain of internal exceptions and frames. What caused it stays
-    on the error as ``original`` (the exception it was raised from, or None)."""
+
+def with_context(error: RegBNError, name: str) -> RegBNError:
+    """``error`` with ``name: `` in front of its message, unless the message already names
+    who refused (``regbn.insert: ...``, ``RegBN: ...``). Added once, at the public entry, as
+    einops re-raises an error with its pattern."""
+    if error.args and isinstance(error.args[0], str) and not _CONTEXT.match(error.args[0]):
+        error.args = (f"{name}: {error.args[0]}", *error.args[1:])
+    return error
+
+
+def public(fn: F | None = None, *, name: str | None = None) -> Any:
+    """Mark a public entry point, ``@public`` (named ``regbn.<function>``) or
+    ``@public(name="regbn.fx.trace")``.
+
+    A `RegBNError` raised below it reaches the caller with its message first, not under a chain
+    of internal exceptions and frames, and with the entry's name in front of the message where
+    the code that raised it did not say who refused (`with_context`). What caused it stays on
+    the error as ``original`` (the exception it was raised from, or None)."""
+    if fn is None:
+        return functools.partial(public, name=name)
+    caller = name or f"regbn.{fn.__name__}"
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -55,6 +75,6 @@ def public(fn: F) -> F:
             error.__cause__ = None
             error.__suppress_context__ = True
             # The chain stays on .original; the caller sees the message first.
-            raise error.with_traceback(None)  # noqa: B904
+            raise with_context(error, caller).with_traceback(None)  # noqa: B904
 
     return cast(F, call)

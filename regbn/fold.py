@@ -21,8 +21,8 @@ import torch
 from torch import fx, nn
 
 from .errors import RegBNValueError, public
-from .fx.module_state import carry_missing_state
-from .fx.patched import is_patched, patched_graphs
+from .fx.tracing.module_state import carry_missing_state
+from .fx.tracing.patched import is_patched, patched_graphs
 from .layer import RegBN, eval_maths, norm_spec
 
 __all__ = ["fold"]
@@ -49,6 +49,11 @@ def fold(model: nn.Module) -> fx.GraphModule:
     Raises:
         RegBNValueError: a lazy RegBN that has seen no batch, a call forced into training mode
             (``is_training=True``), or a model that cannot be traced.
+
+    Example:
+        >>> patched = regbn.insert(model, pairs="auto", example_inputs=(gray, colored))
+        >>> folded = regbn.fold(patched)  # eval mode, no RegBN class needed to run it
+        >>> torch.export.export(folded, (gray, colored))
     """
     for path, module in model.named_modules():
         if isinstance(module, RegBN) and module.f_shape is None:

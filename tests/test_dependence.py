@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from regbn.dependence import (
+from regbn.errors import RegBNTypeError, RegBNValueError
+from regbn.fx.analysis import analyse, find_fusions
+from regbn.fx.dependence import (
     DependenceMeter,
     DependenceReport,
     dependence_of,
@@ -22,8 +24,6 @@ from regbn.dependence import (
     measure_graph,
     pairs_of_fusions,
 )
-from regbn.errors import RegBNTypeError, RegBNValueError
-from regbn.fx.analysis import analyse, find_fusions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,7 +327,7 @@ def test_dependence_example_quick(tmp_path):
 
 def test_exported_from_regbn():
     import regbn
-    import regbn.dependence as dependence
+    import regbn.fx.dependence as dependence
 
     for name in ("measure_dependence", "dependence_of", "DependenceReport", "DependenceRow"):
         assert name in regbn.__all__ and getattr(regbn, name) is getattr(dependence, name)

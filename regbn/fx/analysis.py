@@ -22,15 +22,15 @@ from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError, public
 from ..layer import RegBN
-from .modality import Fusion, annotate_modalities, detect_fusions
-from .modality_inputs import describe_input_modalities, input_labels
-from .module_state import carry_missing_state
+from .modality.fusions import Fusion, annotate_modalities, detect_fusions
+from .modality.inputs import describe_input_modalities, input_labels
+from .modality.value_flow import value_inputs
 from .names import display_names, expression
-from .regions import global_hooks
-from .shapes import ShapeFailure, propagate_shapes
-from .tracing import is_regbn, trace_graph
-from .value_flow import value_inputs
-from .verify import check_forward
+from .shapes.propagate import ShapeFailure, propagate_shapes
+from .shapes.verify import check_forward
+from .tracing.capture import is_regbn, trace_graph
+from .tracing.module_state import carry_missing_state
+from .tracing.regions import global_hooks
 
 __all__ = [
     "DEFAULT_MAX_PROJECTION_BYTES",
@@ -257,10 +257,31 @@ def find_fusions(
 ) -> list[Fusion]:
     """Trace ``model`` and list the nodes where its modality branches fuse, in graph order.
 
-    With ``example_inputs`` or ``input_shapes`` the fusions carry shapes and only floating-point
-    tensor operands count; without, every operand with a modality counts. ``modalities`` groups
-    inputs, e.g. ``{"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]}``. See
-    `Fusion` for ``pair``. A shape-propagation failure raises ``ValueError`` naming the node.
+    Args:
+        model: the ``nn.Module`` to analyse.
+        example_inputs: real inputs; with them (or ``input_shapes``) the fusions carry shapes
+            and only floating-point tensor operands count; without, every operand with a
+            modality counts.
+        input_shapes: shapes instead of ``example_inputs`` (fake tensors).
+        input_dtypes: dtypes for ``input_shapes``.
+        modalities: groups inputs, e.g.
+            ``{"text": ["input_ids", "attention_mask"], "image": ["pixel_values"]}``.
+        concrete_args: tracing option, as in torch.fx.
+        leaf_modules: module classes or dotted paths to keep as one call.
+        autowrap_functions: functions to keep as one call.
+
+    Returns:
+        A list of `Fusion`, each with ``.name``, ``.kind``, ``.operands``, ``.modalities``,
+        ``.shapes`` and the ``pair`` that `regbn.insert` would use (see `Fusion`).
+
+    Raises:
+        RegBNValueError: a shape-propagation failure, naming the node.
+        TraceError: the model cannot be traced.
+
+    Example:
+        >>> fusions = regbn.find_fusions(model, example_inputs=(gray, colored))
+        >>> [(f.name, f.kind) for f in fusions]
+        [('cat', 'cat')]
     """
     result = analyse(
         model, example_inputs, caller="regbn.find_fusions", **trace_options(locals())

@@ -22,8 +22,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import RegBNTypeError, RegBNValueError
-from .regions import hooked
-from .tracing import input_name
+from .shapes.record import tensor_record
+from .tracing.capture import input_name
+from .tracing.regions import hooked
 
 __all__ = [
     "INSPECT_HINT",
@@ -366,7 +367,7 @@ def resolve_name(
 
 
 def _describe(c: _Candidate) -> str:
-    shape = c.node.meta.get("regbn_shape")
+    shape = tensor_record(c.node).shape
     shape_s = f", shape {tuple(shape)}" if shape is not None else ""
     if c.kind == "module" and " (" in c.label:
         return f" [{c.label.split(' (', 1)[1].rstrip(')')}; write node:{c.node.name}{shape_s}]"

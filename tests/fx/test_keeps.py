@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 from torch.utils.checkpoint import checkpoint
 
 import regbn
-from regbn.fx.regions import CHECKPOINT, GRAD_ENTER, GRAD_EXIT
+from regbn.fx.tracing.regions import CHECKPOINT, GRAD_ENTER, GRAD_EXIT
 
 from .conftest import SentenceImage
 

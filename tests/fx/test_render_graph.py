@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from regbn.errors import RegBNValueError
-from regbn.fx import render_graph
-from regbn.fx.report import inspect
+from regbn.fx.report import inspect, render_graph
 
 matplotlib = pytest.importorskip("matplotlib")  # optional: the draw and examples extras
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402

@@ -7,12 +7,13 @@ from torch import nn
 
 import regbn
 from regbn.fx import ShapeFailure, propagate_shapes, trace
+from regbn.fx.shapes import tensor_record
 
 from .conftest import PMR, Case, DictInput
 
 
 def _shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:
-    return {n.name: n.meta.get("regbn_shape") for n in gm.graph.nodes}
+    return {n.name: tensor_record(n).shape for n in gm.graph.nodes}
 
 
 def _as_shapes(inputs):
@@ -32,7 +33,7 @@ def test_real_and_fake_agree(case: Case):
     assert _shapes(real) == _shapes(fake)
     for node in real.graph.nodes:
         if node.op == "call_module":
-            assert node.meta["regbn_shape"] is not None or node.meta["regbn_nested"] is not None
+            assert tensor_record(node).shape is not None or tensor_record(node).nested is not None
 
 
 def test_pmr_shapes_and_dtypes():
@@ -42,7 +43,7 @@ def test_pmr_shapes_and_dtypes():
     assert shapes["gray"] == (2, 1, 28, 28)
     assert shapes["gray_net_fc"] == (2, 16)
     assert shapes["cat"] == (2, 32)
-    assert all(n.meta["regbn_dtype"] == torch.float32 for n in gm.graph.nodes if n.op != "output")
+    assert all(tensor_record(n).dtype == torch.float32 for n in gm.graph.nodes if n.op != "output")
 
 
 def test_real_run_changes_nothing():
@@ -76,8 +77,8 @@ def test_meta_model_with_input_shapes():
     gm = trace(model)
     assert propagate_shapes(gm, input_shapes=[(64, 1, 28, 28), (64, 3, 28, 28)]) is None
     node = next(n for n in gm.graph.nodes if n.name == "head")
-    assert node.meta["regbn_shape"] == (64, 10)
-    assert node.meta["regbn_device"].type == "meta"
+    assert tensor_record(node).shape == (64, 10)
+    assert tensor_record(node).device.type == "meta"
 
 
 def test_dict_inputs_kwargs_and_nested_meta():
@@ -85,8 +86,8 @@ def test_dict_inputs_kwargs_and_nested_meta():
     batch = {"audio": torch.randn(3, 20), "image": torch.randn(3, 3, 5, 5)}
     assert propagate_shapes(gm, {"batch": batch}) is None
     ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    assert ph.meta["regbn_shape"] is None
-    assert ph.meta["regbn_nested"] == {
+    assert tensor_record(ph).shape is None
+    assert tensor_record(ph).nested == {
         "audio": ((3, 20), torch.float32),
         "image": ((3, 3, 5, 5), torch.float32),
     }
@@ -113,7 +114,7 @@ def test_input_dtypes_and_integer_inputs():
         propagate_shapes(gm, input_shapes=[(2, 5), (2, 4)], input_dtypes=[torch.int64, None])
         is None
     )
-    assert next(iter(gm.graph.nodes)).meta["regbn_dtype"] == torch.int64
+    assert tensor_record(next(iter(gm.graph.nodes))).dtype == torch.int64
     gm = trace(Embed())
     assert propagate_shapes(gm, input_shapes=[((2, 5), "int64"), (2, 4)]) is None
 
@@ -127,7 +128,7 @@ def test_failure_is_reported_with_partial_meta():
     assert "gray_net_fc" in str(failure) and "(2, 256)" in str(failure)
     shapes = _shapes(gm)
     assert shapes["flatten"] == (2, 256)  # before the failure
-    assert "regbn_shape" not in next(n for n in gm.graph.nodes if n.name == "cat").meta
+    assert "regbn_tensor" not in next(n for n in gm.graph.nodes if n.name == "cat").meta
     # a real run fails the same way and leaves the model intact
     model = PMR()
     gm = trace(model)
@@ -204,7 +205,7 @@ def test_closed_form_paths_still_catch_mismatches(bad, node):
 def test_default_dtype_follows_the_model_and_bare_shape():
     gm = trace(nn.Sequential(nn.Linear(4, 3)).double())
     assert propagate_shapes(gm, input_shapes=(2, 4)) is None  # one bare shape, one input
-    assert all(n.meta["regbn_dtype"] == torch.float64 for n in gm.graph.nodes if n.op != "output")
+    assert all(tensor_record(n).dtype == torch.float64 for n in gm.graph.nodes if n.op != "output")
 
 
 class UpdatesItsDict(nn.Module):
@@ -241,7 +242,7 @@ def test_a_leaf_that_updates_its_dict_argument(real):
     else:
         failure = propagate_shapes(gm, input_shapes=[(2, 4), (2, 3)])
     assert failure is None
-    assert {n.name: n.meta["regbn_shape"] for n in gm.graph.nodes}["mul"] == (2, 3)
+    assert {n.name: tensor_record(n).shape for n in gm.graph.nodes}["mul"] == (2, 3)
 
 
 def test_a_leaf_updating_a_dict_input_leaves_the_callers_dict_alone():
