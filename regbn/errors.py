@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -67,14 +68,23 @@ def public(fn: F | None = None, *, name: str | None = None) -> Any:
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
+        # Warnings raised below are shown at the caller's line, whatever depth they came from:
+        # recorded here, then warned again from this frame once the call is over.
+        caught: list[warnings.WarningMessage] = []
         try:
-            return fn(*args, **kwargs)
-        except RegBNError as error:
-            if not hasattr(error, "original"):
-                error.original = error.__cause__ or error.__context__
-            error.__cause__ = None
-            error.__suppress_context__ = True
-            # The chain stays on .original; the caller sees the message first.
-            raise with_context(error, caller).with_traceback(None)  # noqa: B904
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return fn(*args, **kwargs)
+                except RegBNError as error:
+                    if not hasattr(error, "original"):
+                        error.original = error.__cause__ or error.__context__
+                    error.__cause__ = None
+                    error.__suppress_context__ = True
+                    # The chain stays on .original; the caller sees the message first.
+                    raise with_context(error, caller).with_traceback(None)  # noqa: B904
+        finally:
+            for record in caught:
+                warnings.warn(record.message, record.category, stacklevel=2)
 
     return cast(F, call)

@@ -915,3 +915,11 @@ def test_no_fusion_hint_names_the_models_own_inputs():
                        r"'m1': \['video'\]\}") as caught:
         insert(Separate(), "auto", (torch.randn(B, 4), torch.randn(B, 3)))
     assert "input_ids" not in str(caught.value)
+
+
+def test_warnings_point_at_the_callers_line():
+    """insert's warnings name the line that called it, not a frame inside regbn."""
+    inputs = (torch.randn(B, 10), torch.randn(B, 12))
+    with pytest.warns(UserWarning, match="learnable parameters") as caught:
+        insert(LateConcat(), [("enc_a", "enc_b")], inputs, affine=True)
+    assert {w.filename for w in caught} == {__file__}
