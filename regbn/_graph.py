@@ -152,7 +152,8 @@ def graph_solve(
     zero = torch.zeros_like(e)
     nfun = torch.where(kept, inv, torch.where(thr, sigma_MIN / (sq * den_t), zero))
     nfun = torch.where(live, nfun, 0.0)
-    dn = torch.where(kept, -inv.square(), torch.where(thr, -sigma_MIN / (2 * sq * es * den_t), zero))
+    dn = torch.where(kept, -inv.square(),
+                     torch.where(thr, -sigma_MIN / (2 * sq * es * den_t), zero))
     dn_dlam = torch.where(kept, -inv.square(), torch.where(thr, -sigma_MIN / (sq * den_t**2), zero))
     both = kept[:, None] & kept[None, :]
     dK = K - K.detach()

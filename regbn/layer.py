@@ -371,14 +371,18 @@ class RegBN(StateMixin):
             rows_f, rows_g = as_rows(f_n, f.shape[1:], channel), as_rows(g_n, g.shape[1:], channel)
             args = (rows_f, rows_g, self.lambda_rule, self.sigma_THR, self.sigma_MIN)
             try:
-                sol = solve_batch(*args, guard=guard)
-            except NonFiniteGuard:
-                with phase("checks"):  # which one: a message for each (more reads, refusal only)
-                    self._check_training_batch(f, g)
-                    self._check_finite([*stats, self.W], f, g)
-                # Finite entries whose sum overflowed (1e37 in float32): solve without the
-                # guard; with no guard nothing is proven and every output is tested below.
-                sol = solve_batch(*args)
+                try:
+                    sol = solve_batch(*args, guard=guard)
+                except NonFiniteGuard:
+                    with phase("checks"):  # which one: a message each (more reads, refusal only)
+                        self._check_training_batch(f, g)
+                        self._check_finite([*stats, self.W], f, g)
+                    # Finite entries whose sum overflowed (1e37 in float32): solve without the
+                    # guard; with no guard nothing is proven and every output is tested below.
+                    sol = solve_batch(*args)
+            except torch.linalg.LinAlgError as err:
+                # The Gram of finite inputs overflowed (float64 features of size 1e200).
+                raise _checks.solve_failed(f, g, self.normalize_input) from err
             with phase("w_batch"):
                 # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
                 # lerp.
