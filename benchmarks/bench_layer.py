@@ -38,8 +38,8 @@ import json
 import math
 import os
 import platform
-import sys
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -463,13 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out is None:
-        name = "bench_layer_official.json" if args.options == "official" else "bench_layer.json"
-        args.out = RESULTS / name
     if args.profile or args.sync_debug:
         import bench_profile  # beside this file; holds the profile and the sync count
 
+        args.out = args.out or RESULTS / "bench_layer.json"  # bench_profile's own default then
         return bench_profile.main(args, device)
+    if args.out is None:
+        name = "bench_layer_official.json" if args.options == "official" else "bench_layer.json"
+        args.out = RESULTS / name
 
     path = official_path(args.official)
     official, patches = None, None

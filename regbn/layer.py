@@ -66,6 +66,16 @@ class RegBN(StateMixin):
     order). ``reset_running_stats()`` and ``reset_parameters()`` work as on ``nn.BatchNorm``,
     e.g. after ``to_empty()`` of a model built on the meta device.
 
+    torch.compile: ``torch.compile(layer, fullgraph=True)`` (or a whole patched model) compiles
+    a training-mode layer into one graph with no host read (:mod:`regbn._graph`): λ⁺ comes from a
+    fixed number of safeguarded Newton steps, every decision is a device-side mask, and the
+    result equals eager's to round-off. A batch that eager mode refuses with a ``ValueError``
+    (non-finite inputs or statistics, a scale that overflows the solve) cannot raise inside a
+    compiled step: it is rejected on the device (no buffer changes, as in eager; that call's
+    outputs are not to be used), the non-persistent buffer ``rejected`` records why, and the next
+    eager call of the layer, or :meth:`check_status`, raises the eager error. A compiled layer
+    needs its shapes first (dims given, a batch run eagerly, or a checkpoint loaded).
+
     Shapes:
         f: (B, f_num_channels, *f_layer_dim); g: (B, g_num_channels, *g_layer_dim).
         Outputs ``(f_r, g_out)`` have the inputs' shapes. ``W`` is (Dg, Df).
