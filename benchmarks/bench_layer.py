@@ -300,6 +300,7 @@ def run_case(name: str, B: int, fs, gs, device, args, official, with_official: b
     }
     compiled_layer = None
     if args.compile:
+        torch._dynamo.reset()  # each case compiles afresh (and stays under the recompile limit)
         compiled_layer = RegBN(fs[0], gs[0], list(fs[1:]), list(gs[1:]), **opts).to(device)
         step = torch.compile(compiled_layer, fullgraph=True)
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from regbn._graph import NEWTON_STEPS, secular_root_device
 from regbn._spectrum import secular_root
 
 OFFICIAL = dict(normalize_input=True, normalize_output=True, affine=True)
+pytestmark = pytest.mark.slow  # torch.compile: seconds per test
 
 
 def make(fs, gs, **kw) -> RegBN:
