@@ -27,7 +27,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from ._norms import run_norm
-from ._spectrum import _input_eps, solve_dtype
+from ._spectrum import _input_eps, gram, solve_dtype
 
 __all__ = [
     "NEWTON_STEPS",
@@ -35,13 +35,12 @@ __all__ = [
     "REJECT_SOLUTION",
     "batch_norm_step",
     "graph_solve",
-    "max_abs",
     "secular_root_device",
     "write_statistics",
 ]
 
 # Safeguarded Newton steps of the device-side secular solve (see secular_root_device).
-NEWTON_STEPS = 24
+NEWTON_STEPS = 16
 # Codes of the ``rejected`` buffer: 0 none, 1 a non-finite input or statistic, 2 a non-finite
 # solution (the inputs' scale overflowed the solve).
 REJECT_INPUT = 1
@@ -113,8 +112,12 @@ def graph_solve(
     n, primal = max(B, Dg), B > Dg
     F64, G64 = F.to(dt), G.to(dt)
     if not need_grad:
-        F64, G64 = F64.detach(), G64.detach()
-    K = G64.mT @ G64 if primal else G64 @ G64.mT
+        F, G, F64, G64 = F.detach(), G.detach(), F64.detach(), G64.detach()
+    # The Gram in the inputs' precision (float32 at least), as the eager step's first pass: its
+    # backward is one product (regbn._autograd.Gram), and float64 GEMMs cost twice float32's.
+    wd = torch.promote_types(G.dtype, torch.float32)
+    K_in = gram(G.to(wd), primal)
+    K = K_in.to(dt)
     Kd = K.detach()
     finite = torch.isfinite(Kd).all()
     # A non-finite Gram (an input or its scale overflowed) would make eigh raise: decompose 0.
@@ -124,7 +127,7 @@ def graph_solve(
 
     # classify (regbn._spectrum.classify): zero, kept, thresholded, live.
     top = e.amax()
-    tol = top * max(n * torch.finfo(dt).eps, (n * _input_eps(G.dtype)) ** 2)
+    tol = top * max(n * torch.finfo(wd).eps, (n * _input_eps(G.dtype)) ** 2)
     nz = e > tol
     s = torch.where(nz, e, 0.0).sqrt()
     kept = nz & (s > sigma_THR * top.sqrt())
@@ -196,13 +199,6 @@ def graph_solve(
         f_r = f_r + delta * sens
     ok = finite & torch.isfinite(lam)
     return f_r, W_batch, lam, ok
-
-
-def max_abs(x: Tensor) -> Tensor:
-    """max|x| as a 0-dim tensor (0 for an empty x)."""
-    if x.numel() == 0:
-        return x.new_zeros(())
-    return torch.maximum(x.amax(), -x.amin())
 
 
 def batch_norm_step(norm: nn.Module, x: Tensor) -> tuple[Tensor, ...]:

@@ -490,11 +490,11 @@ class RegBN(StateMixin):
                                                                                      device=f.device))
             )
             D = W_batch - self.W
-            d = D.abs().sum(dtype=dt) / max(D.numel(), 1)
+            # mean |D| (finite only when W and W_batch are), summed in W's precision as the
+            # eager step sums its blocks
+            d = D.abs().sum().to(dt) / max(D.numel(), 1)
             outs = torch.stack([x.detach().sum(dtype=dt) for x in (fr_rows, f_r, g_out)])
-            ok = ok & inputs_ok & torch.isfinite(outs.sum() + d) & torch.isfinite(
-                _graph.max_abs(self.W).to(dt)
-            )
+            ok = ok & inputs_ok & torch.isfinite(outs.sum() + d)
             for norm, new in ((self.norm_f, new_f), (self.norm_g, new_g)):
                 _graph.write_statistics(norm, new, ok)
             self._update_running_masked(D, d, lam, ok)

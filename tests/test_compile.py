@@ -71,7 +71,8 @@ def test_compiled_training_matches_eager_over_many_steps(name):
     torch.manual_seed(0)
     eager = make(fs, gs, **opts).to(dtype)
     layer = copy.deepcopy(eager)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    ops: set[str] = set()
+    compiled = torch.compile(layer, backend=recording_backend(ops), fullgraph=True)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     lams = []
     for f, g, wf, wg in batches(8, B, fs, gs, dtype):
@@ -95,6 +96,29 @@ def test_compiled_training_matches_eager_over_many_steps(name):
     for key in want:
         torch.testing.assert_close(got[key], want[key], **tol, equal_nan=True, msg=key)
     assert int(layer.rejected) == 0
+    assert_no_host_read(ops)
+
+
+def recording_backend(ops: set[str]):
+    """aot_eager that also records the aten ops of the forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, _):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def assert_no_host_read(ops: set[str]) -> None:
+    """No .item(), .tolist(), .cpu() or data-dependent branch in the compiled graphs: such a
+    read is aten._local_scalar_dense (or a data-dependent shape: nonzero, masked_select) in the
+    traced graph, and dynamo would break the graph at it."""
+    assert "aten._linalg_eigh.default" in ops or "aten.linalg_eigh.default" in ops, ops
+    reads = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.tolist",
+             "aten._assert_async", "aten.masked_select")
+    assert not {op for op in ops if op.startswith(reads)}
 
 
 @pytest.mark.parametrize("rule,B", [("paper", 4), ("official", 10), ("paper", 10)])
@@ -113,21 +137,20 @@ def test_compiled_step_matches_the_float64_reference(rule, B):
 
 
 def test_inductor_matches_eager():
-    fs, gs, B = (512,), (16, 3, 3), 24
+    # The training step's forward under inductor's generated code (the masked buffer writes,
+    # the unrolled Newton steps); its backward is checked above with aot_eager.
+    fs, gs, B = (32,), (4, 3, 3), 12
     eager = make(fs, gs, **OFFICIAL)
     layer = copy.deepcopy(eager)
     compiled = torch.compile(layer, fullgraph=True)  # inductor
-    for f, g, wf, _ in batches(3, B, fs, gs, torch.float32):
-        fl, gl = f.clone().requires_grad_(), g.clone().requires_grad_()
-        a = eager(f.requires_grad_(), g)
-        b = compiled(fl, gl)
-        (a[0] * wf).sum().backward()
-        (b[0] * wf).sum().backward()
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(fl.grad, f.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for f, g, _, _ in batches(3, B, fs, gs, torch.float32):
+            torch.testing.assert_close(compiled(f, g), eager(f, g), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.W, eager.W, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(layer.lambda_history, eager.lambda_history, rtol=1e-5,
                                atol=0, equal_nan=True)
+    torch.testing.assert_close(layer.norm_g.running_var, eager.norm_g.running_var)
+    assert layer.num_batches_tracked.item() == 3
 
 
 # ----------------------------------------------------------------------------- one graph
@@ -149,40 +172,6 @@ def test_training_step_is_one_graph(rule, norms, projection, dtype):
     g = torch.randn(4, 3, 3, 3, dtype=dtype)
     explain = torch._dynamo.explain(layer)(f, g)
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
-
-
-def _aten_ops(layer, *inputs, backward=True) -> set[str]:
-    """The aten ops of the forward and backward graphs that aot_autograd compiles."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    ops: set[str] = set()
-
-    def record(gm, _):
-        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=record, bw_compiler=record),
-                             fullgraph=True)
-    out = compiled(*inputs)
-    if backward:
-        (out[0].sum() + out[1].square().sum()).backward()
-    return ops
-
-
-@pytest.mark.parametrize("B", [4, 12])
-def test_the_graph_reads_nothing_on_the_host(B):
-    # No .item(), .tolist(), .cpu() or data-dependent branch: such a read appears in the traced
-    # graph as aten._local_scalar_dense (or a device copy), and dynamo breaks the graph at it.
-    layer = make((5,), (3, 2, 2), **OFFICIAL)
-    f = torch.randn(B, 5, requires_grad=True)
-    ops = _aten_ops(layer, f, torch.randn(B, 3, 2, 2))
-    assert ops, "no graph was compiled"
-    assert "aten.linalg_eigh.default" in ops or "aten._linalg_eigh.default" in ops
-    reads = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.tolist",
-             "aten._assert_async", "aten.masked_select")
-    host = {op for op in ops if op.startswith(reads)}
-    assert not host, host
-    assert f.grad is not None and torch.isfinite(f.grad).all()
 
 
 # ----------------------------------------------------------------------------- the λ solve
@@ -207,6 +196,13 @@ def test_the_fixed_newton_steps_reach_float64_precision():
         phi = float(np.sum(a[d > 0] / (d[d > 0] + got.item()) ** 2))
         assert abs(phi - 1) < 1e-12, (trial, phi)
     assert worst < 1e-13, worst
+    # structured spectra: thousands of clustered poles, one dominant weight, a root near 0
+    for d, a in ((np.linspace(1.0, 1.0 + 1e-9, 4096), np.full(4096, 1e-3)),
+                 (np.logspace(-8, 8, 1000), np.r_[1e30, np.full(999, 1e-20)]),
+                 (np.array([1.0, 2.0]), np.array([1.0 + 1e-12, 0.0]))):
+        want = secular_root(d, a)
+        got, _ = secular_root_device(torch.from_numpy(d), torch.from_numpy(a))
+        assert got.item() == pytest.approx(want, rel=1e-13, abs=1e-300)
     assert NEWTON_STEPS <= 32
 
 
