@@ -113,9 +113,10 @@ def graph_solve(
     F64, G64 = F.to(dt), G.to(dt)
     if not need_grad:
         F, G, F64, G64 = F.detach(), G.detach(), F64.detach(), G64.detach()
-    # The Gram in the inputs' precision (float32 at least), as the eager step's first pass: its
-    # backward is one product (regbn._autograd.Gram), and float64 GEMMs cost twice float32's.
-    wd = torch.promote_types(G.dtype, torch.float32)
+    # The B×B Gram in the inputs' precision (float32 at least), as the eager step's first pass:
+    # float64 GEMMs cost twice float32's. The Dg×Dg (primal) Gram is small: the solve dtype, as
+    # in eager. Either way its backward is one product (regbn._autograd.Gram).
+    wd = dt if primal else torch.promote_types(G.dtype, torch.float32)
     K_in = gram(G.to(wd), primal)
     K = K_in.to(dt)
     Kd = K.detach()
