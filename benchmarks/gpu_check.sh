@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks of regbn, in under 4 minutes on one CUDA device:
-#   1. the CUDA tests (pytest -m cuda, in the test files that have any);
-#   2. bench_layer.py --device cuda (B up to 4096, synchronised timer), with the official
-#      example's options;
-#   3. the host synchronisations per training step (torch.cuda.set_sync_debug_mode("warn"));
-#   4. the per-phase profile of a training step on the GPU;
-#   5. the fx benchmark (regbn.insert on meta-device models; CPU work, run here for completeness).
-# JSON goes to $RESULTS (default benchmarks/results): bench_layer_cuda.json,
-# bench_layer_sync_cuda.json, bench_layer_profile_cuda.json,
-# bench_fx_cuda.json.
+# The GPU checks of regbn, in under 8 minutes on one CUDA device:
+#   1. the CUDA tests (pytest -m cuda, in the test files that have any) and tests/test_compile.py;
+#   2. the training step as one CUDA graph (benchmarks/gpu_graph_check.py):
+#      torch.compile(mode="reduce-overhead", fullgraph=True) against eager, zero host syncs in the
+#      captured steps (torch.cuda.set_sync_debug_mode("error")), its time at B=50;
+#   3. bench_layer.py --device cuda against the official file itself (the official example's
+#      options; B=50 at the official README's shape first: <= 1 ms per step and >= 50x the
+#      official file are the aims there), with the batch sweep;
+#   4. the host synchronisations per eager training step (torch.cuda.set_sync_debug_mode("warn"));
+#   5. the per-phase profile of an eager training step on the GPU.
+# JSON goes to $RESULTS (default benchmarks/results): graph_cuda.json, bench_layer_cuda.json,
+# bench_layer_sync_cuda.json, bench_layer_profile_cuda.json.
 #
 #   bash benchmarks/gpu_check.sh                       # with `python`
-#   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
-#   PYTHON=python3 RESULTS=/tmp/out bash benchmarks/gpu_check.sh
+#   REGBN_OFFICIAL=/path/to/mogvision/regbn/RegBN.py bash benchmarks/gpu_check.sh
+#   PYTHON=.venv/bin/python RESULTS=/tmp/out bash benchmarks/gpu_check.sh
 #
-# Works from a plain checkout (the repository root goes on PYTHONPATH, no install needed) with a
-# Python that has torch built with CUDA, numpy, networkx, tqdm and pytest. Without a CUDA device
-# it stops at once with exit code 2 and says so.
+# The official RegBN.py is read from $REGBN_OFFICIAL, else ../shared/official/RegBN.py beside the
+# repository (copy it there, never into the repository: it is GPL-3). Works from a plain checkout
+# (the repository root goes on PYTHONPATH, no install needed) with a Python that has torch built
+# with CUDA, numpy, networkx, tqdm and pytest. Without a CUDA device it stops at once with exit
+# code 2 and says so.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -60,13 +64,15 @@ step() {
 
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)
 step "pytest -m cuda" 60 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider "${CUDA_TESTS[@]}"
-step "bench_layer cuda, official options" 75 "$PYTHON" benchmarks/bench_layer.py --device cuda \
-    --options official --case-time 0.6 --out "$RESULTS/bench_layer_cuda.json"
-step "syncs per training step" 30 "$PYTHON" benchmarks/bench_layer.py --device cuda \
+step "tests/test_compile.py" 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compile.py
+step "one CUDA graph, no host sync" 150 "$PYTHON" benchmarks/gpu_graph_check.py \
+    "$RESULTS/graph_cuda.json"
+step "bench_layer cuda vs the official file" 180 "$PYTHON" benchmarks/bench_layer.py \
+    --device cuda --options official --case-time 0.6 --out "$RESULTS/bench_layer_cuda.json"
+step "syncs per eager training step" 30 "$PYTHON" benchmarks/bench_layer.py --device cuda \
     --sync-debug --out "$RESULTS/bench_layer_sync_cuda.json"
 step "profile, official options" 30 "$PYTHON" benchmarks/bench_layer.py --device cuda \
     --profile --case-time 1 --out "$RESULTS/bench_layer_profile_cuda.json"
-step "bench_fx" 45 "$PYTHON" benchmarks/bench_fx.py --repeats 3 --out "$RESULTS/bench_fx_cuda.json"
 
 echo
 echo "=== summary ($SECONDS s in all; JSON in $RESULTS)"

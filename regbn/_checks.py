@@ -28,6 +28,7 @@ __all__ = [
     "check_training_batch",
     "functorch_active",
     "is_symbolic",
+    "solve_failed",
 ]
 
 
@@ -200,6 +201,19 @@ def check_finite(outs: list[Tensor], f: Tensor, g: Tensor, normalize_input: bool
             f"the solve, the norms or the input-norm running statistics overflowed. The "
             f"batch was rejected and no buffer changed. Rescale the inputs{hint}"
         )
+
+
+def solve_failed(f: Tensor, g: Tensor, normalize_input: bool) -> RegBNValueError:
+    """The error for finite inputs whose scale overflows the solve (eigh cannot decompose the
+    Gram, as for float64 features of size 1e200)."""
+    hint = "" if normalize_input else " or set normalize_input=True"
+    return RegBNValueError(
+        f"RegBN: the inputs' scale overflows the solve (f spans |x| ≤ "
+        f"{float(f.detach().abs().max()):.3g}, g spans |x| ≤ "
+        f"{float(g.detach().abs().max()):.3g}; the Gram matrix GGᵀ of g is not finite, so no "
+        f"λ⁺ exists for this batch). The batch was rejected and no buffer changed. Rescale the "
+        f"inputs{hint}"
+    )
 
 
 def is_symbolic(x: Tensor) -> bool:

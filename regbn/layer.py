@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from . import _checks
+from . import _checks, _graph
 from ._format import shape_str
 from ._norms import (
     NormSpec,
@@ -65,6 +65,16 @@ class RegBN(StateMixin):
     a data-dependent solve) and refuses second derivatives (its gradient is exact to first
     order). ``reset_running_stats()`` and ``reset_parameters()`` work as on ``nn.BatchNorm``,
     e.g. after ``to_empty()`` of a model built on the meta device.
+
+    torch.compile: ``torch.compile(layer, fullgraph=True)`` (or a whole patched model) compiles
+    a training-mode layer into one graph with no host read (:mod:`regbn._graph`): λ⁺ comes from a
+    fixed number of safeguarded Newton steps, every decision is a device-side mask, and the
+    result equals eager's to round-off. A batch that eager mode refuses with a ``ValueError``
+    (non-finite inputs or statistics, a scale that overflows the solve) cannot raise inside a
+    compiled step: it is rejected on the device (no buffer changes, as in eager; that call's
+    outputs are not to be used), the non-persistent buffer ``rejected`` records why, and the next
+    eager call of the layer, or :meth:`check_status`, raises the eager error. A compiled layer
+    needs its shapes first (dims given, a batch run eagerly, or a checkpoint loaded).
 
     Shapes:
         f: (B, f_num_channels, *f_layer_dim); g: (B, g_num_channels, *g_layer_dim).
@@ -154,6 +164,11 @@ class RegBN(StateMixin):
             "lambda_history", torch.full((_HISTORY,), math.nan, dtype=torch.float64)
         )
 
+        # Non-persistent: why the last batch run as one graph (torch.compile, CUDA-graph
+        # capture) was rejected, 0 when none was (see check_status).
+        self.register_buffer("rejected", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self._status_pending = False
+
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
         self._work: Tensor | None = None
@@ -224,6 +239,8 @@ class RegBN(StateMixin):
         """
         if isinstance(f, fx.Proxy) or isinstance(g, fx.Proxy):
             return self._record_call(f, g, is_training)
+        if not torch.compiler.is_compiling() and self.__dict__.get("_status_pending"):
+            self.check_status()  # a batch that a compiled step rejected raises here
         training = self.training if is_training is None else bool(is_training)
         self._validate(f, g, training)
         if self.f_shape is not None:
@@ -281,6 +298,9 @@ class RegBN(StateMixin):
                 "before torch.export / torch.jit.trace / torch.onnx.export (the eval maths, "
                 "f_r = F − G·W with the running W, exports), or use regbn.fold(model)"
             )
+        if torch.compiler.is_compiling():
+            # One graph: every decision on the device, no host read (regbn._graph).
+            return self._train_forward(f, g, graph=True)
         if _checks.is_symbolic(f) or _checks.is_symbolic(g):
             # Shape-only execution (fake or meta tensors, as in regbn's shape propagation): the
             # eval maths gives the right shapes and dtypes and changes no buffer.
@@ -318,12 +338,13 @@ class RegBN(StateMixin):
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
         return f_r, g_n
 
-    def _train_forward(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    def _train_forward(self, f: Tensor, g: Tensor, graph: bool = False) -> tuple[Tensor, Tensor]:
         guard, autocast = self._autocast_off(f)
         out_dtype = f.dtype
         dtype = self._compute_dtype(f)
+        step = self._graph_step if graph else self._train_step
         with guard:
-            f_r, g_n = self._train_step(f.to(dtype), g.to(dtype))
+            f_r, g_n = step(f.to(dtype), g.to(dtype))
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
         return f_r, g_n
@@ -360,14 +381,18 @@ class RegBN(StateMixin):
             rows_f, rows_g = as_rows(f_n, f.shape[1:], channel), as_rows(g_n, g.shape[1:], channel)
             args = (rows_f, rows_g, self.lambda_rule, self.sigma_THR, self.sigma_MIN)
             try:
-                sol = solve_batch(*args, guard=guard)
-            except NonFiniteGuard:
-                with phase("checks"):  # which one: a message for each (more reads, refusal only)
-                    self._check_training_batch(f, g)
-                    self._check_finite([*stats, self.W], f, g)
-                # Finite entries whose sum overflowed (1e37 in float32): solve without the
-                # guard; with no guard nothing is proven and every output is tested below.
-                sol = solve_batch(*args)
+                try:
+                    sol = solve_batch(*args, guard=guard)
+                except NonFiniteGuard:
+                    with phase("checks"):  # which one: a message each (more reads, refusal only)
+                        self._check_training_batch(f, g)
+                        self._check_finite([*stats, self.W], f, g)
+                    # Finite entries whose sum overflowed (1e37 in float32): solve without the
+                    # guard; with no guard nothing is proven and every output is tested below.
+                    sol = solve_batch(*args)
+            except torch.linalg.LinAlgError as err:
+                # The Gram of finite inputs overflowed (float64 features of size 1e200).
+                raise _checks.solve_failed(f, g, self.normalize_input) from err
             with phase("w_batch"):
                 # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
                 # lerp.
@@ -391,6 +416,115 @@ class RegBN(StateMixin):
         if rows is not None:
             f_r, g_out = f_r[rows], g_out[rows]
         return f_r, g_out
+
+    # ------------------------------------------------------------------ one graph
+    def check_status(self) -> None:
+        """Raise the error of a training batch that a compiled step rejected.
+
+        Under ``torch.compile`` (and CUDA-graph capture) the training step reads nothing on the
+        host, so it cannot raise: a batch that eager mode would refuse (non-finite inputs or
+        input-norm statistics, or a scale that overflows the solve) is rejected on the device
+        instead. Every buffer keeps its value, as in eager mode, the outputs of that call are
+        not to be used, and the non-persistent buffer ``rejected`` records why. The next eager
+        call of the layer calls this method; call it yourself after compiled steps to check
+        them, e.g. once per epoch (it reads one value from the device).
+
+        Raises:
+            RegBNValueError: the eager error of the first rejected batch since the last check;
+                the record is then cleared.
+
+        Example::
+
+            >>> step = torch.compile(layer, fullgraph=True)
+            >>> f_r, g_out = step(f, g)
+            >>> layer.check_status()  # raises if that batch was rejected
+        """
+        self._status_pending = False
+        status = self._buffers.get("rejected")
+        if status is None:
+            return
+        code = int(status.reshape(-1)[0])
+        if code == 0:
+            return
+        status.zero_()
+        if code == _graph.REJECT_INPUT:
+            raise RegBNValueError(
+                "RegBN: a compiled training step was given non-finite values (NaN or Inf) in f, "
+                "g or the input-norm statistics; the batch was rejected and no buffer changed. "
+                "Check the upstream layers or the data"
+            )
+        hint = "" if self.normalize_input else " or set normalize_input=True"
+        raise RegBNValueError(
+            "RegBN: a compiled training step's batch solution was not finite although its "
+            "inputs were: the inputs' scale overflowed the solve, the norms or the running W. "
+            f"The batch was rejected and no buffer changed. Rescale the inputs{hint}"
+        )
+
+    def _graph_step(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The training step with no host read, for torch.compile (:mod:`regbn._graph`).
+
+        The same maths as :meth:`_train_step`; a batch that step would refuse changes no buffer
+        here either, and is recorded in ``rejected`` (see :meth:`check_status`).
+        """
+        f, g, rows = self._gather(f, g)
+        _checks.check_batch_size(f)
+        # The input norms update copies of their statistics, written back where ok holds.
+        (f_n, *new_f), (g_n, *new_g) = (
+            _graph.batch_norm_step(self.norm_f, f), _graph.batch_norm_step(self.norm_g, g)
+        )
+        stats = [s for s in (*new_f, *new_g) if s.is_floating_point()]
+        channel = self.projection == "channel"
+        rows_f, rows_g = as_rows(f_n, f.shape[1:], channel), as_rows(g_n, g.shape[1:], channel)
+        need_grad = torch.is_grad_enabled() and (rows_f.requires_grad or rows_g.requires_grad)
+        fr_rows, W_batch, lam, ok = _graph.graph_solve(
+            rows_f, rows_g, self.lambda_rule, self.sigma_THR, self.sigma_MIN, self.W.dtype,
+            need_grad,
+        )
+        f_r = self._norm(self.norm_f_out, from_rows(fr_rows.to(rows_f.dtype), f.shape[1:],
+                                                    channel), True)
+        g_out = self._norm(self.norm_g_out, g_n, True)
+        with torch.no_grad():
+            dt = self.adam_m.dtype
+            inputs_ok = torch.isfinite(
+                sum((x.detach().sum(dtype=dt) for x in (f, g, *stats)), torch.zeros((), dtype=dt,
+                                                                                     device=f.device))
+            )
+            D = W_batch - self.W
+            # mean |D| (finite only when W and W_batch are), summed in W's precision as the
+            # eager step sums its blocks
+            d = D.abs().sum().to(dt) / max(D.numel(), 1)
+            outs = torch.stack([x.detach().sum(dtype=dt) for x in (fr_rows, f_r, g_out)])
+            ok = ok & inputs_ok & torch.isfinite(outs.sum() + d)
+            for norm, new in ((self.norm_f, new_f), (self.norm_g, new_g)):
+                _graph.write_statistics(norm, new, ok)
+            self._update_running_masked(D, d, lam, ok)
+            status = self._buffers.get("rejected")
+            if status is not None:
+                code = torch.where(inputs_ok, _graph.REJECT_SOLUTION, _graph.REJECT_INPUT)
+                code = torch.where(ok, 0, code).to(status.dtype)
+                status.copy_(torch.where(status == 0, code, status))
+        self._status_pending = True
+        if rows is not None:
+            f_r, g_out = f_r[rows], g_out[rows]
+        return f_r, g_out
+
+    @torch.no_grad()
+    def _update_running_masked(self, D: Tensor, d: Tensor, lam: Tensor, ok: Tensor) -> None:
+        """:meth:`_update_running` where ``ok`` (a device flag) holds, no change elsewhere."""
+        t = self.num_batches_tracked.to(self.adam_m.dtype).reshape(1) + 1
+        d = d.to(self.adam_m.dtype).reshape(1)
+        m, v = self.adam_m.view(1), self.adam_v.view(1)
+        m_new = torch.lerp(m, d, 1 - self.beta1)
+        v_new = torch.lerp(v, d * d, 1 - self.beta2)
+        m_hat = m_new / (1 - torch.pow(self.beta1, t))
+        v_hat = v_new / (1 - torch.pow(self.beta2, t))
+        eta = (m_hat / (v_hat.sqrt() + 1e-8) * self.momentum).to(self.W.dtype)
+        self.W.copy_(torch.where(ok, torch.addcmul(self.W, D, eta), self.W))
+        m.copy_(torch.where(ok, m_new, m))
+        v.copy_(torch.where(ok, v_new, v))
+        self.num_batches_tracked.add_(ok.to(self.num_batches_tracked.dtype))
+        hist = torch.cat([self.lambda_history[1:], lam.to(self.lambda_history.dtype).reshape(1)])
+        self.lambda_history.copy_(torch.where(ok, hist, self.lambda_history))
 
     def _guard(self, f: Tensor, g: Tensor, stats: list[Tensor]) -> Tensor:
         """What the checks read with the spectrum (:func:`regbn._checks.guard_values`)."""
