@@ -29,32 +29,44 @@ _UNINITIALIZED: type = getattr(nn.parameter, "UninitializedTensorMixin")  # noqa
 NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
 
 
-# The projection's code at the end of the saved extra state.
+# The projection's code at the end of the saved extra state, then the options that change what
+# the layer computes in eval, as bits of one int.
 _PROJECTION_CODES = {"full": 0, "channel": 1}
+EVAL_OPTIONS = ("normalize_input", "normalize_output", "affine")
+
+Shapes = tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def _decode_state(state) -> tuple[tuple[tuple[int, ...], tuple[int, ...]] | None, str | None]:
-    """(f_shape, g_shape) and the projection from a saved extra state.
+def _decode_state(state) -> tuple[Shapes | None, str | None, dict[str, bool] | None]:
+    """(f_shape, g_shape), the projection and the eval options from a saved extra state.
 
-    This version writes an int64 tensor ``[len(f), *f, len(g), *g, projection]``, or
-    ``[-1, projection]`` for a lazy layer. Earlier checkpoints wrote the same without the
-    projection (an empty tensor when lazy) or a dict; their projection is None (unknown).
+    This version writes an int64 tensor ``[len(f), *f, len(g), *g, projection, options]``, or
+    ``[-1, projection, options]`` for a lazy layer (``options``: bit i set when
+    ``EVAL_OPTIONS[i]`` is on). Earlier checkpoints wrote the same without the options, or also
+    without the projection (an empty tensor when lazy), or a dict; what they lack is None.
     """
     if isinstance(state, dict):
         if state.get("f_shape") is None or state.get("g_shape") is None:
-            return None, None
-        return (tuple(state["f_shape"]), tuple(state["g_shape"])), None
+            return None, None, None
+        return (tuple(state["f_shape"]), tuple(state["g_shape"])), None, None
     if not isinstance(state, Tensor) or state.numel() == 0:
-        return None, None
+        return None, None, None
     v = [int(x) for x in state.tolist()]
-    names = {code: name for name, code in _PROJECTION_CODES.items()}
     if v[0] == -1:
-        return None, names.get(v[1]) if len(v) > 1 else None
-    nf = v[0]
-    ng = v[1 + nf]
-    f_shape, g_shape = tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng])
-    rest = v[2 + nf + ng :]
-    return (f_shape, g_shape), names.get(rest[0]) if rest else None
+        shapes, rest = None, v[1:]
+    else:
+        nf = v[0]
+        ng = v[1 + nf]
+        shapes = (tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng]))
+        rest = v[2 + nf + ng :]
+    names = {code: name for name, code in _PROJECTION_CODES.items()}
+    projection = names.get(rest[0]) if rest else None
+    options = (
+        {name: bool(rest[1] >> i & 1) for i, name in enumerate(EVAL_OPTIONS)}
+        if len(rest) > 1
+        else None
+    )
+    return shapes, projection, options
 
 
 class StateMixin(nn.Module):
@@ -232,7 +244,17 @@ class StateMixin(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         w = state_dict.get(prefix + "W")
-        shapes, projection = _decode_state(state_dict.get(prefix + "_extra_state"))
+        shapes, projection, options = _decode_state(state_dict.get(prefix + "_extra_state"))
+        for name, saved in (options or {}).items():
+            mine = getattr(self, name)
+            if saved != mine:
+                # Eval outputs would differ from the saved model's; training-only options
+                # (lambda_rule, momentum, ...) may differ, to fine-tune with new settings.
+                raise RegBNValueError(
+                    f"RegBN {prefix!r}: the checkpoint was saved with {name}={saved} but this "
+                    f"layer has {name}={mine}; build it with RegBN(..., {name}={saved}) (in "
+                    f"regbn.insert, pass {name}={saved}) to load it"
+                )
         if projection is not None and projection != self.projection:
             # Raised before torch loads this layer's norms (its children), so nothing changes.
             raise RegBNValueError(
@@ -270,21 +292,23 @@ class StateMixin(nn.Module):
         )
 
     def get_extra_state(self) -> Tensor:
-        """The feature shapes and the projection as an int64 tensor
-        ``[len(f), *f, len(g), *g, projection]`` (``[-1, projection]`` when lazy; projection 0 is
-        "full", 1 "channel").
+        """The feature shapes, the projection and the eval options as an int64 tensor
+        ``[len(f), *f, len(g), *g, projection, options]`` (``[-1, projection, options]`` when
+        lazy; projection 0 is "full", 1 "channel"; options: bit 0 normalize_input, bit 1
+        normalize_output, bit 2 affine).
 
         A tensor, not a dict, so that tools that walk the state dict as tensors (``jit.trace``,
         the ONNX exporters) accept the layer.
         """
         fs, gs = self.f_shape, self.g_shape
         code = _PROJECTION_CODES[self.projection]
+        options = sum(int(bool(getattr(self, name))) << i for i, name in enumerate(EVAL_OPTIONS))
         if fs is None or gs is None:
-            return torch.tensor([-1, code], dtype=torch.long)
-        return torch.tensor([len(fs), *fs, len(gs), *gs, code], dtype=torch.long)
+            return torch.tensor([-1, code, options], dtype=torch.long)
+        return torch.tensor([len(fs), *fs, len(gs), *gs, code, options], dtype=torch.long)
 
     def set_extra_state(self, state) -> None:
-        shapes, _ = _decode_state(state)
+        shapes, _, _ = _decode_state(state)
         if shapes is None:
             return
         for key, saved, mine in zip(

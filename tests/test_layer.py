@@ -1042,7 +1042,8 @@ def test_channel_projection_with_the_official_lambda_rule_trains_and_checkpoints
     # it by name, before touching a buffer.
     state = layer.state_dict()
     assert state["W"].shape == (3, 4)
-    assert state["_extra_state"].tolist() == [3, 4, 5, 5, 3, 3, 5, 5, 1]
+    # shapes, projection 1 (channel), options 2 (normalize_output only)
+    assert state["_extra_state"].tolist() == [3, 4, 5, 5, 3, 3, 5, 5, 1, 2]
     lazy = RegBN(projection="channel", lambda_rule="official")
     lazy.load_state_dict(state)
     fe, ge = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5)
@@ -1058,10 +1059,34 @@ def test_channel_projection_with_the_official_lambda_rule_trains_and_checkpoints
     with pytest.raises(regbn.RegBNError, match="saved with projection='channel'"):
         RegBN().load_state_dict(lazy_state)
     RegBN(projection="channel").load_state_dict(lazy_state)
-    # Checkpoints written before the projection was recorded still load.
-    old = dict(state)
-    old["_extra_state"] = state["_extra_state"][:-1]
-    RegBN(projection="channel", lambda_rule="official").load_state_dict(old)
+    # Checkpoints written before the options, or the projection, were recorded still load.
+    for cut in (1, 2):
+        old = dict(state)
+        old["_extra_state"] = state["_extra_state"][:-cut]
+        RegBN(projection="channel", lambda_rule="official").load_state_dict(old)
+
+
+@pytest.mark.parametrize("option", ["normalize_output", "normalize_input", "affine"])
+def test_eval_options_travel_with_the_state(option):
+    """A checkpoint loads only into a layer that computes the same in eval: a different
+    normalize_input, normalize_output or affine is refused by name, before any buffer changes;
+    training-only options (lambda_rule, momentum) may differ, to fine-tune with new settings."""
+    torch.manual_seed(0)
+    saved = RegBN(6, 4, [], [])
+    saved(torch.randn(16, 6), torch.randn(16, 4))
+    state = saved.state_dict()
+    other = RegBN(6, 4, [], [], **{option: not getattr(saved, option)})
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    mine, theirs = getattr(other, option), getattr(saved, option)
+    with pytest.raises(ValueError, match=rf"saved with {option}={theirs} but this layer has "
+                       rf"{option}={mine}; build it with RegBN\(\.\.\., {option}={theirs}\)"):
+        other.load_state_dict(state)
+    after = other.state_dict()
+    assert_same_buffers(before, after)
+    tuned = RegBN(6, 4, [], [], lambda_rule="official", momentum=0.5)
+    tuned.load_state_dict(state)
+    x = (torch.randn(5, 6), torch.randn(5, 4))
+    assert torch.equal(tuned.eval()(*x)[0], saved.eval()(*x)[0])
 
 
 # ----------------------------------------------------------------------------- host reads
