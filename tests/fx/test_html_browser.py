@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import regbn
 
 from . import browser
 from .conftest import PMR
+from .test_report import Mismatch
 
 AA = 4.5
-
-
-class Mismatch(nn.Module):
-    """Shape propagation fails at a.2: the report marks that row."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(17, 4))
-        self.b = nn.Linear(5, 4)
-
-    def forward(self, x, y):
-        return self.a(x) * self.b(y)
 
 
 def _reports() -> dict[str, regbn.Report]:

@@ -22,6 +22,8 @@ from torch import nn
 from regbn.errors import RegBNValueError
 from regbn.fx.report import inspect, render_graph
 
+from .test_report import Block
+
 matplotlib = pytest.importorskip("matplotlib")  # optional: the draw and examples extras
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 
@@ -71,17 +73,6 @@ class TwoTower(nn.Module):
         img = self.image(image)
         txt = self.text_proj(self.text_embed(tokens).mean(1))
         return self.head(torch.cat([img, txt], dim=1))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, d)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + self.fc2(self.act(self.fc1(x)))
 
 
 class ResTower(nn.Module):

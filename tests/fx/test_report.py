@@ -291,16 +291,19 @@ def test_meta_device_model_far_larger_than_memory():
     assert "3,20" in str(report)  # the parameter total, formatted
 
 
+class Mismatch(nn.Module):
+    """Shape propagation fails at a.2: 16 features arrive where the Linear expects 17."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(17, 4))
+        self.b = nn.Linear(5, 4)
+
+    def forward(self, x, y):
+        return self.a(x) * self.b(y)
+
+
 def test_shape_failure_gives_a_partial_report():
-    class Mismatch(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(17, 4))
-            self.b = nn.Linear(5, 4)
-
-        def forward(self, x, y):
-            return self.a(x) * self.b(y)
-
     report = inspect(Mismatch(), input_shapes=[(2, 8), (2, 5)])
     assert report.failure is not None
     assert report.failure.node_name == "a_2"
