@@ -141,6 +141,16 @@ class Line:
     def folded(self) -> bool:
         return len(self.members) > 1 or self.op == "module"
 
+    @property
+    def shown_module(self) -> str:
+        """The enclosing module of a function's result; '' where the name says it already."""
+        return "" if self.module in (None, self.label or self.name) else str(self.module)
+
+    @property
+    def layer_label(self) -> str:
+        """The layer, with the number of nodes a folded module call holds."""
+        return f"{self.layer} ({len(self.members)} nodes)" if self.folded else self.layer
+
 
 @dataclass
 class ReportData:

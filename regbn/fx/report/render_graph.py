@@ -91,7 +91,7 @@ def graph(report: ReportData, depth: int | None, all_nodes: bool) -> nx.DiGraph:
 def node_label(line: Line, measured: DependenceRow | None = None) -> list[str]:
     """The text lines of a graph node's box: name, layer, output shape, marks, and the
     dependence above chance of a ``measured`` fusion."""
-    layer = f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer
+    layer = line.layer_label
     label = [line.label or line.name, layer, format_shape(line.shape)]
     if line.is_fusion:
         label.append("FUSION")

@@ -96,11 +96,10 @@ def _table(
 
 def html_cells(report: ReportData, line: Line) -> list[str]:
     """One table row's cells, as HTML, a cell per `HTML_HEADERS` entry."""
-    name = line.label or line.name
     text = [
-        name,
-        "" if line.module in (None, name) else line.module,
-        f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer,
+        line.label or line.name,
+        line.shown_module,
+        line.layer_label,
         format_shape(line.shape),
         dtype_name(line.dtype) or "",
     ]

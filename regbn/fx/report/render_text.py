@@ -67,13 +67,11 @@ def table_cells(report: ReportData, line: Line, failed: str | None) -> list[str]
         mark = "!!"
     else:
         mark = "RB" if line.is_regbn else "*F" if line.is_fusion else ""
-    name = line.label or line.name
     return [
         mark,
-        name,
-        # the enclosing module of a function's result; blank where the name says it already
-        "" if line.module in (None, name) else line.module,
-        f"{line.layer} ({len(line.members)} nodes)" if line.folded else line.layer,
+        line.label or line.name,
+        line.shown_module,
+        line.layer_label,
         format_shape(line.shape),
         dtype_name(line.dtype, short=True) or "-",
         report.modality_label(line.modalities),
