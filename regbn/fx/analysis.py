@@ -13,7 +13,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -55,13 +55,15 @@ class Analysis:
     ``gm``: the annotated ``GraphModule`` (never the caller's object); ``fusions``: its fusions in
     graph order, pairs spelled as `regbn.insert` resolves them; ``failure``: where shape
     propagation stopped (None when shapes were not asked for or all succeeded); ``graph``: the
-    networkx DiGraph of node names the modality analysis used (an edge u -> v when v reads u).
+    networkx DiGraph of node names the modality analysis used (an edge u -> v when v reads u);
+    ``names``: node name -> the name users see (`names.display_names`).
     """
 
     gm: fx.GraphModule
     fusions: list[Fusion]
     failure: ShapeFailure | None
     graph: nx.DiGraph
+    names: dict[str, str] = field(default_factory=dict)
 
 
 # The keywords every public entry point (find_fusions, insert, inspect, measure_dependence) takes
@@ -199,7 +201,7 @@ def analyse(
     names = display_names(gm)
     fusions = [with_pair_names(gm, f, names) for f in detect_fusions(gm)]
     _warn_hidden_fusions(gm, {f.name for f in fusions}, caller)
-    return Analysis(gm, fusions, failure, graph)
+    return Analysis(gm, fusions, failure, graph, names)
 
 
 def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str], caller: str) -> None:

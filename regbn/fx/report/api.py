@@ -192,7 +192,9 @@ def inspect(
         [('gray_net.fc', 'colored_net.fc')]
     """
     result = analyse(model, example_inputs, **trace_options(locals()))
-    report = report_from_graph(result.gm, result.fusions, result.failure, model=model)
+    report = report_from_graph(
+        result.gm, result.fusions, result.failure, model=model, labels=result.names
+    )
     if batches is not None:
         report.dependence = measure_fusions(
             result.gm, report.open_fusions(), batches, model, progress
@@ -205,11 +207,13 @@ def report_from_graph(
     fusions: list[Fusion],
     failure: ShapeFailure | None = None,
     model: nn.Module | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Report:
-    """Build a :class:`Report` from a graph whose nodes carry the ``regbn_*`` meta keys."""
+    """Build a :class:`Report` from a graph whose nodes carry the ``regbn_*`` meta keys;
+    ``labels``: the names users see, when the analysis made them already."""
     model = gm if model is None else model
     fusion_names = {f.name for f in fusions}
-    labels = display_names(gm)
+    labels = labels or display_names(gm)
     rows = [Row(**row_fields(node, gm, fusion_names, labels)) for node in gm.graph.nodes]
     by_modality, unused = params_by_modality(model, rows)
     return Report(
