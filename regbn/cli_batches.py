@@ -52,9 +52,9 @@ def random_batches(model: nn.Module, shapes: Any, count: int) -> list[Any]:
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     try:
         # Outside fake mode these are real (uninitialised) tensors of the right shape and dtype.
-        positional, named = fake_inputs(model, shapes, None, device, "--input")
+        positional, named = fake_inputs(model, shapes, None, device)
     except (ValueError, TypeError) as e:
-        raise BatchesError(one_line(e)) from None
+        raise BatchesError(f"--input: {one_line(e)}") from None
     gen = torch.Generator().manual_seed(0)
     template = dict(named) if named else tuple(positional)
     return [_random_like(template, gen) for _ in range(count)]

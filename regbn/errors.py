@@ -12,13 +12,24 @@ messages start with ``"RegBN: "``, the command line's with ``"regbn <command>: "
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
-__all__ = ["RegBNError", "RegBNTypeError", "RegBNValueError", "public", "with_context"]
+__all__ = [
+    "RegBNError",
+    "RegBNTypeError",
+    "RegBNValueError",
+    "context",
+    "current_entry",
+    "public",
+    "with_context",
+]
 
 
 class RegBNError(Exception):
@@ -54,20 +65,43 @@ def with_context(error: RegBNError, name: str) -> RegBNError:
     return error
 
 
+@contextlib.contextmanager
+def context(text: str) -> Iterator[None]:
+    """Put ``text: `` in front of a `RegBNError` raised inside, e.g. ``with context(f"pair
+    {i}"):`` around the checks of one pair, so the code below says only what is wrong."""
+    try:
+        yield
+    except RegBNError as error:
+        if error.args and isinstance(error.args[0], str):
+            error.args = (f"{text}: {error.args[0]}", *error.args[1:])
+        raise
+
+
 def public(fn: F | None = None, *, name: str | None = None) -> Any:
     """Mark a public entry point, ``@public`` (named ``regbn.<function>``) or
     ``@public(name="regbn.fx.trace")``.
 
-    A `RegBNError` raised below it reaches the caller with its message first, not under a chain
-    of internal exceptions and frames, and with the entry's name in front of the message where
-    the code that raised it did not say who refused (`with_context`). What caused it stays on
-    the error as ``original`` (the exception it was raised from, or None)."""
+    The code below an entry raises and warns without saying who refused; the entry the user
+    called adds that once, as einops re-raises an error with its pattern:
+
+    - A `RegBNError` raised below it reaches the caller with its message first, not under a
+      chain of internal exceptions and frames, and with the entry's name in front of the
+      message where the code that raised it did not say who refused (`with_context`). What
+      caused it stays on the error as ``original`` (the exception it was raised from, or None).
+    - A warning regbn's code issued below it is shown at the caller's line, its message named
+      the same way.
+
+    An entry called by another (``insert`` runs ``inspect``'s analysis) adds nothing: the one
+    the user called names itself."""
     if fn is None:
         return functools.partial(public, name=name)
-    caller = name or f"regbn.{fn.__name__}"
+    entry = name or f"regbn.{fn.__name__}"
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
+        if _ENTRY.get() is not None:
+            return fn(*args, **kwargs)
+        token = _ENTRY.set(entry)
         # Warnings raised below are shown at the caller's line, whatever depth they came from:
         # recorded here, then warned again from this frame once the call is over.
         caught: list[warnings.WarningMessage] = []
@@ -82,9 +116,31 @@ def public(fn: F | None = None, *, name: str | None = None) -> Any:
                     error.__cause__ = None
                     error.__suppress_context__ = True
                     # The chain stays on .original; the caller sees the message first.
-                    raise with_context(error, caller).with_traceback(None)  # noqa: B904
+                    raise with_context(error, entry).with_traceback(None)  # noqa: B904
         finally:
+            _ENTRY.reset(token)
             for record in caught:
-                warnings.warn(record.message, record.category, stacklevel=2)
+                warnings.warn(_named(record, entry), record.category, stacklevel=2)
 
     return cast(F, call)
+
+
+# The public entry the user called, while it runs (None outside any).
+_ENTRY: contextvars.ContextVar[str | None] = contextvars.ContextVar("regbn_entry", default=None)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def current_entry() -> str:
+    """The public entry running now (``"regbn.inspect"``), for text such as a progress bar's
+    label; ``"regbn"`` outside any."""
+    return _ENTRY.get() or "regbn"
+
+
+def _named(record: warnings.WarningMessage, entry: str) -> Warning | str:
+    """A warning regbn issued, with ``entry: `` in front unless it names who warned; others'
+    warnings (torch's, the model's) as they were."""
+    message = record.message
+    text = str(message)
+    if not os.path.abspath(record.filename).startswith(_PACKAGE) or _CONTEXT.match(text):
+        return message
+    return f"{entry}: {text}"

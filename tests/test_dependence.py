@@ -233,6 +233,7 @@ def test_samples_are_capped_and_pooled_across_calls():
 def test_bad_inputs_are_refused_clearly():
     model = TwoBranch()
     prefix = r"^regbn\.measure_dependence: "
+    of = r"^regbn\.dependence_of: "  # each entry names itself
     with pytest.raises(RegBNValueError, match=prefix + "batches is empty"):
         measure_dependence(model, [])
     with pytest.raises(RegBNTypeError, match=prefix + "batches must be an iterable of batches"):
@@ -247,13 +248,13 @@ def test_bad_inputs_are_refused_clearly():
         measure_dependence(model, _batches(), pairs=[("left", "left")])
     with pytest.raises(RegBNValueError, match=prefix + "batch 1: the model failed on it"):
         measure_dependence(model, [_batches()[0], (torch.randn(4, 5), torch.randn(4, 4))])
-    with pytest.raises(RegBNValueError, match=prefix + "f and g must hold the same samples"):
+    with pytest.raises(RegBNValueError, match=of + "f and g must hold the same samples"):
         dependence_of(torch.randn(10, 2), torch.randn(11, 2))
-    with pytest.raises(RegBNValueError, match=prefix + "f must hold floating-point features"):
+    with pytest.raises(RegBNValueError, match=of + "f must hold floating-point features"):
         dependence_of(torch.ones(10, 2, dtype=torch.int64), torch.randn(10, 2))
-    with pytest.raises(RegBNValueError, match=prefix + "need at least 2 samples"):
+    with pytest.raises(RegBNValueError, match=of + "need at least 2 samples"):
         dependence_of(torch.randn(1, 2), torch.randn(1, 2))
-    with pytest.raises(RegBNValueError, match=prefix + "lambda_rule must be one of"):
+    with pytest.raises(RegBNValueError, match=of + "lambda_rule must be one of"):
         dependence_of(torch.randn(9, 2), torch.randn(9, 2), lambda_rule="ridge")
     with pytest.raises(RegBNTypeError, match=prefix + "model must be an nn.Module"):
         measure_dependence(lambda x, y: x, _batches())

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import warnings
 
-from regbn.errors import RegBNValueError, public
+import pytest
+import torch
+
+from regbn import errors
+from regbn.errors import RegBNValueError, context, public
+
+# Warnings count as regbn's by the file that issued them: one made to look like it.
+_warn_below = eval(
+    compile('lambda: warnings.warn("the branches may fuse inside", UserWarning, stacklevel=1)',
+            errors.__file__, "eval"),
+    {"warnings": warnings},
+)
 
 
 @public
@@ -33,3 +44,55 @@ def test_a_message_that_names_who_refused_is_left_as_it_is():
         trace()
     with pytest.raises(RegBNValueError, match=r"^RegBN: the layer"):
         inspect()
+
+
+@public(name="regbn.outer")
+def outer() -> None:
+    insert()  # another entry, called from inside this one
+
+
+def test_an_entry_called_by_another_adds_nothing():
+    with pytest.raises(RegBNValueError, match=r"^regbn\.outer: pair 0: 'x' is not") as info:
+        outer()
+    assert "regbn.insert" not in str(info.value)
+
+
+def test_context_names_the_item_and_the_entry_names_the_call():
+    @public(name="regbn.pairs")
+    def pairs() -> None:
+        for i in range(2):
+            with context(f"pair {i}"):
+                if i == 1:
+                    raise RegBNValueError("'y' is not a tensor")
+
+    with pytest.raises(RegBNValueError, match=r"^regbn\.pairs: pair 1: 'y' is not a tensor$"):
+        pairs()
+
+
+@public(name="regbn.warns")
+def warns() -> None:
+    _warn_below()  # regbn's own warning, issued deeper than the entry
+    warnings.warn("torch's own words", UserWarning, stacklevel=1)
+
+
+def test_regbn_warnings_name_the_entry_and_are_shown_at_the_callers_line():
+    with pytest.warns(UserWarning) as record:
+        warns()
+    texts = [str(w.message) for w in record]
+    assert texts == ["regbn.warns: the branches may fuse inside", "torch's own words"]
+    assert {w.filename for w in record} == {__file__}
+
+
+def test_a_real_entry_names_its_warnings():
+    import regbn
+
+    class Chatty(torch.nn.Module):
+        def forward(self, a, b):
+            print("fusing")
+            return torch.cat([a, b], 1)
+
+    for entry in (regbn.find_fusions, regbn.inspect):
+        with pytest.warns(UserWarning, match=rf"^regbn\.{entry.__name__}: the model's forward "
+                          "prints") as record:
+            entry(Chatty(), (torch.randn(2, 3), torch.randn(2, 2)))
+        assert {w.filename for w in record} == {__file__}

@@ -122,8 +122,8 @@ def analyse(
     model: nn.Module,
     example_inputs: Any = None,
     *,
-    caller: str = "regbn.inspect",
     shapes: Callable[[fx.GraphModule], ShapeFailure | None] | None = None,
+    compare: bool = True,
     **options: Any,
 ) -> Analysis:
     """Trace, propagate shapes, annotate modalities and detect fusions, in that order.
@@ -132,47 +132,48 @@ def analyse(
     shapes; with neither, the analysis is structural (every operand with a modality counts).
     ``modalities`` groups inputs into named modalities (see `regbn.fx.modality`). Tracing options
     are those of `regbn.fx.tracing.trace`. A trace failure raises `TraceError`; a shape failure is
-    returned in ``failure`` and the modalities still hold for every node. ``caller``: the public
-    callable that starts the message of any error (``"regbn.insert"``, ...). ``shapes``: what
+    returned in ``failure`` and the modalities still hold for every node. ``shapes``: what
     propagates real shapes instead of `propagate_shapes` (`regbn.insert`'s check).
+    ``compare``: warn where the graph computes otherwise than the model on ``example_inputs``
+    (`regbn.insert` verifies in its own way, or is told not to).
     """
     unknown = sorted(set(options) - set(TRACE_OPTIONS))
     if unknown:
         raise RegBNTypeError(
-            f"{caller}: unexpected tracing keywords {unknown}; the known ones are {TRACE_OPTIONS}"
+            f"unexpected tracing keywords {unknown}; the known ones are {TRACE_OPTIONS}"
         )
     input_shapes, input_dtypes = options.get("input_shapes"), options.get("input_dtypes")
     modalities = options.get("modalities")
     tracing = capture_options(model, example_inputs, options)
-    found = trace_graph(model, caller=caller, **tracing)
+    found = trace_graph(model, **tracing)
     if found.auto_leaves:
         warnings.warn(
-            f"{caller}: torch.fx cannot trace inside {'; '.join(found.auto_leaves)}, so every "
+            f"torch.fx cannot trace inside {'; '.join(found.auto_leaves)}, so every "
             "instance of these classes is kept as one call (a leaf): it runs as written, and "
             "tensors inside it cannot be named. Pass leaf_modules=[...] yourself to choose "
             "other leaves",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
     if found.effects:
         warnings.warn(
-            f"{caller}: the model's forward prints or logs ({'; '.join(found.effects[:3])}); "
+            f"the model's forward prints or logs ({'; '.join(found.effects[:3])}); "
             "tracing ran those lines once, and the patched model does not run them. Make the "
             "module that prints a leaf (leaf_modules=[...]) to keep them",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
     kinds = global_hooks()
     inlined = sorted({str(p) for n in found.graph.nodes
                       for p, _ in n.meta.get("regbn_module_calls", ()) if n.op != "call_module"})
     if kinds and inlined:
         warnings.warn(
-            f"{caller}: global module hooks ({', '.join(kinds)}) are registered; the patched "
+            f"global module hooks ({', '.join(kinds)}) are registered; the patched "
             "model runs them for itself and for every module it calls as one call (leaves, "
             f"RegBN layers), but not for the modules traced through ({', '.join(inlined[:4])}"
             f"{' ...' if len(inlined) > 4 else ''}). Make those leaves if the hooks must see them",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
     traced = found.graph_module()
     gm = private_copy(traced) if traced is model else traced
@@ -181,30 +182,30 @@ def analyse(
         failure = shapes(gm)  # insert's training-mode check, which propagates shapes as well
     elif example_inputs is not None or input_shapes is not None:
         failure = propagate_shapes(
-            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes, caller=caller
+            gm, example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes
         )
-    if example_inputs is not None and failure is None and caller != "regbn.insert" and (
+    if compare and example_inputs is not None and failure is None and (
         traced is not model  # a GraphModule passed in is its own graph
     ):
-        differences = check_forward(model, gm, example_inputs, caller)
+        differences = check_forward(model, gm, example_inputs)
         if differences:
             warnings.warn(
-                f"{caller}: the traced graph does not compute what the model computes on "
+                f"the traced graph does not compute what the model computes on "
                 f"example_inputs ({'; '.join(differences[:3])}), so the shapes, modalities and "
                 "fusions shown here may not be the model's; regbn.insert would refuse this graph "
                 "and its message says how to proceed",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=1,
             )
     # Modalities are structural: they hold for every node, even past a shape failure.
-    graph = annotate_modalities(gm, modalities=modalities, caller=caller)
+    graph = annotate_modalities(gm, modalities=modalities)
     names = display_names(gm)
     fusions = [with_pair_names(gm, f, names) for f in detect_fusions(gm)]
-    _warn_hidden_fusions(gm, {f.name for f in fusions}, caller)
+    _warn_hidden_fusions(gm, {f.name for f in fusions})
     return Analysis(gm, fusions, failure, graph, names)
 
 
-def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str], caller: str) -> None:
+def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str]) -> None:
     """A leaf that reads inputs of two or more modalities (token ids of one, features of
     another) may fuse them inside, where no fusion can be seen or patched: say so."""
     hidden = []
@@ -224,11 +225,11 @@ def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str], caller: str) -> 
             hidden.append(f"{node.target!r} ({module}) reads {mods}")
     if hidden:
         warnings.warn(
-            f"{caller}: {'; '.join(hidden)}: the branches may fuse inside, where a leaf cannot "
+            f"{'; '.join(hidden)}: the branches may fuse inside, where a leaf cannot "
             "be seen into, so no fusion is reported there. Pair tensors of each branch before "
             "they enter it, or make it traceable (drop it from leaf_modules)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=1,
         )
 
 
@@ -286,11 +287,11 @@ def find_fusions(
         [('cat', 'cat')]
     """
     result = analyse(
-        model, example_inputs, caller="regbn.find_fusions", **trace_options(locals())
+        model, example_inputs, **trace_options(locals())
     )
     if result.failure is not None:
         raise RegBNValueError(
-            f"regbn.find_fusions: {result.failure}. Check example_inputs/input_shapes against the "
+            f"{result.failure}. Check example_inputs/input_shapes against the "
             "model's forward, or run regbn.inspect(model, ...) to see the shapes up to that node"
         )
     return result.fusions
@@ -358,7 +359,7 @@ def auto_pairs(
         done = ", ".join(f"{f.name} on {f.pair!r}" for f in normalised)
         if not pairs:
             raise RegBNValueError(
-                f"regbn.insert: pairs='auto': every fusion of this model is already normalised by "
+                f"pairs='auto': every fusion of this model is already normalised by "
                 f"its RegBN layer ({done}), so there is nothing to insert. To add layers "
                 "elsewhere, name the pairs: regbn.insert(patched, pairs=[(f, g)], ...); "
                 "regbn.inspect(patched, ...) lists the tensors"
@@ -367,12 +368,12 @@ def auto_pairs(
     if not pairs:
         if skipped:
             raise RegBNValueError(
-                "regbn.insert: pairs='auto': every fusion was skipped, so there is nowhere to "
+                "pairs='auto': every fusion was skipped, so there is nowhere to "
                 "insert RegBN. " + " ".join(skipped)
             )
         inputs = f" Inputs: {describe_input_modalities(gm)}." if gm is not None else ""
         raise RegBNValueError(
-            "regbn.insert: pairs='auto': found no fusion (no node whose tensor operands come from "
+            "pairs='auto': found no fusion (no node whose tensor operands come from "
             f"disjoint sets of inputs), so there is nowhere to insert RegBN.{inputs} Group the "
             f"inputs into modalities with modalities={_grouping_example(gm)}, or name the pairs "
             "explicitly; run regbn.inspect(model, ...) to list the tensors"

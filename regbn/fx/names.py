@@ -297,14 +297,14 @@ def _all_names(gm: fx.GraphModule) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def unknown_name(gm: fx.GraphModule, name: str, where: str, model: nn.Module) -> RegBNValueError:
+def unknown_name(gm: fx.GraphModule, name: str, model: nn.Module) -> RegBNValueError:
     """The error for a name that denotes no tensor: close matches and why a module has none."""
     bare = name.partition(":")[2] if name.partition(":")[0] in PREFIXES else name
     close = _distinct(gm, difflib.get_close_matches(bare, _all_names(gm), n=6, cutoff=0.6))[:3]
     did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     note = _why_not_a_tensor(gm, model, bare)
     return RegBNValueError(
-        f"{where}: {name!r} is not a tensor of this model{note}{did} {INSPECT_HINT}"
+        f"{name!r} is not a tensor of this model{note}{did} {INSPECT_HINT}"
     )
 
 
@@ -343,24 +343,22 @@ def _why_not_a_tensor(gm: fx.GraphModule, model: nn.Module, name: str) -> str:
 
 
 def resolve_name(
-    gm: fx.GraphModule, name: str, where: str = "name", model: nn.Module | None = None
+    gm: fx.GraphModule, name: str, model: nn.Module | None = None
 ) -> fx.Node:
-    """The node a user-facing name denotes; ValueError for unknown or ambiguous names.
-
-    ``where`` starts the messages: the public callable and the argument (``"regbn.insert: pair
-    0"``)."""
+    """The node a user-facing name denotes; ValueError for unknown or ambiguous names (the
+    caller says which argument held it, e.g. with `regbn.errors.context`)."""
     if not isinstance(name, str):
         raise RegBNTypeError(
-            f"{where}: names must be strings (an input name, a dotted module path or an fx node "
+            f"names must be strings (an input name, a dotted module path or an fx node "
             f"name); got {name!r} of type {type(name).__name__}"
         )
     found = _candidates(gm, name)
     if not found:
-        raise unknown_name(gm, name, where, model if model is not None else gm)
+        raise unknown_name(gm, name, model if model is not None else gm)
     if len(found) > 1:
         listed = ", ".join(repr(c.label.split(" ")[0]) + _describe(c) for c in found)
         raise RegBNValueError(
-            f"{where}: {name!r} is ambiguous; it names {len(found)} different tensors: {listed}. "
+            f"{name!r} is ambiguous; it names {len(found)} different tensors: {listed}. "
             "Write one of these prefixed names (input:, module: or node:) instead"
         )
     return found[0].node

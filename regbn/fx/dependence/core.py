@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import RegBNTypeError, RegBNValueError
+from ...errors import RegBNTypeError, RegBNValueError, public
 from ...solver import LAMBDA_RULES, Spectrum, batch_spectrum, residual, solve_lambda
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "pairs_argument",
 ]
 
-WHERE = "regbn.measure_dependence"
 DEFAULT_MAX_SAMPLES = 4096
 DEFAULT_PERMUTATIONS = 5
 
@@ -207,11 +206,11 @@ def _explained(coeffs: Tensor, total: float) -> float:
 def _check_options(lambda_rule: str, permutations: int) -> None:
     if lambda_rule not in LAMBDA_RULES:
         raise RegBNValueError(
-            f"{WHERE}: lambda_rule must be one of {LAMBDA_RULES}; got {lambda_rule!r}"
+            f"lambda_rule must be one of {LAMBDA_RULES}; got {lambda_rule!r}"
         )
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
         raise RegBNValueError(
-            f"{WHERE}: permutations must be a positive int (the shuffled baseline averages that "
+            f"permutations must be a positive int (the shuffled baseline averages that "
             f"many draws); got {permutations!r}"
         )
 
@@ -223,25 +222,26 @@ def _check_pair(f: Any, g: Any) -> None:
     if not_tensors:
         name = not_tensors[0]
         raise RegBNTypeError(
-            f"{WHERE}: {name} must be a torch.Tensor of N samples; got {type(named[name]).__name__}"
+            f"{name} must be a torch.Tensor of N samples; got {type(named[name]).__name__}"
         )
     # Booleans count as features (a mask that a fusion reads as data).
     features = [x.dim() > 0 and (x.is_floating_point() or x.dtype == torch.bool) for x in (f, g)]
     for (name, x), ok in zip(named.items(), features, strict=True):
         if not ok:
             raise RegBNValueError(
-                f"{WHERE}: {name} must hold floating-point features shaped (N, ...); got "
+                f"{name} must hold floating-point features shaped (N, ...); got "
                 f"{x.dtype} of shape {tuple(x.shape)}. Measure features, not token ids"
             )
     n_f, n_g = f.shape[0], g.shape[0]
     if n_f != n_g:
         raise RegBNValueError(
-            f"{WHERE}: f and g must hold the same samples; f has {n_f} (shape "
+            f"f and g must hold the same samples; f has {n_f} (shape "
             f"{tuple(f.shape)}), g has {n_g} (shape {tuple(g.shape)}). Pair tensors that "
             "share the batch dimension"
         )
 
 
+@public
 def dependence_of(
     f: Tensor,
     g: Tensor,
@@ -262,7 +262,7 @@ def dependence_of(
     n = f.shape[0]
     if n < 2:
         raise RegBNValueError(
-            f"{WHERE}: need at least 2 samples to standardise features; got {n}. Give more "
+            f"need at least 2 samples to standardise features; got {n}. Give more "
             "batches (far more samples than g has features, for a meaningful r2)"
         )
     _check_options(lambda_rule, permutations)
@@ -312,7 +312,7 @@ def check_batch(batch: Any, index: int) -> None:
                 visit(getattr(value, f.name))
         else:
             raise RegBNTypeError(
-                f"{WHERE}: batch {index} holds a {type(value).__name__}, not a tensor; each "
+                f"batch {index} holds a {type(value).__name__}, not a tensor; each "
                 "batch is a tuple of input tensors (or a dict of keyword inputs, one tensor, or "
                 "dataclasses and NamedTuples of them), like example_inputs. Convert it with "
                 "torch.as_tensor"
@@ -324,7 +324,7 @@ def check_batch(batch: Any, index: int) -> None:
 def check_batches(batches: Any) -> Iterator[Any]:
     if isinstance(batches, (Tensor, dict)) or not isinstance(batches, Iterable):
         raise RegBNTypeError(
-            f"{WHERE}: batches must be an iterable of batches (a list, a DataLoader), each a "
+            f"batches must be an iterable of batches (a list, a DataLoader), each a "
             f"tuple of inputs like example_inputs; got {type(batches).__name__}. For one batch "
             "write batches=[(x1, x2)]"
         )
@@ -335,7 +335,7 @@ def pairs_argument(pairs: Any) -> list[tuple[str, str]] | str:
     if pairs == "auto" and isinstance(pairs, str):
         return "auto"
     bad = RegBNTypeError(
-        f"{WHERE}: pairs must be 'auto' or a list of (f, g) names, f measured against g; got "
+        f"pairs must be 'auto' or a list of (f, g) names, f measured against g; got "
         f"{pairs!r}. Example: pairs=[('gray_net.fc', 'colored_net.fc')]"
     )
     if isinstance(pairs, str) or not isinstance(pairs, Iterable):
@@ -351,5 +351,5 @@ def pairs_argument(pairs: Any) -> list[tuple[str, str]] | str:
             raise bad
         out.append((pair[0], pair[1]))
     if not out:
-        raise RegBNValueError(f"{WHERE}: pairs is empty; give at least one (f, g) or 'auto'")
+        raise RegBNValueError("pairs is empty; give at least one (f, g) or 'auto'")
     return out

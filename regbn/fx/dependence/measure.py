@@ -48,17 +48,16 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..._progress import progress_bar
-from ...errors import RegBNTypeError, RegBNValueError, public
+from ...errors import RegBNError, RegBNTypeError, RegBNValueError, context, current_entry, public
 from ..analysis import Analysis, analyse, split_by_projection, trace_options
 from ..modality.fusions import Fusion
 from ..names import resolve_name
 from ..shapes.inputs import arrange_inputs, copy_containers, split_inputs
 from ..shapes.propagate import ThawingInterpreter
-from ..tracing.capture import TraceError, in_mode, unwrap
+from ..tracing.capture import in_mode, unwrap
 from .core import (
     DEFAULT_MAX_SAMPLES,
     DEFAULT_PERMUTATIONS,
-    WHERE,
     DependenceReport,
     DependenceRow,
     _check_options,
@@ -113,19 +112,20 @@ def _arrange(gm: fx.GraphModule, batch: Any, index: int) -> list[Any]:
     example_inputs; containers are copied (tensors shared), so a forward that updates its input
     dict leaves the caller's batch as it was."""
     positional, named = split_inputs(copy_containers(batch))
-    return arrange_inputs(gm, positional, named, f"{WHERE}: batch {index}")
+    with context(f"batch {index}"):
+        return arrange_inputs(gm, positional, named)
 
 
 def _features(value: Any, name: str, node: fx.Node) -> Tensor:
     if not isinstance(value, Tensor):
         raise RegBNValueError(
-            f"{WHERE}: {name!r} (node {node.name}) is a {type(value).__name__}, not a tensor; "
+            f"{name!r} (node {node.name}) is a {type(value).__name__}, not a tensor; "
             "name one tensor (an entry of it, e.g. its output's [0]). Run regbn.inspect(model, "
             "...) to list them"
         )
     if not value.is_floating_point() or value.dim() == 0:
         raise RegBNValueError(
-            f"{WHERE}: {name!r} (node {node.name}) holds {value.dtype} of shape "
+            f"{name!r} (node {node.name}) holds {value.dtype} of shape "
             f"{tuple(value.shape)}; the measure needs floating-point features shaped (batch, "
             "...), e.g. an embedding output rather than token ids"
         )
@@ -170,7 +170,7 @@ class DependenceMeter:
         _check_options(lambda_rule, permutations)
         if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
             raise RegBNValueError(
-                f"{WHERE}: max_samples must be an int >= 2 (the pooled samples kept); got "
+                f"max_samples must be an int >= 2 (the pooled samples kept); got "
                 f"{max_samples!r}"
             )
         self.gm, self.max_samples, self.permutations = gm, max_samples, permutations
@@ -179,24 +179,16 @@ class DependenceMeter:
         self._pairs: list[_Pair] = []
         names = list(fusions) if fusions is not None else [None] * len(pairs)
         for i, ((f, g), fusion) in enumerate(zip(pairs, names, strict=True)):
-            where = f"{WHERE}: pair {i}"
-            nodes = [
-                x if isinstance(x, fx.Node) else self._resolve(x, where, model) for x in (f, g)
-            ]
+            with context(f"pair {i}"):
+                nodes = [x if isinstance(x, fx.Node) else resolve_name(self.gm, x, model)
+                         for x in (f, g)]
             if nodes[0] is nodes[1]:
                 raise RegBNValueError(
-                    f"{where}: f and g are the same tensor (node {nodes[0].name}); name two "
+                    f"pair {i}: f and g are the same tensor (node {nodes[0].name}); name two "
                     "tensors from different branches"
                 )
             label = tuple(x.name if isinstance(x, fx.Node) else x for x in (f, g))
             self._pairs.append(_Pair(nodes[0], nodes[1], (label[0], label[1]), fusion))
-
-    def _resolve(self, name: str, where: str, model: nn.Module | None) -> fx.Node:
-        try:
-            return resolve_name(self.gm, name, where, model)
-        except (ValueError, TypeError) as e:
-            cls = RegBNTypeError if isinstance(e, TypeError) else RegBNValueError
-            raise cls(str(e)) from e
 
     @property
     def full(self) -> bool:
@@ -212,7 +204,7 @@ class DependenceMeter:
             total = len(batches)
         batches = check_batches(batches)
         wanted = {n for p in self._pairs for n in (p.f, p.g)}
-        bar = progress_bar(total, f"{WHERE}: batches", "batch", progress)
+        bar = progress_bar(total, f"{current_entry()}: batches", "batch", progress)
         try:
             with in_mode(self.gm, False), torch.no_grad():
                 for i, batch in enumerate(batches):
@@ -235,7 +227,7 @@ class DependenceMeter:
         except Exception as e:
             text = str(e).split("\n")[0]
             raise RegBNValueError(
-                f"{WHERE}: batch {index}: the model failed on it ({type(e).__name__}: {text}). "
+                f"batch {index}: the model failed on it ({type(e).__name__}: {text}). "
                 "Each batch must be valid input of the model's forward, like example_inputs"
             ) from e
         return recorder.values
@@ -248,13 +240,13 @@ class DependenceMeter:
             g = _features(values[pair.g], pair.names[1], pair.g)
             if f.shape[0] != g.shape[0]:
                 raise RegBNValueError(
-                    f"{WHERE}: batch {index}: {pair.names[0]!r} has {f.shape[0]} samples and "
+                    f"batch {index}: {pair.names[0]!r} has {f.shape[0]} samples and "
                     f"{pair.names[1]!r} {g.shape[0]}; the measure pairs samples, so pair tensors "
                     "that share the batch dimension"
                 )
             if taken is not None and f.shape[0] != taken[0]:
                 raise RegBNValueError(
-                    f"{WHERE}: batch {index}: the pairs' tensors hold different sample counts "
+                    f"batch {index}: the pairs' tensors hold different sample counts "
                     f"({taken[0]} and {f.shape[0]}); measure them in separate calls"
                 )
             taken = (f.shape[0],)
@@ -267,7 +259,7 @@ class DependenceMeter:
         """Measure every pair on the samples pooled so far."""
         if self.n_samples < 2:
             raise RegBNValueError(
-                f"{WHERE}: {self.n_samples} samples pooled; the measure needs at least 2 (and "
+                f"{self.n_samples} samples pooled; the measure needs at least 2 (and "
                 "far more than g has features). Pass more batches"
             )
         rows = [
@@ -318,20 +310,12 @@ def measure_graph(
     pairs: Sequence[tuple[str | fx.Node, str | fx.Node]],
     batches: Iterable[Any],
     *,
-    caller: str = WHERE,
     progress: bool = False,
     **options: Any,
 ) -> DependenceReport:
     """`DependenceMeter` ``(gm, pairs, **options)`` over ``batches``, reported: for callers
-    that have traced and analysed the model already (``inspect``, ``insert``). An error names
-    ``caller``, the public callable that refused (``"regbn.inspect"``)."""
-    try:
-        return DependenceMeter(gm, pairs, **options).update(batches, progress).report()
-    except (RegBNValueError, RegBNTypeError) as e:
-        text = str(e)
-        if caller == WHERE or not text.startswith(f"{WHERE}: "):
-            raise
-        raise type(e)(caller + text[len(WHERE) :]) from e
+    that have traced and analysed the model already (``inspect``, ``insert``)."""
+    return DependenceMeter(gm, pairs, **options).update(batches, progress).report()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -393,14 +377,14 @@ def measure_dependence(
         >>> print(report)
     """
     if not isinstance(model, nn.Module):
-        raise RegBNTypeError(f"{WHERE}: model must be an nn.Module; got {type(model).__name__}")
+        raise RegBNTypeError(f"model must be an nn.Module; got {type(model).__name__}")
     model, _ = unwrap(model)
     total = len(batches) if isinstance(batches, Sized) else None
     it = check_batches(batches)
     first = next(it, None)
     if first is None:
         raise RegBNValueError(
-            f"{WHERE}: batches is empty; pass at least one batch, e.g. batches=[(x1, x2)]"
+            "batches is empty; pass at least one batch, e.g. batches=[(x1, x2)]"
         )
     check_batch(first, 0)
     wanted = pairs_argument(pairs)
@@ -431,16 +415,14 @@ def measure_dependence(
 def _analysis(model: nn.Module, first: Any, tracing: dict[str, Any]) -> Analysis:
     """`analyse` on the first batch (eval mode is the caller's), errors in this API's words."""
     try:
-        analysis = analyse(model, first, caller=WHERE, **tracing)
-    except TraceError:
+        analysis = analyse(model, first, **tracing)
+    except RegBNError:
         raise
-    except ValueError as e:
-        if isinstance(e, RegBNValueError) and str(e).startswith(f"{WHERE}: "):
-            raise
-        raise RegBNValueError(f"{WHERE}: {e}") from e
+    except ValueError as e:  # a model's own refusal of the batch, in regbn's class
+        raise RegBNValueError(str(e)) from e
     if analysis.failure is not None:
         raise RegBNValueError(
-            f"{WHERE}: the model failed on batch 0, {analysis.failure}. Each batch must be "
+            f"the model failed on batch 0, {analysis.failure}. Each batch must be "
             "valid input of the model's forward"
         )
     return analysis
@@ -452,10 +434,10 @@ def _auto(
     """`pairs_of_fusions`, with a warning per skipped fusion and an error when none is left."""
     chosen, names, skipped = pairs_of_fusions(fusions, max_projection_bytes)
     for message in skipped:
-        warnings.warn(f"{WHERE}: {message}", UserWarning, stacklevel=3)
+        warnings.warn(message, UserWarning, stacklevel=1)
     if not chosen:
         raise RegBNValueError(
-            f"{WHERE}: pairs='auto' found no fusion to measure (no node whose tensor operands "
+            "pairs='auto' found no fusion to measure (no node whose tensor operands "
             "come from disjoint sets of inputs" + ("; every one was skipped" if skipped else "")
             + "). Name the pairs explicitly; run regbn.inspect(model, ...) to list the tensors"
         )
@@ -465,10 +447,6 @@ def _auto(
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
-
-
-# What regbn.inspect(..., batches=...) measures: one pair per open fusion.
-_INSPECT = "regbn.inspect"
 
 
 def measure_fusions(
@@ -486,9 +464,7 @@ def measure_fusions(
         # Still run the batches' checks, so a bad argument is refused with or without fusions.
         list(_checked(batches))
         return DependenceReport((), skipped=tuple(skipped))
-    report = measure_graph(
-        gm, pairs, batches, caller=_INSPECT, progress=progress, fusions=names, model=model
-    )
+    report = measure_graph(gm, pairs, batches, progress=progress, fusions=names, model=model)
     return DependenceReport(
         report.rows,
         report.lambda_rule,
@@ -500,10 +476,6 @@ def measure_fusions(
 
 
 def _checked(batches: Iterable[Any]) -> Iterable[Any]:
-    try:
-        for i, batch in enumerate(check_batches(batches)):
-            check_batch(batch, i)
-            yield batch
-    except (RegBNValueError, RegBNTypeError) as e:
-        text = str(e).replace("regbn.measure_dependence: ", f"{_INSPECT}: ", 1)
-        raise type(e)(text) from e
+    for i, batch in enumerate(check_batches(batches)):
+        check_batch(batch, i)
+        yield batch

@@ -47,7 +47,7 @@ from ..tracing.patched import added_names, build_patched, is_patched, unpatched
 from .checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
 from .dependence import check_dependence_args, keep_dependent
 from .modes import eval_pairs, mode_result, warn_mixed_modes
-from .plan import CALLER, Plan, build_layers, normalise_pairs, plan_pairs
+from .plan import Plan, build_layers, normalise_pairs, plan_pairs
 from .splice import finish, next_layer_index, reorder_topologically, splice, without_layers
 
 # The steps of insert live in their own modules: its argument checks (insert_checks), the pairs
@@ -83,7 +83,7 @@ def _analyse(
     """`analyse` for insert: a shape failure, or an input error of a ``forward(*args)`` model
     (with how to patch one), is refused."""
     try:
-        result = analyse(model, example_inputs, caller=CALLER, shapes=check, **options)
+        result = analyse(model, example_inputs, shapes=check, compare=False, **options)
     except TraceError:
         raise
     except ValueError as e:
@@ -93,7 +93,7 @@ def _analyse(
         raise RegBNValueError(f"{e}{hint}") from e  # `public` names regbn.insert
     if result.failure is not None:
         raise RegBNValueError(
-            f"{CALLER}: cannot infer RegBN dims{mode}, {result.failure}. Check example_inputs/"
+            f"cannot infer RegBN dims{mode}, {result.failure}. Check example_inputs/"
             "input_shapes against the model's forward, or run regbn.inspect(model, ...) to see "
             f"the shapes up to that node{var_args_hint(model, example_inputs)}"
         )
@@ -109,7 +109,7 @@ def _analyse_modes(
         train = _analyse(model, example_inputs, options, "", check)
     with in_mode(model, False):
         # The graph alone: no GraphModule (no code compiled) unless eval mode needs its own.
-        traced = trace_graph(model, caller=CALLER, **tracing)
+        traced = trace_graph(model, **tracing)
         if same_trace(traced, train.gm):
             return train, None
         return train, _analyse(traced.graph_module(), example_inputs, options, " in eval mode")
@@ -125,7 +125,7 @@ def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[
         gm=analysis.gm,
     )
     for message in skipped:
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.warn(message, UserWarning, stacklevel=1)
     return pairs
 
 
@@ -207,7 +207,7 @@ def insert(
     """
     if not isinstance(model, nn.Module):
         raise RegBNTypeError(
-            f"{CALLER}: expects an nn.Module as model; got {type(model).__name__}"
+            f"expects an nn.Module as model; got {type(model).__name__}"
         )
     own = [n for n in inspect.signature(insert).parameters if n != "regbn_kwargs"]
     check_regbn_kwargs(regbn_kwargs, own)
@@ -215,7 +215,7 @@ def insert(
     check_dependence_args(batches, min_dependence)
     if example_inputs is None and input_shapes is None:
         raise RegBNValueError(
-            f"{CALLER}: needs example_inputs (real tensors) or input_shapes (e.g. "
+            "needs example_inputs (real tensors) or input_shapes (e.g. "
             "[(8, 1, 28, 28), (8, 3, 28, 28)]) to infer each RegBN layer's dims"
         )
     model = unwrapped(model)
@@ -290,13 +290,13 @@ def _warn_similarity_pairs(plans: list[Plan], fusions: list[Fusion]) -> None:
         for name, nodes in sets.items():
             if {plan.f.name, plan.g.name} == nodes:
                 warnings.warn(
-                    f"{CALLER}: pair {i}: ({plan.f_name!r}, {plan.g_name!r}) are the two sets "
+                    f"pair {i}: ({plan.f_name!r}, {plan.g_name!r}) are the two sets "
                     f"the similarity product {name!r} compares; RegBN normalises them row by "
                     "row, so every call of the patched model, eval included, needs the two sets "
                     "paired sample by sample, in equal numbers (zero-shot calls with other "
                     "counts are refused)",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=1,
                 )
 
 
@@ -317,13 +317,13 @@ def _warn_sequence_dims(plans: list[Plan], gm: fx.GraphModule) -> None:
             token_dims = [d for d in shape[1:-1] if d in lengths]
             if len(shape) >= 3 and token_dims:
                 warnings.warn(
-                    f"{CALLER}: pair {i}: {name!r} has shape {tuple(shape)}, whose dimension "
+                    f"pair {i}: {name!r} has shape {tuple(shape)}, whose dimension "
                     f"{token_dims[0]} is the sequence length of its token ids; the layer's W is "
                     "sized by it, so batches of another length are refused. Pair pooled or CLS "
                     "tensors of the same branches instead (regbn.inspect lists them), or pad "
                     "every batch to this length",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=1,
                 )
 
 
@@ -333,13 +333,13 @@ def _warn_new_parameters(layers: list[RegBN], names: list[str]) -> None:
     names = [n for n, layer in zip(names, layers, strict=True) if list(layer.parameters())]
     if names:
         warnings.warn(
-            f"{CALLER}: the new layers {names} have learnable parameters (affine=True), which an "
+            f"the new layers {names} have learnable parameters (affine=True), which an "
             "optimizer built before insert does not hold. The model's own parameters keep their "
             "order, so its optimizer state still fits them; add the layers' as a group: "
             "optimizer.add_param_group({'params': [p for n, p in patched.named_parameters() "
             "if n.startswith('regbn_')]})",
             UserWarning,
-            stacklevel=4,
+            stacklevel=1,
         )
 
 
@@ -396,7 +396,7 @@ def _warn_kept(patched: nn.Module, names: set[str]) -> None:
             f"regbn.remove: kept the RegBN layers {kept}, which regbn.insert did not add (the "
             "model had them before); delete them by hand if they should go",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
 
 

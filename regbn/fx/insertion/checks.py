@@ -19,7 +19,6 @@ from torch import nn
 from ...errors import RegBNTypeError
 from ...layer import RegBN
 from ..tracing.capture import unwrap
-from .plan import CALLER
 
 __all__ = ["check_regbn_kwargs", "unwrapped", "var_args_hint", "warn_existing_layers"]
 
@@ -42,14 +41,14 @@ def check_regbn_kwargs(kwargs: dict[str, Any], own: Iterable[str]) -> None:
     for name in kwargs:
         if name in _INFERRED:
             raise RegBNTypeError(
-                f"{CALLER}: {name!r} is inferred from the shapes of each pair's tensors; drop it "
+                f"{name!r} is inferred from the shapes of each pair's tensors; drop it "
                 "(pass example_inputs/input_shapes that give the shapes you want)"
             )
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted + list(own), n=2)
             did = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
             raise RegBNTypeError(
-                f"{CALLER}: got an unexpected keyword argument {name!r}{did} Keywords other "
+                f"got an unexpected keyword argument {name!r}{did} Keywords other "
                 "than insert's own are regbn_kwargs, passed to every regbn.RegBN layer, which "
                 f"takes {accepted}"
             )
@@ -62,12 +61,12 @@ def unwrapped(model: nn.Module) -> nn.Module:
         attrs = "".join("._orig_mod" if w == "torch.compile" else ".module" for w in wrappers)
         again = " then ".join(_REWRAP[w] for w in reversed(wrappers))
         warnings.warn(
-            f"{CALLER}: {type(model).__name__} wraps the model; patched model{attrs}, the "
+            f"{type(model).__name__} wraps the model; patched model{attrs}, the "
             f"{type(inner).__name__} inside {' inside '.join(wrappers)}. The result is not "
             f"wrapped and its state_dict keys have no wrapper prefix; wrap it again after insert, "
             f"so that the new layers are part of it: {again}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
     return inner
 
@@ -77,11 +76,11 @@ def warn_existing_layers(model: nn.Module) -> None:
     held = [path for path, m in model.named_modules() if isinstance(m, RegBN)]
     if held:
         warnings.warn(
-            f"{CALLER}: the model already holds RegBN layers {held}; the new layers are added next "
+            f"the model already holds RegBN layers {held}; the new layers are added next "
             "to them (numbered after them). regbn.remove(patched) removes only the layers "
             "insert added",
             UserWarning,
-            stacklevel=4,
+            stacklevel=1,
         )
 
 

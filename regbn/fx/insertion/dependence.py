@@ -20,7 +20,6 @@ from torch import nn
 
 from ...errors import RegBNTypeError, RegBNValueError
 from ..dependence import measure_graph
-from .plan import CALLER
 
 __all__ = ["check_dependence_args", "keep_dependent"]
 
@@ -30,24 +29,24 @@ def check_dependence_args(batches: Any, min_dependence: Any) -> None:
     if min_dependence is None:
         if batches is not None:
             raise RegBNValueError(
-                f"{CALLER}: batches is only used to measure the dependence for min_dependence; "
+                "batches is only used to measure the dependence for min_dependence; "
                 "pass min_dependence=x (e.g. 0.05) to insert only where the measure above "
                 "chance reaches x, or drop batches"
             )
         return
     if isinstance(min_dependence, bool) or not isinstance(min_dependence, (int, float)):
         raise RegBNTypeError(
-            f"{CALLER}: min_dependence must be a number, the least dependence above chance "
+            f"min_dependence must be a number, the least dependence above chance "
             f"(r2 - r2_shuffled, 0 to 1) a pair needs; got {type(min_dependence).__name__} "
             f"{min_dependence!r}"
         )
     if not math.isfinite(min_dependence):
         raise RegBNValueError(
-            f"{CALLER}: min_dependence must be finite (e.g. 0.05); got {min_dependence!r}"
+            f"min_dependence must be finite (e.g. 0.05); got {min_dependence!r}"
         )
     if batches is None:
         raise RegBNValueError(
-            f"{CALLER}: min_dependence needs batches to measure the dependence on: pass "
+            "min_dependence needs batches to measure the dependence on: pass "
             "batches=[...], a few batches each like example_inputs (e.g. batches=[(x1, x2)] or "
             "a DataLoader), or drop min_dependence to insert at every pair"
         )
@@ -65,23 +64,23 @@ def keep_dependent(
     One ``UserWarning`` names the pairs left out and their numbers; a ``RegBNValueError`` says
     so when none is left (there would be nothing to insert).
     """
-    report = measure_graph(gm, pairs, batches, caller=CALLER, model=model)
+    report = measure_graph(gm, pairs, batches, model=model)
     reached = [row.above_chance >= min_dependence for row in report.rows]
     kept = [pair for pair, ok in zip(pairs, reached, strict=True) if ok]
     skipped = [row for row, ok in zip(report.rows, reached, strict=True) if not ok]
     numbers = "; ".join(row.summary() for row in skipped)
     if not kept:
         raise RegBNValueError(
-            f"{CALLER}: min_dependence={min_dependence}: no pair reaches it, so there is "
+            f"min_dependence={min_dependence}: no pair reaches it, so there is "
             f"nowhere to insert RegBN ({numbers}). Its inputs look independent on these "
             "batches; lower min_dependence, or measure on more (or more varied) batches"
         )
     if skipped:
         warnings.warn(
-            f"{CALLER}: min_dependence={min_dependence}: skipped {len(skipped)} of "
+            f"min_dependence={min_dependence}: skipped {len(skipped)} of "
             f"{len(pairs)} pairs whose dependence above chance (r2 - r2_shuffled) is below it: "
             f"{numbers}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
     return kept

@@ -20,7 +20,7 @@ from ..names import INSPECT_HINT
 from ..shapes.record import tensor_record
 from ..tracing.mode_graph import ModeGraphModule
 from ..tracing.module_state import carry_missing_state
-from .plan import CALLER, Plan
+from .plan import Plan
 
 __all__ = ["align", "eval_pairs", "mode_result", "warn_mixed_modes"]
 
@@ -55,7 +55,7 @@ def eval_pairs(plans: list[Plan], train: fx.GraphModule, ev: fx.GraphModule) -> 
             other = match.get(node)
             if other is None or tensor_record(other).shape != tensor_record(node).shape:
                 raise RegBNValueError(
-                    f"{CALLER}: pair {i}: {name!r} (node {node.name}) is computed in training "
+                    f"pair {i}: {name!r} (node {node.name}) is computed in training "
                     "mode only (code under `if self.training`), so eval mode has no such tensor. "
                     "Pair a "
                     "tensor both modes compute, e.g. the output of the enclosing module; "
@@ -114,11 +114,11 @@ def warn_mixed_modes(model: nn.Module, train: fx.GraphModule, ev: fx.GraphModule
     if other:
         mode = "training" if model.training else "eval"
         warnings.warn(
-            f"{CALLER}: the model is in {mode} mode but {sorted(other)} are not, and their code "
+            f"the model is in {mode} mode but {sorted(other)} are not, and their code "
             f"reads self.training; the result runs it as in {mode} mode until patched.train() "
             "or patched.eval() sets every module",
             UserWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
 
 

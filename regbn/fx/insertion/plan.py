@@ -4,7 +4,7 @@
 checks that f and g are floating-point tensors with a channel dimension and one batch size, and
 refuses a pair whose f feeds g (the layer would feed its own input), simulating the edits of the
 earlier pairs on the networkx graph; `build_layers` makes the `regbn.RegBN` layers from the
-shapes. Errors start with ``"regbn.insert: "``.
+shapes. Errors say which pair; `regbn.insert` names itself in front.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ...errors import RegBNTypeError, RegBNValueError
+from ...errors import RegBNTypeError, RegBNValueError, context
 from ...layer import RegBN
 from ..names import entry_name, resolve_name
 from ..shapes.record import tensor_record
 
 __all__ = ["Plan", "build_layers", "normalise_pairs", "plan_pairs"]
-
-CALLER = "regbn.insert"
 
 
 @dataclass
@@ -46,7 +44,7 @@ def normalise_pairs(pairs: Any) -> list[tuple[str, str]] | str:
         if pairs == "auto":
             return "auto"
         raise RegBNValueError(
-            f"{CALLER}: pairs must be 'auto' or a list of (f, g) name pairs; got the string "
+            f"pairs must be 'auto' or a list of (f, g) name pairs; got the string "
             f"{pairs!r}. Example: pairs=[('gray_net.fc', 'colored_net.fc')]"
         )
     if (
@@ -57,7 +55,7 @@ def normalise_pairs(pairs: Any) -> list[tuple[str, str]] | str:
         pairs = [pairs]  # one pair given bare: ("a", "b")
     if not isinstance(pairs, Iterable):
         raise RegBNTypeError(
-            f"{CALLER}: pairs must be 'auto' or a list of (f, g) name pairs; got "
+            f"pairs must be 'auto' or a list of (f, g) name pairs; got "
             f"{type(pairs).__name__} {pairs!r}"
         )
     out: list[tuple[str, str]] = []
@@ -69,18 +67,18 @@ def normalise_pairs(pairs: Any) -> list[tuple[str, str]] | str:
             or not all(isinstance(p, str) for p in pair)
         ):
             raise RegBNTypeError(
-                f"{CALLER}: pair {i}: each pair must be two names (f, g), f normalised with "
+                f"pair {i}: each pair must be two names (f, g), f normalised with "
                 f"respect to g; got {pair!r}. Example: ('gray_net.fc', 'colored_net.fc')"
             )
         out.append((pair[0], pair[1]))
     if not out:
         raise RegBNValueError(
-            f"{CALLER}: pairs is empty; give at least one (f, g) pair, or pairs='auto'"
+            "pairs is empty; give at least one (f, g) pair, or pairs='auto'"
         )
     return out
 
 
-def _check_tensor(node: fx.Node, name: str, where: str) -> tuple[int, ...]:
+def _check_tensor(node: fx.Node, name: str) -> tuple[int, ...]:
     """The shape of ``node``; refused unless it is one float tensor (batch, channels, ...)."""
     shape = tensor_record(node).shape
     if shape is None:
@@ -93,29 +91,29 @@ def _check_tensor(node: fx.Node, name: str, where: str) -> tuple[int, ...]:
         hint = f"; name one of its entries instead: {entries}" if entries else ""
         what = f"a {type(nested).__name__}" if nested is not None else "not a tensor"
         raise RegBNValueError(
-            f"{where}: {name!r} (node {node.name}) is {what}, but RegBN needs one tensor{hint}"
+            f"{name!r} (node {node.name}) is {what}, but RegBN needs one tensor{hint}"
         )
     dtype = tensor_record(node).dtype
     if dtype is not None and not dtype.is_floating_point:
         raise RegBNValueError(
-            f"{where}: {name!r} holds {dtype} values; RegBN normalises floating-point features "
+            f"{name!r} holds {dtype} values; RegBN normalises floating-point features "
             "(pair an embedding output, not token ids)"
         )
     if len(shape) < 2:
         raise RegBNValueError(
-            f"{where}: RegBN needs tensors shaped (batch, channels, ...); {name!r} has shape "
+            f"RegBN needs tensors shaped (batch, channels, ...); {name!r} has shape "
             f"{tuple(shape)}. Pair a tensor with a channel dimension, e.g. before a final "
             ".squeeze()/.sum(-1)"
         )
     return tuple(shape)
 
 
-def _refuse_path(graph: nx.DiGraph, a: str, b: str, names: tuple[str, str], where: str) -> None:
+def _refuse_path(graph: nx.DiGraph, a: str, b: str, names: tuple[str, str]) -> None:
     """Refuse a pair whose f (``a``) feeds its g (``b``): the layer would feed its own input."""
     if nx.has_path(graph, a, b):
         path = " -> ".join(nx.shortest_path(graph, a, b))
         raise RegBNValueError(
-            f"{where}: {names[1]!r} is computed from {names[0]!r} ({path}). RegBN removes from f "
+            f"{names[1]!r} is computed from {names[0]!r} ({path}). RegBN removes from f "
             "what g explains, and every use of f is rewired to the layer's output f_r; when f "
             "feeds g that would feed the layer's output back into its own input (a cycle). Pair "
             "tensors from separate branches, e.g. the two inputs of the fusion "
@@ -136,7 +134,7 @@ def _build_layer(f: tuple[int, ...], g: tuple[int, ...], f_node: fx.Node, kwargs
             )
     except TypeError as e:
         raise RegBNTypeError(
-            f"{CALLER}: regbn_kwargs: {e}; they are passed to every regbn.RegBN layer"
+            f"regbn_kwargs: {e}; they are passed to every regbn.RegBN layer"
         ) from e
     if tensor_record(f_node).dtype == torch.float64:
         layer = layer.to(torch.float64)
@@ -151,32 +149,34 @@ def plan_pairs(
     ``mode`` names the graph in messages (" (eval-mode graph)")."""
     resolved: list[tuple[fx.Node, fx.Node, str, str]] = []
     for i, (f_name, g_name) in enumerate(pairs):
-        where = f"{CALLER}: pair {i}{mode}"
-        f = resolve_name(gm, f_name, where, model)
-        g = resolve_name(gm, g_name, where, model)
-        resolved.append((f, g, f_name, g_name))
+        with context(f"pair {i}{mode}"):
+            resolved.append(
+                (resolve_name(gm, f_name, model), resolve_name(gm, g_name, model), f_name, g_name)
+            )
     current: dict[str, str] = {}  # original node name -> name of its latest normalised form
     plans: list[Plan] = []
     for i, (f, g, f_name, g_name) in enumerate(resolved):
-        where = f"{CALLER}: pair {i}{mode}"
-        _check_tensor(f, f_name, where)
-        _check_tensor(g, g_name, where)
-        fs, gs = tensor_record(f).shape or (), tensor_record(g).shape or ()
-        if f is g:
-            raise RegBNValueError(
-                f"{where}: f and g are the same tensor ({f_name!r} and {g_name!r} both name node "
-                f"{f.name}); RegBN normalises one tensor with respect to another"
-            )
-        if fs[0] != gs[0]:
-            raise RegBNValueError(
-                f"{where}: batch sizes differ: {f_name!r} has shape {tuple(fs)}, {g_name!r} has "
-                f"{tuple(gs)}; RegBN pairs samples, so both need the same first dimension"
-            )
         fc, gc = current.get(f.name, f.name), current.get(g.name, g.name)
-        _refuse_path(graph, fc, gc, (f_name, g_name), where)
+        with context(f"pair {i}{mode}"):
+            _check_pair(f, g, f_name, g_name)
+            _refuse_path(graph, fc, gc, (f_name, g_name))
         _simulate(graph, fc, gc, i, current, f.name, g.name)
         plans.append(Plan(f, g, f_name, g_name, None))
     return plans
+
+
+def _check_pair(f: fx.Node, g: fx.Node, f_name: str, g_name: str) -> None:
+    fs, gs = _check_tensor(f, f_name), _check_tensor(g, g_name)
+    if f is g:
+        raise RegBNValueError(
+            f"f and g are the same tensor ({f_name!r} and {g_name!r} both name node {f.name}); "
+            "RegBN normalises one tensor with respect to another"
+        )
+    if fs[0] != gs[0]:
+        raise RegBNValueError(
+            f"batch sizes differ: {f_name!r} has shape {fs}, {g_name!r} has {gs}; RegBN pairs "
+            "samples, so both need the same first dimension"
+        )
 
 
 def build_layers(plans: list[Plan], kwargs: dict) -> list[RegBN]:

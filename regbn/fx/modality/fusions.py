@@ -71,6 +71,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from ...errors import public
 from ..shapes.record import is_integral, is_tensor_node, tensor_record
 from ..tracing.capture import input_name, is_regbn
 from .branches import BranchWalk
@@ -152,22 +153,21 @@ class Fusion:
         printer.text(f"Fusion({self})")
 
 
+@public(name="regbn.fx.annotate_modalities")
 def annotate_modalities(
     gm: fx.GraphModule,
     graph: nx.DiGraph | None = None,
     modalities: Any = None,
-    *,
-    caller: str = "regbn.fx.annotate_modalities",
 ) -> nx.DiGraph:
     """Set ``node.meta["regbn_modalities"]``, ``["regbn_fusion"]`` and ``["regbn_input"]``.
 
     ``regbn_input`` is the input name of an input node (None elsewhere). Returns the networkx
     graph used (`build_graph`). A container argument that is also used whole depends on all of
-    its entries' modalities, or carries its own name when none of them has one. ``caller``: the
-    public callable named by the error for a bad ``modalities``.
+    its entries' modalities, or carries its own name when none of them has one. A bad
+    ``modalities`` raises `RegBNValueError` or `RegBNTypeError`.
     """
     graph = build_graph(gm) if graph is None else graph
-    sources = modality_sources(gm, modalities, graph, caller=caller)
+    sources = modality_sources(gm, modalities, graph)
     labels = input_labels(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     deps: dict[str, frozenset[str]] = {}

@@ -73,14 +73,14 @@ def input_labels(gm: fx.GraphModule) -> dict[str, str]:
 
 
 def _grouping(
-    gm: fx.GraphModule, modalities: Any, labels: dict[str, str], caller: str
+    gm: fx.GraphModule, modalities: Any, labels: dict[str, str]
 ) -> dict[str, str]:
     """Map input name -> modality name from the user's ``modalities``; ValueError on bad names."""
     if modalities is None:
         return {}
     if not isinstance(modalities, dict) or not all(isinstance(k, str) for k in modalities):
         raise RegBNTypeError(
-            f"{caller}: modalities must be a dict of modality name -> input names, e.g. "
+            f"modalities must be a dict of modality name -> input names, e.g. "
             "{'text': ['input_ids', 'attention_mask'], 'image': ['pixel_values']}; got "
             f"{modalities!r}"
         )
@@ -90,7 +90,7 @@ def _grouping(
     for modality, names in modalities.items():
         names = [names] if isinstance(names, str) else list(names)
         for raw in names:
-            name = _canonical_input(raw, caller)
+            name = _canonical_input(raw)
             if name not in known and name in containers:
                 entries = [k for k in known if k.startswith((f"{name}[", f"{name}."))]
                 for k in entries or [name]:
@@ -100,7 +100,7 @@ def _grouping(
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
                 did = f"; did you mean {close[0]!r}?" if close else "."
                 raise RegBNValueError(
-                    f"{caller}: modalities[{modality!r}]: {raw!r} is not an input of this "
+                    f"modalities[{modality!r}]: {raw!r} is not an input of this "
                     f"model; its inputs are {known}{did} modalities= groups inputs only (a "
                     "tensor inside the model takes the modalities of the inputs it depends on): "
                     "name forward arguments, their entries as \"batch['audio']\" or their "
@@ -108,16 +108,16 @@ def _grouping(
                 )
             if name in out and out[name] != modality:
                 raise RegBNValueError(
-                    f"{caller}: modalities: input {name!r} is listed under both {out[name]!r} and "
+                    f"modalities: input {name!r} is listed under both {out[name]!r} and "
                     f"{modality!r}; give each input one modality"
                 )
             out[name] = modality
     return out
 
 
-def _canonical_input(name: Any, caller: str) -> str:
+def _canonical_input(name: Any) -> str:
     if not isinstance(name, str):
-        raise RegBNTypeError(f"{caller}: modalities: input names must be strings; got {name!r}")
+        raise RegBNTypeError(f"modalities: input names must be strings; got {name!r}")
     return name.replace('"', "'")
 
 
@@ -244,17 +244,15 @@ def modality_sources(
     gm: fx.GraphModule,
     modalities: Any = None,
     graph: nx.DiGraph | None = None,
-    *,
-    caller: str = "regbn.fx.modality_sources",
 ) -> dict[str, str]:
     """Map node name -> modality name for every input that carries a modality (module docstring).
 
-    ``modalities`` is the user's grouping (modality name -> input names); it is checked here,
-    and ``caller`` (the public callable) starts the message of a bad one. ``graph``: the
+    ``modalities`` is the user's grouping (modality name -> input names); it is checked here.
+    ``graph``: the
     `build_graph` of ``gm``, built when not given.
     """
     labels = input_labels(gm)
-    grouping = _grouping(gm, modalities, labels, caller)
+    grouping = _grouping(gm, modalities, labels)
     reach = _Reach(gm, build_graph(gm) if graph is None else graph)
     sources: dict[str, str] = {}
     by_name = {n.name: n for n in gm.graph.nodes}

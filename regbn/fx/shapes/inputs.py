@@ -34,7 +34,7 @@ def copy_containers(value: Any) -> Any:
 
 
 def arrange_inputs(
-    gm: fx.GraphModule, positional: Sequence[Any], named: Mapping[str, Any], caller: str
+    gm: fx.GraphModule, positional: Sequence[Any], named: Mapping[str, Any]
 ) -> list[Any]:
     """Line up user inputs with the graph's placeholders (fills in defaults of concrete_args)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -42,12 +42,12 @@ def arrange_inputs(
     unknown = [k for k in named if k not in names]
     if unknown:
         raise RegBNValueError(
-            f"{caller}: inputs: unknown argument name(s) {unknown}; the model's forward takes "
+            f"inputs: unknown argument name(s) {unknown}; the model's forward takes "
             f"{names}"
         )
     if len(positional) > len(phs):
         raise RegBNValueError(
-            f"{caller}: inputs: got {len(positional)} positional inputs but the traced forward "
+            f"inputs: got {len(positional)} positional inputs but the traced forward "
             f"takes {len(phs)} ({', '.join(names)}); pass one per argument, or a dict of keyword "
             "arguments"
         )
@@ -61,7 +61,7 @@ def arrange_inputs(
             values.append(ph.args[0])
         else:
             raise RegBNValueError(
-                f"{caller}: inputs: no value for argument {name!r}; the traced forward takes "
+                f"inputs: no value for argument {name!r}; the traced forward takes "
                 f"{names}. Pass example_inputs/input_shapes for every argument"
             )
     return values
@@ -84,7 +84,7 @@ def _model_float_dtype(gm: nn.Module) -> torch.dtype:
 
 
 def _parse_spec(
-    spec: Any, dtype: torch.dtype | None, device: torch.device, where: str, caller: str
+    spec: Any, dtype: torch.dtype | None, device: torch.device, path: str
 ) -> Any:
     """Turn one entry of input_shapes into a tensor (under fake mode) or a structure of them.
 
@@ -92,7 +92,7 @@ def _parse_spec(
     """
     if _is_shape(spec):
         if any(d < 0 for d in spec):
-            raise RegBNValueError(f"{caller}: input_shapes{where}: negative size in {tuple(spec)}")
+            raise RegBNValueError(f"input_shapes{path}: negative size in {tuple(spec)}")
         return torch.empty(tuple(spec), dtype=dtype, device=device)
     if (
         isinstance(spec, (tuple, list))
@@ -100,30 +100,30 @@ def _parse_spec(
         and isinstance(spec[1], (torch.dtype, str))
         and isinstance(spec[0], (tuple, list, torch.Size))
     ):
-        own = _dtype(spec[1], where, caller)
-        return _parse_spec(spec[0], own, device, where, caller)  # its own dtype wins
+        own = _dtype(spec[1], path)
+        return _parse_spec(spec[0], own, device, path)  # its own dtype wins
     if isinstance(spec, Mapping):
         return {
-            k: _parse_spec(v, dtype, device, f"{where}[{k!r}]", caller) for k, v in spec.items()
+            k: _parse_spec(v, dtype, device, f"{path}[{k!r}]") for k, v in spec.items()
         }
     if isinstance(spec, (tuple, list)):
         return type(spec)(
-            _parse_spec(v, dtype, device, f"{where}[{i}]", caller) for i, v in enumerate(spec)
+            _parse_spec(v, dtype, device, f"{path}[{i}]") for i, v in enumerate(spec)
         )
     raise RegBNTypeError(
-        f"{caller}: input_shapes{where}: expected a shape such as (2, 3, 28, 28), a (shape, "
+        f"input_shapes{path}: expected a shape such as (2, 3, 28, 28), a (shape, "
         f"dtype) pair, or a dict/tuple of those; got {spec!r}"
     )
 
 
-def _dtype(value: Any, where: str, caller: str) -> torch.dtype:
+def _dtype(value: Any, path: str) -> torch.dtype:
     """A dtype given as ``torch.int64`` or ``"int64"``."""
     if isinstance(value, torch.dtype):
         return value
     dt = getattr(torch, str(value), None)
     if not isinstance(dt, torch.dtype):
         raise RegBNValueError(
-            f"{caller}: input_shapes{where}: unknown dtype {value!r}; use e.g. 'int64'"
+            f"input_shapes{path}: unknown dtype {value!r}; use e.g. 'int64'"
         )
     return dt
 
@@ -135,7 +135,7 @@ def _is_shape(spec: Any) -> bool:
     )
 
 
-def _with_dtype(spec: Any, dtype: Any, where: str, caller: str) -> Any:
+def _with_dtype(spec: Any, dtype: Any, path: str) -> Any:
     """``spec`` (an entry of input_shapes) with ``dtype`` (an entry of input_dtypes) applied: one
     dtype for a shape, or a dict/tuple of dtypes mirroring a dict/tuple of shapes (an entry
     left out or None keeps its default)."""
@@ -143,7 +143,7 @@ def _with_dtype(spec: Any, dtype: Any, where: str, caller: str) -> Any:
         return spec
     if isinstance(dtype, Mapping) and isinstance(spec, Mapping):
         return {
-            k: _with_dtype(v, dtype[k], f"{where}[{k!r}]", caller) if k in dtype else v
+            k: _with_dtype(v, dtype[k], f"{path}[{k!r}]") if k in dtype else v
             for k, v in spec.items()
         }
     if (
@@ -153,29 +153,29 @@ def _with_dtype(spec: Any, dtype: Any, where: str, caller: str) -> Any:
         and len(dtype) == len(spec)
     ):
         pairs = enumerate(zip(spec, dtype, strict=True))
-        return type(spec)(_with_dtype(v, d, f"{where}[{i}]", caller) for i, (v, d) in pairs)
+        return type(spec)(_with_dtype(v, d, f"{path}[{i}]") for i, (v, d) in pairs)
     if isinstance(dtype, (Mapping, tuple, list)):
         raise RegBNValueError(
-            f"{caller}: input_dtypes{where}: {dtype!r} does not mirror the input_shapes entry "
+            f"input_dtypes{path}: {dtype!r} does not mirror the input_shapes entry "
             f"{spec!r}; "
             "give one dtype per shape, e.g. {'input_ids': torch.int64} for a dict of shapes"
         )
     if _is_shape(spec):
-        return (spec, _dtype(dtype, where, caller))
+        return (spec, _dtype(dtype, path))
     if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], torch.dtype | str):
         return spec  # a (shape, dtype) pair: its own dtype wins
     # One dtype for every shape inside a dict/tuple entry.
     if isinstance(spec, Mapping):
-        return {k: _with_dtype(v, dtype, f"{where}[{k!r}]", caller) for k, v in spec.items()}
+        return {k: _with_dtype(v, dtype, f"{path}[{k!r}]") for k, v in spec.items()}
     if isinstance(spec, (tuple, list)):
         return type(spec)(
-            _with_dtype(v, dtype, f"{where}[{i}]", caller) for i, v in enumerate(spec)
+            _with_dtype(v, dtype, f"{path}[{i}]") for i, v in enumerate(spec)
         )
     return spec
 
 
 def fake_inputs(
-    gm: nn.Module, input_shapes: Any, input_dtypes: Any, device: torch.device, caller: str
+    gm: nn.Module, input_shapes: Any, input_dtypes: Any, device: torch.device
 ) -> tuple[Sequence[Any], Mapping]:
     """``input_shapes`` (with ``input_dtypes``) as empty tensors on ``device`` (under fake mode:
     no memory), positional and by name; a float shape gets the model's float dtype."""
@@ -185,17 +185,17 @@ def fake_inputs(
     if input_dtypes is not None:
         if isinstance(input_dtypes, Mapping):
             named = {
-                k: _with_dtype(v, input_dtypes[k], f"[{k!r}]", caller) if k in input_dtypes else v
+                k: _with_dtype(v, input_dtypes[k], f"[{k!r}]") if k in input_dtypes else v
                 for k, v in named.items()
             }
         else:
             dts = list(input_dtypes)
             positional = [
-                _with_dtype(s, dts[i], f"[{i}]", caller) if i < len(dts) else s
+                _with_dtype(s, dts[i], f"[{i}]") if i < len(dts) else s
                 for i, s in enumerate(positional)
             ]
     default = _model_float_dtype(gm)
-    pos = [_parse_spec(s, default, device, f"[{i}]", caller) for i, s in enumerate(positional)]
-    kw = {k: _parse_spec(s, default, device, f"[{k!r}]", caller) for k, s in named.items()}
+    pos = [_parse_spec(s, default, device, f"[{i}]") for i, s in enumerate(positional)]
+    kw = {k: _parse_spec(s, default, device, f"[{k!r}]") for k, s in named.items()}
     return pos, kw
 

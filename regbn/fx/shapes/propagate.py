@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..._format import format_shape, one_line
-from ...errors import RegBNValueError
+from ...errors import RegBNValueError, public
 from .fast import same_shape_output
 from .inputs import arrange_inputs, copy_containers, fake_inputs, split_inputs
 from .record import KEY, ShapeRecord, set_record
@@ -233,13 +233,12 @@ def _model_device(gm: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@public(name="regbn.fx.propagate_shapes")
 def propagate_shapes(
     gm: fx.GraphModule,
     example_inputs: Any = None,
     input_shapes: Any = None,
     input_dtypes: Any = None,
-    *,
-    caller: str = "regbn.fx.propagate_shapes",
 ) -> ShapeFailure | None:
     """Annotate every node of ``gm`` with its output shape (see the module docstring).
 
@@ -252,20 +251,20 @@ def propagate_shapes(
 
     Returns ``None`` on success, or a `ShapeFailure` naming the node where propagation stopped;
     nodes before it keep their shapes, nodes after it have none. The model is left unchanged.
-    Bad inputs raise, with ``caller`` (the public callable) starting the message.
+    Bad inputs raise `RegBNValueError` or `RegBNTypeError`.
     """
     if (example_inputs is None) == (input_shapes is None):
         raise RegBNValueError(
-            f"{caller}: needs exactly one of example_inputs (real tensors) or input_shapes "
+            f"needs exactly one of example_inputs (real tensors) or input_shapes "
             f"(e.g. [(2, 1, 28, 28), (2, 3, 28, 28)]); got "
             f"{'both' if example_inputs is not None else 'neither'}"
         )
     clear_shapes(gm)
     if example_inputs is not None:
         positional, named = split_inputs(copy_containers(example_inputs))
-        args = arrange_inputs(gm, positional, named, caller)
+        args = arrange_inputs(gm, positional, named)
         return _run_real(gm, args)
-    return _run_fake(gm, input_shapes, input_dtypes, caller)
+    return _run_fake(gm, input_shapes, input_dtypes)
 
 
 def copy_buffer(t: torch.Tensor, is_param: bool) -> torch.Tensor:
@@ -292,7 +291,7 @@ def _rng_restored(gm: nn.Module, args: Any) -> Iterator[None]:
 
 
 def _run_fake(
-    gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any, caller: str
+    gm: fx.GraphModule, input_shapes: Any, input_dtypes: Any
 ) -> ShapeFailure | None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -305,8 +304,8 @@ def _run_fake(
         return mode.from_tensor(t, static_shapes=True)
 
     with torch.no_grad(), _swapped(to_fake) as swap, _quiet_fake_mode(), mode:
-        pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device, caller)
-        args = arrange_inputs(gm, pos, kw, caller)
+        pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device)
+        args = arrange_inputs(gm, pos, kw)
         return _interpret(gm, args, swap=swap)
 
 

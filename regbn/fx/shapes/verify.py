@@ -321,7 +321,6 @@ def verify(
     *,
     input_shapes: Any = None,
     input_dtypes: Any = None,
-    caller: str = "regbn.insert",
 ) -> Any:
     """Check the traced model of each mode in ``graphs`` (``{True: training graph, False: eval
     graph}``, either may be left out) against ``model`` on the example inputs (see the module
@@ -334,13 +333,13 @@ def verify(
             if training in graphs:
                 output = _verify_mode(
                     model, graphs[training], training, example_inputs, input_shapes,
-                    input_dtypes, caller, fake, output,
+                    input_dtypes, fake, output,
                 )
     return output
 
 
 def verify_training(
-    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, caller: str = "regbn.insert"
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any
 ) -> tuple[Any, ShapeFailure | None]:
     """The training-mode check whose graph side also propagates shapes into ``gm`` (as
     `propagate_shapes` does), so that a checked insert runs the graph once less. Returns the
@@ -349,18 +348,18 @@ def verify_training(
     clear_shapes(gm)
     try:
         with _rng_restored(model, example_inputs):
-            output = _verify_mode(model, gm, True, example_inputs, None, None, caller, False,
+            output = _verify_mode(model, gm, True, example_inputs, None, None, False,
                                   None, record_shapes=True)
     except _NodeFailed as e:  # the graph fails on the example: the analysis reports where
         return None, e.failure
     except VerifyError:
         raise
     except Exception as e:  # the model itself fails on the example: say where the graph does
-        failure = propagate_shapes(gm, example_inputs, caller=caller)
+        failure = propagate_shapes(gm, example_inputs)
         if failure is not None:
             return None, failure
         raise VerifyError(
-            f"{caller}: the model raises {type(e).__name__} ({e}) on the example inputs, but "
+            f"the model raises {type(e).__name__} ({e}) on the example inputs, but "
             f"its traced graph does not. {HOW[0].upper()}{HOW[1:]}",
             [f"the model raises {type(e).__name__}"],
         ) from e
@@ -369,10 +368,10 @@ def verify_training(
 
 def _verify_mode(
     model: nn.Module, gm: fx.GraphModule, training: bool, example_inputs: Any,
-    input_shapes: Any, input_dtypes: Any, caller: str, fake: bool, output: Any,
+    input_shapes: Any, input_dtypes: Any, fake: bool, output: Any,
     backward: bool = True, record_shapes: bool = False,
 ) -> Any:
-    with _sides(model, gm, example_inputs, input_shapes, input_dtypes, caller,
+    with _sides(model, gm, example_inputs, input_shapes, input_dtypes,
                 record_shapes) as (
         call_model,
         call_graph,
@@ -393,7 +392,7 @@ def _verify_mode(
         leaf = (f"make the module that updates them a leaf (leaf_modules=[{first!r}])" if first
                 else "move that update into a submodule made a leaf")
         raise VerifyError(
-            f"{caller}: the model's forward updates Python attributes outside tensors "
+            f"the model's forward updates Python attributes outside tensors "
             f"({_few(names)}), which a traced graph cannot do: the patched model would leave "
             f"them as they are. To keep them, {leaf}, keep such state in a buffer, or pass "
             "verify=False to accept the difference",
@@ -403,9 +402,9 @@ def _verify_mode(
     found = _differences(a, b, fake)
     if found:
         mode = "training" if training else "eval"
-        where = _where(model, gm, a, b, found, example_inputs, training, caller)
+        where = _where(model, gm, a, b, found, example_inputs, training)
         raise VerifyError(
-            f"{caller}: the traced graph does not compute what the model computes on the "
+            f"the traced graph does not compute what the model computes on the "
             f"example inputs in {mode} mode, so the patched model would not be your model: "
             + "; ".join(found)
             + f". {where}To proceed: {HOW}",
@@ -415,14 +414,14 @@ def _verify_mode(
 
 
 def check_forward(
-    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, caller: str
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any
 ) -> list[str]:
     """The check of `regbn.inspect`, `find_fusions` and `measure_dependence`: one forward of the
     model and one of the graph in the model's current mode, outputs compared (no backward).
     Returns what differs (empty when nothing does)."""
     try:
         with _rng_restored(model, example_inputs):
-            _verify_mode(model, gm, model.training, example_inputs, None, None, caller, False,
+            _verify_mode(model, gm, model.training, example_inputs, None, None, False,
                          None, backward=False)
     except VerifyError as e:
         return e.differences
@@ -432,13 +431,13 @@ def check_forward(
 @contextlib.contextmanager
 def _sides(
     model: nn.Module, gm: fx.GraphModule, example_inputs: Any, input_shapes: Any,
-    input_dtypes: Any, caller: str, record_shapes: bool = False,
+    input_dtypes: Any, record_shapes: bool = False,
 ) -> Iterator[tuple[Any, Any, dict[str, nn.Parameter]]]:
     """Two callables, the model and the graph on the same inputs, and the parameters they read
     (fake tensors for shapes: then the parameters are fake too)."""
     if example_inputs is not None:
         pos, named = split_inputs(example_inputs)
-        args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
+        args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)))
         named = {**_fixed(model, gm, pos, named, args), **named}
         # forward, not __call__: the model's own hooks run on the patched model as they are
         graph = ShapeInterpreter(gm).run if record_shapes else gm
@@ -456,8 +455,8 @@ def _sides(
     device = _model_device(model)
     with _swapped(to_fake, eager=model) as swap, _quiet_fake_mode(), mode:
         swap.module(gm)  # the graph module's own references to the same tensors
-        pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device, caller)
-        args = arrange_inputs(gm, pos, kw, caller)
+        pos, kw = fake_inputs(gm, input_shapes, input_dtypes, device)
+        args = arrange_inputs(gm, pos, kw)
         yield (lambda: _call_by_graph_order(model, gm, args), lambda: gm(*args),
                dict(model.named_parameters()))
 
@@ -489,13 +488,13 @@ def _call_by_graph_order(model: nn.Module, gm: fx.GraphModule, args: list[Any]) 
 
 def _where(
     model: nn.Module, gm: fx.GraphModule, a: Run, b: Run, found: list[str],
-    example_inputs: Any, training: bool, caller: str,
+    example_inputs: Any, training: bool,
 ) -> str:
     """Where the two part: the first module (in graph order) whose output differs, else the
     module owning the first parameter whose gradient differs."""
     if example_inputs is not None:
         try:
-            first = _first_module(model, gm, example_inputs, training, caller)
+            first = _first_module(model, gm, example_inputs, training)
         except Exception:  # locating is best effort; the differences were already found
             first = None
         if first is not None:
@@ -519,7 +518,7 @@ def _line(model: nn.Module, path: str) -> str:
 
 
 def _first_module(
-    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, training: bool, caller: str
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Any, training: bool
 ) -> str | None:
     """Run both sides once more, recording each module call's output, and compare in graph
     order (a second run only when the check failed)."""
@@ -538,7 +537,7 @@ def _first_module(
         handles.append(mod.register_forward_hook(hook))
     rng = _rng_state()
     try:
-        with _sides(model, gm, example_inputs, None, None, caller) as (call_model, _, _), \
+        with _sides(model, gm, example_inputs, None, None) as (call_model, _, _), \
                 in_mode(model, training), torch.no_grad(), _swapped(copy_buffer, eager=model):
             _set_rng(rng)
             call_model()
@@ -556,7 +555,7 @@ def _first_module(
                 traced[n] = value
             return value
 
-    args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)), caller)
+    args = arrange_inputs(gm, *split_inputs(copy_containers(example_inputs)))
     with in_mode(model, training), torch.no_grad(), _swapped(copy_buffer, eager=model):
         _set_rng(rng)
         Recorder(gm).run(*args)

@@ -202,7 +202,7 @@ class RegBNTracer(fx.Tracer):
 
 
 def _split_leaf_modules(
-    model: nn.Module, leaf_modules: Iterable[LeafSpec] | None, caller: str
+    model: nn.Module, leaf_modules: Iterable[LeafSpec] | None
 ) -> tuple[tuple[type[nn.Module], ...], list[str]]:
     """``leaf_modules`` as (classes, dotted paths); an unknown path or other value refused."""
     classes: list[type[nn.Module]] = []
@@ -220,14 +220,14 @@ def _split_leaf_modules(
                 close = difflib.get_close_matches(spec, known, n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise RegBNValueError(
-                    f"{caller}: leaf_modules: {spec!r} is not a submodule of "
+                    f"leaf_modules: {spec!r} is not a submodule of "
                     f"{type(model).__name__}{hint} Give dotted paths as in "
                     "model.named_modules(), or nn.Module classes."
                 )
             paths.append(spec)
         else:
             raise RegBNTypeError(
-                f"{caller}: leaf_modules must hold nn.Module classes or dotted module paths (str); "
+                f"leaf_modules must hold nn.Module classes or dotted module paths (str); "
                 f"got {spec!r} of type {type(spec).__name__}"
             )
     return tuple(classes), paths
@@ -320,13 +320,11 @@ def trace_graph(
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[LeafSpec] | None = None,
     autowrap_functions: Sequence[Callable[..., Any]] | None = None,
-    caller: str = "regbn.fx.trace",
     given: Sequence[str] | None = None,
     auto_leaves: bool = False,
 ) -> Traced:
     """`trace` without building the ``GraphModule`` (which compiles its code): the graph alone,
-    e.g. to compare two traces. ``Traced.graph_module()`` finishes the job. ``caller``: the
-    public callable that starts error messages.
+    e.g. to compare two traces. ``Traced.graph_module()`` finishes the job.
 
     ``given``: the forward arguments the example inputs hold, by name. A forward that takes
     ``**kwargs`` or is wrapped by a decorator (every transformers 5 model) is then traced
@@ -336,7 +334,7 @@ def trace_graph(
     says which and why.
     """
     if not isinstance(model, nn.Module):
-        raise RegBNTypeError(f"{caller}: expects an nn.Module; got {type(model).__name__}")
+        raise RegBNTypeError(f"expects an nn.Module; got {type(model).__name__}")
     model, _ = unwrap(model)
     if isinstance(model, fx.GraphModule):
         return Traced(model, model.graph, {})
@@ -346,19 +344,20 @@ def trace_graph(
         return Traced(model, graph, {})
     if autowrap_functions is not None and not all(callable(f) for f in autowrap_functions):
         raise RegBNTypeError(
-            f"{caller}: autowrap_functions must be a sequence of Python functions"
+            "autowrap_functions must be a sequence of Python functions"
         )
-    classes, paths = _split_leaf_modules(model, leaf_modules, caller)
+    classes, paths = _split_leaf_modules(model, leaf_modules)
     made: list[str] = []
     while True:
         try:
-            traced = _trace_once(model, classes, paths, autowrap_functions, concrete_args,
-                                 caller, given)
+            traced = _trace_once(model, classes, paths, autowrap_functions, concrete_args, given)
         except _Failed as failed:
             module = model.get_submodule(failed.stack[-1]) if failed.stack else None
             cls = type(module) if module is not None else None
             if (not auto_leaves or cls is None or cls in classes or len(made) >= _MAX_AUTO
                     or isinstance(failed.exc, RegionError)):
+                if failed.error is failed.exc:  # a RegionError says it all already
+                    raise failed.error from None
                 raise failed.error from failed.exc
             classes = (*classes, cls)
             reason = getattr(failed.error, "reason", None) or type(failed.exc).__name__
@@ -431,7 +430,6 @@ def _trace_once(
     paths: list[str],
     autowrap_functions: Sequence[Callable[..., Any]] | None,
     concrete_args: dict[str, Any] | None,
-    caller: str,
     given: Sequence[str] | None,
 ) -> Traced:
     tracer = RegBNTracer(classes, paths, autowrap_functions or ())
@@ -448,10 +446,9 @@ def _trace_once(
             NameError, KeyError, IndexError) as e:  # NameError: a module built inside forward
         if isinstance(e, TraceError):
             raise
-        if isinstance(e, RegionError):
-            error: BaseException = RegionError(f"{caller}: {e}")
-        else:
-            error = trace_error(e, model, tracer.failed_module or (), caller)
+        error = e if isinstance(e, RegionError) else trace_error(
+            e, model, tracer.failed_module or ()
+        )
         raise _Failed(e, error, tracer.failed_module or ()) from e
     finally:
         # fx stores tensors made while tracing (``_tensor_constant0``) on the model it traces;

@@ -113,12 +113,11 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
 
 
 def trace_error(
-    exc: BaseException, model: nn.Module, stack: Sequence[str], caller: str
+    exc: BaseException, model: nn.Module, stack: Sequence[str]
 ) -> TraceError:
     """The `TraceError` for ``exc``, raised by fx while tracing ``model``.
 
-    ``stack``: the module paths being traced when it failed, outermost first; ``caller``: the
-    public callable that refused, which starts the message.
+    ``stack``: the module paths being traced when it failed, outermost first.
     """
     path = stack[-1] if stack else None
     where = repr(path) if path else f"the top-level forward of {type(model).__name__}"
@@ -128,7 +127,7 @@ def trace_error(
     location = f"{frame.filename}:{frame.lineno}" if frame else None
     reason = _reason(exc)
     lines = [
-        f"{caller}: cannot trace {type(model).__name__} with torch.fx: tracing failed in {where}"
+        f"cannot trace {type(model).__name__} with torch.fx: tracing failed in {where}"
     ]
     if frame is not None:
         code = f"\n      {frame.line.strip()}" if frame.line else ""
