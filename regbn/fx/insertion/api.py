@@ -46,8 +46,8 @@ from ..tracing.module_state import carry_missing_state
 from ..tracing.patched import added_names, build_patched, is_patched, unpatched
 from .checks import check_regbn_kwargs, unwrapped, var_args_hint, warn_existing_layers
 from .dependence import check_dependence_args, keep_dependent
-from .modes import eval_pairs, mode_result, warn_mixed_modes
-from .plan import Plan, build_layers, normalise_pairs, plan_pairs
+from .modes import eval_plans, mode_result, warn_mixed_modes
+from .plan import Plan, build_layers, check_order, normalise_pairs, resolve_pairs
 from .splice import finish, next_layer_index, reorder_topologically, splice, without_layers
 
 # The steps of insert live in their own modules: its argument checks (insert_checks), the pairs
@@ -260,17 +260,18 @@ def _insert(
     if isinstance(wanted, str):  # "auto", the only string normalise_pairs returns
         wanted = _auto_pairs(train, regbn_kwargs)
     warn_existing_layers(model)  # once there is something to insert
-    plans = plan_pairs(train.gm, wanted, model, train.graph)
+    plans = resolve_pairs(train.gm, wanted, model)
     _warn_similarity_pairs(plans, train.fusions)
     if regbn_kwargs.get("projection", "full") == "full":
         _warn_sequence_dims(plans, train.gm)
     if min_dependence is not None:  # every pair checked first, in insert's words
-        wanted = keep_dependent(train.gm, wanted, batches, min_dependence, model)
-        plans = plan_pairs(train.gm, wanted, model, train.graph)
+        plans = keep_dependent(train.gm, plans, batches, min_dependence, model)
+    check_order(plans, train.graph)
     per_mode = [(train.gm, plans)]
     if ev is not None:
-        in_eval = eval_pairs(plans, train.gm, ev.gm)
-        per_mode.append((ev.gm, plan_pairs(ev.gm, in_eval, model, ev.graph, " (eval-mode graph)")))
+        ev_plans = eval_plans(plans, train.gm, ev.gm)
+        check_order(ev_plans, ev.graph, " (eval-mode graph)")
+        per_mode.append((ev.gm, ev_plans))
         warn_mixed_modes(model, train.gm, ev.gm)
     layers = build_layers(plans, regbn_kwargs)  # may raise: still before any edit
     names = _splice_layers(per_mode, layers, model.training)
@@ -286,7 +287,8 @@ def _insert(
 def _warn_similarity_pairs(plans: list[Plan], fusions: list[Fusion]) -> None:
     """A pair of the two sets a similarity product compares works, but only on paired sets."""
     sets = {fu.name: set(fu.pair_nodes or fu.pair) for fu in fusions if fu.kind == "similarity"}
-    for i, plan in enumerate(plans):
+    for plan in plans:
+        i = plan.index
         for name, nodes in sets.items():
             if {plan.f.name, plan.g.name} == nodes:
                 warnings.warn(
@@ -309,7 +311,8 @@ def _warn_sequence_dims(plans: list[Plan], gm: fx.GraphModule) -> None:
         shape = tensor_record(node).shape
         if node.name in labels and shape and len(shape) >= 2 and is_integral(node):
             ids[labels[node.name]] = set(shape[1:])
-    for i, plan in enumerate(plans):
+    for plan in plans:
+        i = plan.index
         for node, name in ((plan.f, plan.f_name), (plan.g, plan.g_name)):
             shape = tensor_record(node).shape or ()
             mods = node.meta.get("regbn_modalities", ())

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...errors import RegBNTypeError, RegBNValueError
 from ..dependence import measure_graph
+from .plan import Plan
 
 __all__ = ["check_dependence_args", "keep_dependent"]
 
@@ -54,19 +55,20 @@ def check_dependence_args(batches: Any, min_dependence: Any) -> None:
 
 def keep_dependent(
     gm: fx.GraphModule,
-    pairs: list[tuple[str, str]],
+    plans: list[Plan],
     batches: Iterable[Any],
     min_dependence: float,
     model: nn.Module,
-) -> list[tuple[str, str]]:
+) -> list[Plan]:
     """The pairs whose dependence above chance on ``batches`` reaches ``min_dependence``.
 
     One ``UserWarning`` names the pairs left out and their numbers; a ``RegBNValueError`` says
     so when none is left (there would be nothing to insert).
     """
+    pairs = [(p.f_name, p.g_name) for p in plans]
     report = measure_graph(gm, pairs, batches, model=model)
     reached = [row.above_chance >= min_dependence for row in report.rows]
-    kept = [pair for pair, ok in zip(pairs, reached, strict=True) if ok]
+    kept = [plan for plan, ok in zip(plans, reached, strict=True) if ok]
     skipped = [row for row, ok in zip(report.rows, reached, strict=True) if not ok]
     numbers = "; ".join(row.summary() for row in skipped)
     if not kept:

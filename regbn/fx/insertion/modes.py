@@ -1,13 +1,14 @@
 """Training and eval mode in `regbn.insert`: one set of layers in both graphs.
 
 When the model's code reads ``self.training``, insert traces it in both modes. `align` matches
-the nodes of the two graphs, `eval_pairs` names each pair in the eval graph, `warn_mixed_modes`
+the nodes of the two graphs, `eval_plans` finds each pair in the eval graph, `warn_mixed_modes`
 warns where a module's mode differs from the model's, and `mode_result` builds the
 `ModeGraphModule` that switches graphs with ``train()``/``eval()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from typing import Any
@@ -22,7 +23,7 @@ from ..tracing.mode_graph import ModeGraphModule
 from ..tracing.module_state import carry_missing_state
 from .plan import Plan
 
-__all__ = ["align", "eval_pairs", "mode_result", "warn_mixed_modes"]
+__all__ = ["align", "eval_plans", "mode_result", "warn_mixed_modes"]
 
 
 def align(train: fx.GraphModule, ev: fx.GraphModule) -> dict[fx.Node, fx.Node]:
@@ -45,24 +46,24 @@ def align(train: fx.GraphModule, ev: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return out
 
 
-def eval_pairs(plans: list[Plan], train: fx.GraphModule, ev: fx.GraphModule) -> list[tuple]:
-    """The pairs of ``plans`` (resolved in the training graph) as node names of the eval graph."""
+def eval_plans(plans: list[Plan], train: fx.GraphModule, ev: fx.GraphModule) -> list[Plan]:
+    """``plans`` (resolved in the training graph) with the eval graph's nodes of the same
+    tensors; a tensor eval mode does not compute is refused."""
     match = align(train, ev)
     out = []
-    for i, plan in enumerate(plans):
-        names = []
+    for plan in plans:
+        nodes = []
         for node, name in ((plan.f, plan.f_name), (plan.g, plan.g_name)):
             other = match.get(node)
             if other is None or tensor_record(other).shape != tensor_record(node).shape:
                 raise RegBNValueError(
-                    f"pair {i}: {name!r} (node {node.name}) is computed in training "
+                    f"pair {plan.index}: {name!r} (node {node.name}) is computed in training "
                     "mode only (code under `if self.training`), so eval mode has no such tensor. "
-                    "Pair a "
-                    "tensor both modes compute, e.g. the output of the enclosing module; "
+                    "Pair a tensor both modes compute, e.g. the output of the enclosing module; "
                     f"{INSPECT_HINT}"
                 )
-            names.append(f"node:{other.name}")
-        out.append(tuple(names))
+            nodes.append(other)
+        out.append(dataclasses.replace(plan, f=nodes[0], g=nodes[1]))
     return out
 
 

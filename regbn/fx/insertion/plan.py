@@ -1,10 +1,11 @@
 """Step 1 of `regbn.insert`: every pair resolved and checked before any graph is touched.
 
-`normalise_pairs` reads the user's ``pairs``; `plan_pairs` resolves each name to its node,
-checks that f and g are floating-point tensors with a channel dimension and one batch size, and
-refuses a pair whose f feeds g (the layer would feed its own input), simulating the edits of the
-earlier pairs on the networkx graph; `build_layers` makes the `regbn.RegBN` layers from the
-shapes. Errors say which pair; `regbn.insert` names itself in front.
+`normalise_pairs` reads the user's ``pairs``; `resolve_pairs` resolves each name to its node and
+checks that f and g are floating-point tensors with a channel dimension and one batch size;
+`check_order` refuses a pair whose f feeds g (the layer would feed its own input), simulating the
+edits of the earlier pairs on the networkx graph (each runs once per graph); `build_layers`
+makes the `regbn.RegBN` layers from the shapes. Errors say which pair; `regbn.insert` names
+itself in front.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ...layer import RegBN
 from ..names import entry_name, resolve_name
 from ..shapes.record import tensor_record
 
-__all__ = ["Plan", "build_layers", "normalise_pairs", "plan_pairs"]
+__all__ = ["Plan", "build_layers", "check_order", "normalise_pairs", "resolve_pairs"]
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Plan:
     f_name: str
     g_name: str
     layer: nn.Module | None
+    index: int = 0  # the pair's position in the user's pairs
 
 
 def normalise_pairs(pairs: Any) -> list[tuple[str, str]] | str:
@@ -141,28 +143,36 @@ def _build_layer(f: tuple[int, ...], g: tuple[int, ...], f_node: fx.Node, kwargs
     return layer
 
 
-def plan_pairs(
-    gm: fx.GraphModule, pairs, model: nn.Module, graph: nx.DiGraph, mode: str = ""
+def resolve_pairs(
+    gm: fx.GraphModule,
+    pairs: Sequence[tuple[str | fx.Node, str | fx.Node]],
+    model: nn.Module,
+    mode: str = "",
 ) -> list[Plan]:
-    """Resolve and check every pair, simulating the edits on ``graph`` (`build_graph` of ``gm``,
-    which this mutates); the fx graph is untouched. Layers are built later (`build_layers`).
-    ``mode`` names the graph in messages (" (eval-mode graph)")."""
-    resolved: list[tuple[fx.Node, fx.Node, str, str]] = []
+    """Each pair's nodes in ``gm`` (a name is resolved, a node taken as it is), checked on its
+    own: two different float tensors (batch, channels, ...) of one batch size. ``mode`` names
+    the graph in messages (" (eval-mode graph)"); a plan keeps the user's pair index."""
+    plans = []
     for i, (f_name, g_name) in enumerate(pairs):
         with context(f"pair {i}{mode}"):
-            resolved.append(
-                (resolve_name(gm, f_name, model), resolve_name(gm, g_name, model), f_name, g_name)
-            )
-    current: dict[str, str] = {}  # original node name -> name of its latest normalised form
-    plans: list[Plan] = []
-    for i, (f, g, f_name, g_name) in enumerate(resolved):
-        fc, gc = current.get(f.name, f.name), current.get(g.name, g.name)
-        with context(f"pair {i}{mode}"):
-            _check_pair(f, g, f_name, g_name)
-            _refuse_path(graph, fc, gc, (f_name, g_name))
-        _simulate(graph, fc, gc, i, current, f.name, g.name)
-        plans.append(Plan(f, g, f_name, g_name, None))
+            f, g = (x if isinstance(x, fx.Node) else resolve_name(gm, x, model)
+                    for x in (f_name, g_name))
+            _check_pair(f, g, str(f_name), str(g_name))
+        plans.append(Plan(f, g, str(f_name), str(g_name), None, i))
     return plans
+
+
+def check_order(plans: list[Plan], graph: nx.DiGraph, mode: str = "") -> None:
+    """Refuse a pair whose f feeds its g once the earlier pairs are spliced in, simulating the
+    edits on ``graph`` (`build_graph` of the plans' graph module, which this mutates); the fx
+    graph is untouched."""
+    current: dict[str, str] = {}  # original node name -> name of its latest normalised form
+    for k, plan in enumerate(plans):
+        f, g = plan.f.name, plan.g.name
+        fc, gc = current.get(f, f), current.get(g, g)
+        with context(f"pair {plan.index}{mode}"):
+            _refuse_path(graph, fc, gc, (plan.f_name, plan.g_name))
+        _simulate(graph, fc, gc, k, current, f, g)
 
 
 def _check_pair(f: fx.Node, g: fx.Node, f_name: str, g_name: str) -> None:
