@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,8 +28,6 @@ from .errors import RegBNTypeError, RegBNValueError
 from .solver import NonFiniteGuard, solve_batch, solve_dtype
 
 __all__ = ["RegBN", "NormSpec", "eval_maths", "layer_norm", "norm_spec"]
-
-_HISTORY = 32  # λ⁺ values kept in the ``lambda_history`` buffer
 
 # ``verbose`` reports each training batch here; enable it with logging.basicConfig(level=INFO)
 # or logging.getLogger("regbn").setLevel(logging.INFO) and a handler.
@@ -117,7 +114,6 @@ class RegBN(StateMixin):
     adam_v: Tensor
     num_batches_tracked: Tensor
     lambda_history: Tensor
-    _SOLVE_DTYPE_BUFFERS = ("adam_m", "adam_v", "lambda_history")
     projection = "full"  # the default, also for layers pickled before the option existed
 
     def __init__(
@@ -157,25 +153,16 @@ class RegBN(StateMixin):
         self.max_projection_bytes = int(max_projection_bytes)
         self.projection = projection
 
-        self.register_buffer("adam_m", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("adam_v", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-        self.register_buffer(
-            "lambda_history", torch.full((_HISTORY,), math.nan, dtype=torch.float64)
-        )
-
-        # Non-persistent: why the last batch run as one graph (torch.compile, CUDA-graph
-        # capture) was rejected, 0 when none was (see check_status).
-        self.register_buffer("rejected", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self._register_buffers()
         self._status_pending = False
 
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
         self._work: Tensor | None = None
         if f_num_channels is None or g_num_channels is None:
-            # Lazy, like nn.LazyBatchNorm: shapes come from the first batch or a checkpoint.
+            # Lazy, like nn.LazyBatchNorm: shapes (and W) come from the first batch or a
+            # checkpoint.
             self._declared = (f_num_channels, g_num_channels, f_layer_dim, g_layer_dim)
-            self.register_buffer("W", nn.parameter.UninitializedBuffer())
         else:
             self._declared = None
             self._build(
