@@ -102,8 +102,36 @@ class RegBN(StateMixin):
             (sample, position) rows, when f and g have the same spatial size; an opt-in
             extension for feature maps whose full W cannot fit.
 
-    Example::
+    Returns:
+        ``forward(f, g)`` returns ``(f_r, g_out)`` with the shapes of f and g, both in f's
+        dtype (float32 for a half-precision f under autocast): f_r is f without the part of
+        it that g explains linearly (then LayerNorm'd when ``normalize_output``), g_out is g
+        through the layer's norms (``normalize_input``, ``normalize_output``). A
+        training-mode call also updates the running W, the Adam moments, the batch counter
+        and the λ⁺ history.
 
+    Raises:
+        RegBNValueError: at construction, an option out of its range (``beta1``/``beta2``
+            outside [0, 1), ``momentum`` outside (0, 1], ``sigma_THR`` outside [0, 1),
+            ``sigma_MIN`` negative or not finite, an unknown ``lambda_rule`` or
+            ``projection``), dims that are not positive ints, a W larger than
+            ``max_projection_bytes``, or ``projection="channel"`` for f and g of different
+            spatial sizes (the last two also when a lazy layer takes its shapes). In forward:
+            f or g without a batch dim, with other batch sizes, other shapes than declared, or
+            on another device than the layer; in training, a batch of fewer than 2 samples,
+            non-finite values in f or g, a scale that overflows the solve (the batch is
+            rejected, no buffer changes), a training-mode layer under export, tracing or
+            ``torch.func``; a lazy layer's first batch of fake or meta tensors; the error of a
+            batch a compiled step rejected (see :meth:`check_status`). In
+            ``load_state_dict``: a checkpoint saved with other shapes, another projection or
+            other eval options (``normalize_input``, ``normalize_output``, ``affine``), or of
+            a newer version than this regbn reads.
+        RegBNTypeError: f or g not a floating-point tensor; ``torch.jit.script`` of the
+            layer.
+        RuntimeError: from backward, a second derivative through a training step
+            (``create_graph=True``).
+
+    Example:
         >>> layer = RegBN(512, 64, [], [7, 7])
         >>> f_r, g_out = layer(torch.randn(50, 512), torch.randn(50, 64, 7, 7))
         >>> layer.last_lambda  # λ⁺ of that batch
