@@ -29,49 +29,122 @@ _UNINITIALIZED: type = getattr(nn.parameter, "UninitializedTensorMixin")  # noqa
 NORMS = ("norm_f", "norm_g", "norm_f_out", "norm_g_out")
 
 
-# The projection's code at the end of the saved extra state, then the options that change what
-# the layer computes in eval, as bits of one int.
+# The projection's code in the saved extra state, then the options that change what the layer
+# computes in eval, as bits of one int.
 _PROJECTION_CODES = {"full": 0, "channel": 1}
 EVAL_OPTIONS = ("normalize_input", "normalize_output", "affine")
+_HISTORY = 32  # λ⁺ values kept in the ``lambda_history`` buffer
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def _decode_state(state) -> tuple[Shapes | None, str | None, dict[str, bool] | None]:
-    """(f_shape, g_shape), the projection and the eval options from a saved extra state.
+def _encode(shapes: Shapes | None, projection: str, options: int) -> Tensor:
+    """The current extra state: ``[len(f), *f, len(g), *g, projection, options]``, or
+    ``[-1, projection, options]`` while the shapes are unknown."""
+    code = _PROJECTION_CODES[projection]
+    if shapes is None:
+        return torch.tensor([-1, code, options], dtype=torch.long)
+    fs, gs = shapes
+    return torch.tensor([len(fs), *fs, len(gs), *gs, code, options], dtype=torch.long)
 
-    This version writes an int64 tensor ``[len(f), *f, len(g), *g, projection, options]``, or
-    ``[-1, projection, options]`` for a lazy layer (``options``: bit i set when
-    ``EVAL_OPTIONS[i]`` is on). Earlier checkpoints wrote the same without the options, or also
-    without the projection (an empty tensor when lazy), or a dict; what they lack is None.
-    """
-    if isinstance(state, dict):
-        if state.get("f_shape") is None or state.get("g_shape") is None:
-            return None, None, None
-        return (tuple(state["f_shape"]), tuple(state["g_shape"])), None, None
-    if not isinstance(state, Tensor) or state.numel() == 0:
-        return None, None, None
-    v = [int(x) for x in state.tolist()]
-    if v[0] == -1:
-        shapes, rest = None, v[1:]
-    else:
-        nf = v[0]
-        ng = v[1 + nf]
-        shapes = (tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng]))
-        rest = v[2 + nf + ng :]
+
+def _option_bits(layer: nn.Module) -> int:
+    return sum(int(bool(getattr(layer, name))) << i for i, name in enumerate(EVAL_OPTIONS))
+
+
+def _decode(state, prefix: str = "") -> tuple[Shapes | None, str, dict[str, bool]]:
+    """(f_shape, g_shape) (None while lazy), the projection and the eval options of an extra
+    state in the current layout (:func:`_encode`); anything else is refused."""
+    v = state.tolist() if isinstance(state, Tensor) and state.dtype == torch.long else None
+    if v is None or state.dim() != 1:
+        raise _refusal(state, prefix, "it is not a 1-D int64 tensor")
+    shapes: Shapes | None = None
+    rest = v[1:]
+    if v[:1] != [-1]:
+        nf = v[0] if v else 0
+        ng = v[1 + nf] if 1 <= nf < len(v) - 1 else 0
+        fs, gs = tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng])
+        if ng < 1 or len(gs) != ng or min(fs + gs) < 1:
+            raise _refusal(state, prefix, "its feature shapes are not lists of positive sizes")
+        shapes, rest = (fs, gs), v[2 + nf + ng :]
     names = {code: name for name, code in _PROJECTION_CODES.items()}
-    projection = names.get(rest[0]) if rest else None
-    options = (
-        {name: bool(rest[1] >> i & 1) for i, name in enumerate(EVAL_OPTIONS)}
-        if len(rest) > 1
-        else None
+    if len(rest) != 2 or rest[0] not in names or not 0 <= rest[1] < 1 << len(EVAL_OPTIONS):
+        raise _refusal(state, prefix, "it does not end in a projection code and option bits")
+    options = {name: bool(rest[1] >> i & 1) for i, name in enumerate(EVAL_OPTIONS)}
+    return shapes, names[rest[0]], options
+
+
+def _refusal(state, prefix: str, why: str) -> RegBNValueError:
+    return RegBNValueError(
+        f"RegBN {prefix!r}: a checkpoint of version {StateMixin._version} (its state_dict."
+        "_metadata says so) holds an int64 _extra_state [len(f), *f, len(g), *g, projection, "
+        f"options] (or [-1, projection, options] when lazy), but {why}: got {state!r}. An extra "
+        "state in an older regbn's layout loads under version 1, which that regbn's state dict "
+        "says: keep its metadata, or save the layer again with this regbn"
     )
-    return shapes, projection, options
+
+
+def _from_v1(state, layer: StateMixin) -> Tensor:
+    """Version 1 to 2: the extra state in the current layout.
+
+    Version 1 is what torch records for a module class without ``_version`` (``nn.Module``'s
+    own, 1), so it covers every layout written before RegBN had one, told apart by type and
+    length: a dict ``{"f_shape", "g_shape"}`` (None in both when lazy); an int64 tensor
+    ``[len(f), *f, len(g), *g]`` (empty when lazy); the same followed by the projection code
+    (``[-1, code]`` when lazy); the same followed by the eval options' bits, the current layout.
+    What a layout lacks (the projection, the options) was not recorded, so it is taken from
+    the layer that loads it: nothing to check, as before versions.
+    """
+    options, projection = _option_bits(layer), layer.projection
+    shapes: Shapes | None = None
+    if isinstance(state, dict):
+        f, g = state.get("f_shape"), state.get("g_shape")
+        if f is not None and g is not None:
+            shapes = (tuple(f), tuple(g))
+    elif isinstance(state, Tensor) and state.numel() > 0:
+        v = [int(x) for x in state.tolist()]
+        rest = v[1:]
+        if v[0] != -1:
+            nf = v[0]
+            ng = v[1 + nf]
+            shapes = (tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng]))
+            rest = v[2 + nf + ng :]
+        names = {code: name for name, code in _PROJECTION_CODES.items()}
+        projection = names.get(rest[0], projection) if rest else projection
+        options = rest[1] if len(rest) > 1 else options
+    return _encode(shapes, projection, options)
+
+
+# Version n's extra state to version n + 1's, for each version before the current one.
+_MIGRATIONS = {1: _from_v1}
 
 
 class StateMixin(nn.Module):
-    """Shapes, lazy materialisation, state-dict, extra-state, pickling and deepcopy hooks of
-    :class:`regbn.RegBN`."""
+    """Buffers, shapes, lazy materialisation, state-dict, extra-state, pickling and deepcopy
+    hooks of :class:`regbn.RegBN`.
+
+    Checkpoints are versioned as torch's norms are: torch writes the class's ``_version`` into
+    ``state_dict()._metadata[prefix]["version"]``, and :meth:`_load_from_state_dict` reads an
+    older version's ``_extra_state`` through one migration per version (``_MIGRATIONS``):
+
+    =======  =================================================  ==================================
+    version  written by                                         ``_extra_state``
+    =======  =================================================  ==================================
+    1        regbn before ``_version`` (torch records           four layouts, read by
+             ``nn.Module._version``, 1); also a state dict      :func:`_from_v1`: the shapes as a
+             whose metadata was lost (``dict(state)``)          dict; then as an int64 tensor;
+                                                                then + projection; then + eval
+                                                                options (= version 2)
+    2        this regbn                                         int64 ``[len(f), *f, len(g), *g,
+                                                                projection, options]``, or ``[-1,
+                                                                projection, options]`` when lazy;
+                                                                read strictly
+    =======  =================================================  ==================================
+    """
+
+    _version = 2
+    # The Adam moments and the λ⁺ history stay in the solve dtype of their device (RegBN._apply).
+    _SOLVE_DTYPE_BUFFERS = ("adam_m", "adam_v", "lambda_history")
 
     f_shape: tuple[int, ...] | None
     g_shape: tuple[int, ...] | None
@@ -93,6 +166,25 @@ class StateMixin(nn.Module):
     normalize_output: bool
     affine: bool
     max_projection_bytes: int
+
+    def _register_buffers(self) -> None:
+        """Register every buffer of the layer; the one place that lists them, their dtypes and
+        whether a checkpoint holds them (in state-dict order; W last, uninitialised until the
+        shapes are known)."""
+        self.register_buffer("adam_m", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("adam_v", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        self.register_buffer(
+            "lambda_history", torch.full((_HISTORY,), math.nan, dtype=torch.float64)
+        )
+        # Not saved: why the last batch run as one graph (torch.compile, CUDA-graph capture)
+        # was rejected, 0 when none was (see RegBN.check_status).
+        self.register_buffer("rejected", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self._set_W(None)
+
+    def _set_W(self, W: Tensor | None) -> None:
+        """(Re)assign W; None makes it uninitialised, as a lazy layer's before its shapes."""
+        self.register_buffer("W", nn.parameter.UninitializedBuffer() if W is None else W)
 
     def _w_shape(self, f_shape: Sequence[int], g_shape: Sequence[int]) -> tuple[int, int]:
         """W's shape: (Dg, Df), or (Cg, Cf) for projection='channel'."""
@@ -130,7 +222,7 @@ class StateMixin(nn.Module):
             W = torch.zeros(*self._w_shape(f_shape, g_shape), device=device, dtype=dtype)
         for name, m in norms.items():
             setattr(self, name, m)
-        self.register_buffer("W", W)
+        self._set_W(W)
         self.f_shape, self.g_shape = f_shape, g_shape
 
     def _materialize(self, f: Tensor, g: Tensor) -> None:
@@ -148,7 +240,7 @@ class StateMixin(nn.Module):
         for name in NORMS:
             if name in self._modules:
                 delattr(self, name)
-        self.register_buffer("W", nn.parameter.UninitializedBuffer())
+        self._set_W(None)
         self.f_shape = self.g_shape = None
         self._declared = declared
 
@@ -243,9 +335,14 @@ class StateMixin(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        key = prefix + "_extra_state"
+        shapes, projection, options = None, self.projection, {}
+        if key in state_dict:
+            state = self._migrate(state_dict[key], local_metadata.get("version"), prefix)
+            state_dict = {**state_dict, key: state}
+            shapes, projection, options = _decode(state, prefix)
         w = state_dict.get(prefix + "W")
-        shapes, projection, options = _decode_state(state_dict.get(prefix + "_extra_state"))
-        for name, saved in (options or {}).items():
+        for name, saved in options.items():
             mine = getattr(self, name)
             if saved != mine:
                 # Eval outputs would differ from the saved model's; training-only options
@@ -255,7 +352,7 @@ class StateMixin(nn.Module):
                     f"layer has {name}={mine}; build it with RegBN(..., {name}={saved}) (in "
                     f"regbn.insert, pass {name}={saved}) to load it"
                 )
-        if projection is not None and projection != self.projection:
+        if projection != self.projection:
             # Raised before torch loads this layer's norms (its children), so nothing changes.
             raise RegBNValueError(
                 f"RegBN {prefix!r}: the checkpoint was saved with projection={projection!r} but "
@@ -291,6 +388,21 @@ class StateMixin(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _migrate(self, state, version: int | None, prefix: str):
+        """A saved extra state of ``version`` in the current layout (see the class docstring)."""
+        # A state dict copied into a plain dict loses torch's metadata, and with it the
+        # version; version 1's reader reads every layout, the current one included.
+        version = 1 if version is None else version
+        if version > self._version:
+            raise RegBNValueError(
+                f"RegBN {prefix!r}: the checkpoint is of version {version} (in "
+                f"state_dict._metadata), newer than this regbn reads (up to {self._version}); "
+                "upgrade regbn to load it"
+            )
+        for v in range(version, self._version):
+            state = _MIGRATIONS[v](state, self)
+        return state
+
     def get_extra_state(self) -> Tensor:
         """The feature shapes, the projection and the eval options as an int64 tensor
         ``[len(f), *f, len(g), *g, projection, options]`` (``[-1, projection, options]`` when
@@ -301,14 +413,13 @@ class StateMixin(nn.Module):
         the ONNX exporters) accept the layer.
         """
         fs, gs = self.f_shape, self.g_shape
-        code = _PROJECTION_CODES[self.projection]
-        options = sum(int(bool(getattr(self, name))) << i for i, name in enumerate(EVAL_OPTIONS))
-        if fs is None or gs is None:
-            return torch.tensor([-1, code, options], dtype=torch.long)
-        return torch.tensor([len(fs), *fs, len(gs), *gs, code, options], dtype=torch.long)
+        shapes = None if fs is None or gs is None else (fs, gs)
+        return _encode(shapes, self.projection, _option_bits(self))
 
     def set_extra_state(self, state) -> None:
-        shapes, _, _ = _decode_state(state)
+        """Check the saved shapes against the layer's (the state comes migrated to the current
+        layout by :meth:`_load_from_state_dict`)."""
+        shapes, _, _ = _decode(state)
         if shapes is None:
             return
         for key, saved, mine in zip(

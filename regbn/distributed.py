@@ -46,6 +46,28 @@ class SyncRegBN(RegBN):
     Its input normalisation, λ⁺, W_batch, the residual and the running update equal those of
     one process holding the concatenated batch, and so do the input gradients when each rank's
     loss is summed. Eval mode needs no communication. Build it with :func:`convert_sync_regbn`.
+    With no process group initialised (or one rank) it is a RegBN.
+
+    Args:
+        f_num_channels, g_num_channels, f_layer_dim, g_layer_dim, ...: as `regbn.RegBN`,
+            whose constructor it shares.
+        process_group: an attribute, not a constructor argument: the ranks whose batches form
+            the global batch (None, the default: the world). `convert_sync_regbn` sets it.
+
+    Returns:
+        ``forward(f, g)`` returns ``(f_r, g_out)`` for this rank's samples, as `regbn.RegBN`
+        does for the global batch.
+
+    Raises:
+        RegBNValueError: as `regbn.RegBN`; in training across ranks, a batch refused on any
+            rank (every rank raises, naming the refusing ranks and their messages; a
+            ``RegBNTypeError`` there becomes this error), or an empty batch on a rank.
+        RegBNTypeError: as `regbn.RegBN`, except in a training step across ranks (above).
+
+    Example:
+        >>> torch.distributed.init_process_group("nccl")  # one process per GPU (torchrun)
+        >>> layer = regbn.convert_sync_regbn(RegBN(512, 64, [], [7, 7])).cuda()
+        >>> f_r, g_out = layer(f, g)  # λ⁺ and W_batch from every rank's f and g together
     """
 
     process_group = None
@@ -114,6 +136,25 @@ def convert_sync_regbn(module: nn.Module, process_group=None) -> nn.Module:
     parameters and buffers, and ``process_group`` (default: the world) is the set of ranks whose
     batches form the global batch. Works on plain models and on models patched by
     :func:`regbn.insert`. With no process group initialised the layers behave as before.
+
+    Args:
+        module: a model (or one RegBN layer) holding RegBN layers at any depth.
+        process_group: the ``torch.distributed`` group whose ranks' batches are solved
+            together; None (the default) is the world. A SyncRegBN already in ``module`` is
+            moved to this group.
+
+    Returns:
+        ``module`` itself with each RegBN submodule replaced in place; for a RegBN given
+        alone, a new SyncRegBN sharing its parameters, buffers and norms.
+
+    Raises:
+        RegBNTypeError: ``module`` is not an ``nn.Module``.
+
+    Example:
+        >>> torch.distributed.init_process_group("nccl")  # one process per GPU (torchrun)
+        >>> patched = regbn.insert(model, pairs="auto", example_inputs=(gray, colored))
+        >>> model = regbn.convert_sync_regbn(patched).to(rank)
+        >>> model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
     """
     if not isinstance(module, nn.Module):
         raise RegBNTypeError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,8 +28,6 @@ from .errors import RegBNTypeError, RegBNValueError
 from .solver import NonFiniteGuard, solve_batch, solve_dtype
 
 __all__ = ["RegBN", "NormSpec", "eval_maths", "layer_norm", "norm_spec"]
-
-_HISTORY = 32  # λ⁺ values kept in the ``lambda_history`` buffer
 
 # ``verbose`` reports each training batch here; enable it with logging.basicConfig(level=INFO)
 # or logging.getLogger("regbn").setLevel(logging.INFO) and a handler.
@@ -105,8 +102,36 @@ class RegBN(StateMixin):
             (sample, position) rows, when f and g have the same spatial size; an opt-in
             extension for feature maps whose full W cannot fit.
 
-    Example::
+    Returns:
+        ``forward(f, g)`` returns ``(f_r, g_out)`` with the shapes of f and g, both in f's
+        dtype (float32 for a half-precision f under autocast): f_r is f without the part of
+        it that g explains linearly (then LayerNorm'd when ``normalize_output``), g_out is g
+        through the layer's norms (``normalize_input``, ``normalize_output``). A
+        training-mode call also updates the running W, the Adam moments, the batch counter
+        and the λ⁺ history.
 
+    Raises:
+        RegBNValueError: at construction, an option out of its range (``beta1``/``beta2``
+            outside [0, 1), ``momentum`` outside (0, 1], ``sigma_THR`` outside [0, 1),
+            ``sigma_MIN`` negative or not finite, an unknown ``lambda_rule`` or
+            ``projection``), dims that are not positive ints, a W larger than
+            ``max_projection_bytes``, or ``projection="channel"`` for f and g of different
+            spatial sizes (the last two also when a lazy layer takes its shapes). In forward:
+            f or g without a batch dim, with other batch sizes, other shapes than declared, or
+            on another device than the layer; in training, a batch of fewer than 2 samples,
+            non-finite values in f or g, a scale that overflows the solve (the batch is
+            rejected, no buffer changes), a training-mode layer under export, tracing or
+            ``torch.func``; a lazy layer's first batch of fake or meta tensors; the error of a
+            batch a compiled step rejected (see :meth:`check_status`). In
+            ``load_state_dict``: a checkpoint saved with other shapes, another projection or
+            other eval options (``normalize_input``, ``normalize_output``, ``affine``), or of
+            a newer version than this regbn reads.
+        RegBNTypeError: f or g not a floating-point tensor; ``torch.jit.script`` of the
+            layer.
+        RuntimeError: from backward, a second derivative through a training step
+            (``create_graph=True``).
+
+    Example:
         >>> layer = RegBN(512, 64, [], [7, 7])
         >>> f_r, g_out = layer(torch.randn(50, 512), torch.randn(50, 64, 7, 7))
         >>> layer.last_lambda  # λ⁺ of that batch
@@ -117,7 +142,6 @@ class RegBN(StateMixin):
     adam_v: Tensor
     num_batches_tracked: Tensor
     lambda_history: Tensor
-    _SOLVE_DTYPE_BUFFERS = ("adam_m", "adam_v", "lambda_history")
     projection = "full"  # the default, also for layers pickled before the option existed
 
     def __init__(
@@ -157,25 +181,16 @@ class RegBN(StateMixin):
         self.max_projection_bytes = int(max_projection_bytes)
         self.projection = projection
 
-        self.register_buffer("adam_m", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("adam_v", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-        self.register_buffer(
-            "lambda_history", torch.full((_HISTORY,), math.nan, dtype=torch.float64)
-        )
-
-        # Non-persistent: why the last batch run as one graph (torch.compile, CUDA-graph
-        # capture) was rejected, 0 when none was (see check_status).
-        self.register_buffer("rejected", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self._register_buffers()
         self._status_pending = False
 
         self.f_shape: tuple[int, ...] | None = None
         self.g_shape: tuple[int, ...] | None = None
         self._work: Tensor | None = None
         if f_num_channels is None or g_num_channels is None:
-            # Lazy, like nn.LazyBatchNorm: shapes come from the first batch or a checkpoint.
+            # Lazy, like nn.LazyBatchNorm: shapes (and W) come from the first batch or a
+            # checkpoint.
             self._declared = (f_num_channels, g_num_channels, f_layer_dim, g_layer_dim)
-            self.register_buffer("W", nn.parameter.UninitializedBuffer())
         else:
             self._declared = None
             self._build(
