@@ -175,11 +175,15 @@ def graph_solve(
         dr = torch.where(kept, -lam * inv.square(),
                          torch.where(thr, -sigma_MIN / (2 * sq * den_t), zero))
         g_r = torch.where(both, -lam * inv[:, None] * inv[None, :], _divided(e, r, dr))
-        f_r = _spectral(U, r, g_r, dK) @ F64
+        P = U.mT @ dK @ U  # UᵀdKU, zero-valued: the gradient's way into K
+        f_r = (((U * r) @ U.mT) + U @ (g_r * P) @ U.mT) @ F64
         dr_dlam = torch.where(kept, e * inv.square(), torch.where(thr, sigma_MIN * sq / den_t**2,
                                                                   zero))
-        sens = ((U * dr_dlam) @ C).detach()
-        X = (U * nfun) @ C  # N F, detached
+        # N F, the λ-sensitivity of f_r and (for the paper's rule) H F with h = e·n², whose
+        # ‖W‖² = tr(Fᵀ H F), in one product: three thin GEMMs cost three times one.
+        weights = [nfun, dr_dlam] + ([e * nfun.square()] if rule == "paper" and need_grad else [])
+        rows = torch.cat([U * w for w in weights]) @ C
+        X, sens = rows[:B], rows[B : 2 * B]
         W_batch = G.detach().to(w_dtype).mT @ X.to(w_dtype)
 
     if need_grad:
@@ -188,9 +192,17 @@ def graph_solve(
             if primal:
                 phi = W.square().sum()
             else:
-                g_n = torch.where(both, -inv[:, None] * inv[None, :], _divided(e, nfun, dn))
-                Xa = _spectral(U, nfun, g_n, dK) @ F64
-                phi = (Xa * (K @ Xa)).sum()
+                # φ = tr(Fᵀ h(K) F): dφ = 2⟨H F, dF⟩ + ⟨Γ_h ∘ UᵀdKU, UᵀF FᵀU⟩ (Daleckii–Krein),
+                # written as zero-valued terms with no product of B×Df size in the backward.
+                # h = e/(e + λ)² where kept; σ_MIN²/(σ_MIN² + λ)², constant, where thresholded.
+                h = e * nfun.square()
+                dh = torch.where(kept, (inv - 2 * e * inv.square()) * inv, zero)
+                # Between kept values Γ_h = (λ² − e_i e_j)/((e_i + λ)²(e_j + λ)²) exactly.
+                i2 = inv.square()
+                g_h = torch.where(both, (lam.square() - e[:, None] * e[None, :]) * i2[:, None]
+                                  * i2[None, :], _divided(e, h, dh))
+                HF = rows[2 * B :]
+                phi = 2 * (HF * (F64 - F64.detach())).sum() + (g_h * P * (C @ C.mT)).sum()
         else:
             # φ = tr q(K), q = s̃⁴/(s̃² + λ)²: dφ = ⟨U diag(q') Uᵀ, dK⟩, q' = 2eλ/(e + λ)³ kept.
             dq = torch.where(kept, 2 * e * lam * inv.pow(3), zero)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -531,8 +532,8 @@ class RegBN(StateMixin):
         m, v = self.adam_m.view(1), self.adam_v.view(1)
         m_new = torch.lerp(m, d, 1 - self.beta1)
         v_new = torch.lerp(v, d * d, 1 - self.beta2)
-        m_hat = m_new / (1 - torch.pow(self.beta1, t))
-        v_hat = v_new / (1 - torch.pow(self.beta2, t))
+        m_hat = m_new / _bias_correction(self.beta1, t)
+        v_hat = v_new / _bias_correction(self.beta2, t)
         eta = (m_hat / (v_hat.sqrt() + 1e-8) * self.momentum).to(self.W.dtype)
         self.W.copy_(torch.where(ok, torch.addcmul(self.W, D, eta), self.W))
         m.copy_(torch.where(ok, m_new, m))
@@ -571,10 +572,23 @@ class RegBN(StateMixin):
         m, v = self.adam_m.view(1), self.adam_v.view(1)
         m.lerp_(d, 1 - self.beta1)
         v.lerp_(d * d, 1 - self.beta2)
-        m_hat = m / (1 - torch.pow(self.beta1, t))
-        v_hat = v / (1 - torch.pow(self.beta2, t))
+        m_hat = m / _bias_correction(self.beta1, t)
+        v_hat = v / _bias_correction(self.beta2, t)
         eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
         self.W.addcmul_(D, eta.to(self.W.dtype))
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
         self.lambda_history[-1:].fill_(lam)
+
+
+def _bias_correction(beta: float, t: Tensor) -> Tensor:
+    """1 − βᵗ (Adam's bias correction) for the step count t on the device.
+
+    Written with exp rather than ``torch.pow(beta, t)`` (or expm1): under torch.compile a
+    scalar feeding the Dg×Df update of W is computed inside that update's loop, and inductor's
+    C++ then calls ``std::pow`` (or ``expm1``) once per vector of W, a 5–7× slower update at
+    3136×512; its exp costs nothing there. Equal to ``1 - beta**t`` to round-off.
+    """
+    if beta == 0.0:
+        return torch.ones_like(t)
+    return 1 - torch.exp(t * math.log(beta))

@@ -59,6 +59,8 @@ NUMERIC = {
     "f64-paper-dual": ((16,), (2, 3, 3), 8, torch.float64, {}),
     "f64-official-primal": ((5,), (3,), 12, torch.float64, dict(lambda_rule="official")),
     "f32-official-options": ((2, 4, 4), (3, 4, 4), 6, torch.float32, OFFICIAL),
+    "f64-paper-dual-thresholds": ((16,), (2, 3, 3), 8, torch.float64,
+                                  dict(sigma_THR=0.6, sigma_MIN=0.3)),
     "f64-channel-thresholds": ((2, 3, 3), (3, 3, 3), 3, torch.float64,
                                dict(projection="channel", sigma_THR=0.5, sigma_MIN=0.3,
                                     normalize_input=True, affine=True)),
