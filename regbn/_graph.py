@@ -14,8 +14,9 @@ batch. Here every decision stays on the device:
   for the next eager call (or :meth:`regbn.RegBN.check_status`) to raise.
 
 The residual and W are spectral functions of the Gram K (f(K) = U diag(h(e)) Uᵀ). Their
-gradients are written as plain ops (the Daleckii–Krein formula: d f(K) = U (Γ ∘ Uᵀ dK U) Uᵀ with
-Γ the divided differences of h), added as terms whose value is zero, so that autograd gives the
+gradients come from the Daleckii–Krein formula (d f(K) = U (Γ ∘ Uᵀ dK U) Uᵀ with
+Γ the divided differences of h), added as terms whose value is zero (`_Spectral`, whose forward
+computes nothing), so that autograd gives the
 exact first-order gradient, λ⁺'s dependence on F and G included (implicit function theorem),
 without differentiating through ``eigh``.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from ._autograd import first_order_only
 from ._norms import run_norm
 from ._spectrum import _input_eps, gram, solve_dtype
 
@@ -89,11 +91,27 @@ def _divided(e: Tensor, h: Tensor, hp: Tensor) -> Tensor:
     return torch.where(close, 0.5 * (hp[:, None] + hp[None, :]), dh / torch.where(close, 1.0, de))
 
 
-def _spectral(U: Tensor, h: Tensor, gamma: Tensor, dK: Tensor) -> Tensor:
-    """U diag(h) Uᵀ, plus the zero-valued term U (Γ ∘ Uᵀ dK U) Uᵀ that carries its gradient
-    (dK = K − K.detach())."""
-    value = (U * h) @ U.mT
-    return value + U @ (gamma * (U.mT @ dK @ U)) @ U.mT
+class _Spectral(torch.autograd.Function):
+    """Zero in value; in K, the gradient of the spectral part of a matrix function applied to X.
+
+    For f(K) = U diag(h(e)) Uᵀ, d f(K) X = U (Γ ∘ UᵀdKU) Uᵀ X (Daleckii–Krein, Γ the divided
+    differences of h), so ⟨gY, d f(K) X⟩ = ⟨dK, U (Γ ∘ (UᵀgY)(UᵀX)ᵀ) Uᵀ⟩. Added to the value
+    U diag(h) UᵀX, it makes autograd's gradient in K exact without differentiating ``eigh``;
+    its forward computes nothing (a zero-valued product would cost four GEMMs of U's size).
+    ``Y`` is UᵀX, detached.
+    """
+
+    @staticmethod
+    def forward(ctx, K: Tensor, U: Tensor, gamma: Tensor, Y: Tensor) -> Tensor:
+        ctx.save_for_backward(U, gamma, Y)
+        return Y.new_zeros(U.shape[0], Y.shape[1]).to(K.dtype)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, gY: Tensor):
+        U, gamma, Y = ctx.saved_tensors
+        A = (U.mT @ gY.to(U.dtype)) @ Y.mT
+        return U @ (gamma * A) @ U.mT, None, None, None
 
 
 def graph_solve(
@@ -160,12 +178,11 @@ def graph_solve(
                      torch.where(thr, -sigma_MIN / (2 * sq * es * den_t), zero))
     dn_dlam = torch.where(kept, -inv.square(), torch.where(thr, -sigma_MIN / (sq * den_t**2), zero))
     both = kept[:, None] & kept[None, :]
-    dK = K - K.detach()
 
     if primal:
         g_n = torch.where(both, -inv[:, None] * inv[None, :], _divided(e, nfun, dn))
-        N = _spectral(U, nfun, g_n, dK)
-        W = N @ GtF
+        # W = N(K) GᵀF: the value through GᵀF, the gradient in K through _Spectral.
+        W = (U * nfun) @ (U.mT @ GtF) + _Spectral.apply(K, U, g_n, Q)
         f_r = F64 - G64 @ W
         sens = -(G64 @ ((U * dn_dlam) @ Q)).detach()
         W_batch = W.detach().to(w_dtype)
@@ -175,8 +192,7 @@ def graph_solve(
         dr = torch.where(kept, -lam * inv.square(),
                          torch.where(thr, -sigma_MIN / (2 * sq * den_t), zero))
         g_r = torch.where(both, -lam * inv[:, None] * inv[None, :], _divided(e, r, dr))
-        P = U.mT @ dK @ U  # UᵀdKU, zero-valued: the gradient's way into K
-        f_r = (((U * r) @ U.mT) + U @ (g_r * P) @ U.mT) @ F64
+        f_r = ((U * r) @ U.mT) @ F64 + _Spectral.apply(K, U, g_r, C)
         dr_dlam = torch.where(kept, e * inv.square(), torch.where(thr, sigma_MIN * sq / den_t**2,
                                                                   zero))
         # N F, the λ-sensitivity of f_r and (for the paper's rule) H F with h = e·n², whose
@@ -192,8 +208,8 @@ def graph_solve(
             if primal:
                 phi = W.square().sum()
             else:
-                # φ = tr(Fᵀ h(K) F): dφ = 2⟨H F, dF⟩ + ⟨Γ_h ∘ UᵀdKU, UᵀF FᵀU⟩ (Daleckii–Krein),
-                # written as zero-valued terms with no product of B×Df size in the backward.
+                # φ = tr(Fᵀ h(K) F): dφ = 2⟨H F, dF⟩ + ⟨d h(K) F, F⟩ (Daleckii–Krein), written
+                # as zero-valued terms.
                 # h = e/(e + λ)² where kept; σ_MIN²/(σ_MIN² + λ)², constant, where thresholded.
                 h = e * nfun.square()
                 dh = torch.where(kept, (inv - 2 * e * inv.square()) * inv, zero)
@@ -202,11 +218,12 @@ def graph_solve(
                 g_h = torch.where(both, (lam.square() - e[:, None] * e[None, :]) * i2[:, None]
                                   * i2[None, :], _divided(e, h, dh))
                 HF = rows[2 * B :]
-                phi = 2 * (HF * (F64 - F64.detach())).sum() + (g_h * P * (C @ C.mT)).sum()
+                spectral = _Spectral.apply(K, U, g_h, C)
+                phi = (2 * HF * (F64 - F64.detach()) + spectral * F64.detach()).sum()
         else:
             # φ = tr q(K), q = s̃⁴/(s̃² + λ)²: dφ = ⟨U diag(q') Uᵀ, dK⟩, q' = 2eλ/(e + λ)³ kept.
             dq = torch.where(kept, 2 * e * lam * inv.pow(3), zero)
-            phi = ((U * dq) @ U.mT * dK).sum()
+            phi = ((U * dq) @ U.mT * (K - K.detach())).sum()
         delta = -(phi - phi.detach()) / torch.where(slope < 0, slope, -1.0)
         delta = torch.where(lam > 0, delta, 0.0)
         f_r = f_r + delta * sens

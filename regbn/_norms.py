@@ -71,7 +71,13 @@ _RESCALE_EXP_DEFAULT = 40  # float32 and narrower
 
 
 def layer_norm(
-    x: Tensor, shape: Sequence[int], weight, bias, eps: float, dtype: torch.dtype | None = None
+    x: Tensor,
+    shape: Sequence[int],
+    weight,
+    bias,
+    eps: float,
+    dtype: torch.dtype | None = None,
+    host: bool = False,
 ) -> Tensor:
     """LayerNorm over the last dims, of sizes ``shape`` (as nn.LayerNorm), safe from overflow.
 
@@ -82,8 +88,15 @@ def layer_norm(
     ε is left unscaled: σ'² is at least the square of the float grid's spacing at 2ᵏ, so ε/σ'²
     lies below the dtype's round-off. t is a constant for autograd: the result does not depend
     on it, so the gradient is exact. ``dtype``: x's (given where x is an fx Proxy).
+
+    ``host``: where x is a plain CPU tensor in eager mode, read max|x| on the host (no device
+    to wait for) and, when every sample is within 2ᵏ, run the plain LayerNorm alone, the same
+    numbers with six ops fewer (eval at small shapes is bound by the number of ops). Elsewhere
+    (CUDA, compile, export, fold's graph, fake tensors, torch.func) the rescaled form runs.
     """
     k = _RESCALE_EXP.get(x.dtype if dtype is None else dtype, _RESCALE_EXP_DEFAULT)
+    if host and _within(x, 2.0**k):
+        return TF.layer_norm(x, list(shape), weight, bias, eps)  # what t = 1 computes below
     dims = tuple(range(-len(shape), 0))
     # max|x| as max(max x, −min x): no temporary the size of x, and two vectorised
     # reductions (several times faster on the CPU than vector_norm(x, inf) or aminmax).
@@ -93,14 +106,30 @@ def layer_norm(
     return TF.layer_norm(x / t, list(shape), weight, bias, eps)
 
 
-def apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """One norm in eval form, its tensors cast to the compute ``dtype``."""
+def _within(x: Tensor, limit: float) -> bool:
+    """max|x| ≤ limit, read on the host, for a plain CPU tensor in eager mode; else False."""
+    if (
+        type(x) is not Tensor
+        or x.device.type != "cpu"
+        or x.numel() == 0
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return False
+    lo, hi = torch.aminmax(x.detach())
+    return max(float(hi), -float(lo)) <= limit  # False for NaN: the rescaled form then runs
+
+
+def apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype, host: bool = False) -> Tensor:
+    """One norm in eval form, its tensors cast to the compute ``dtype`` (``host``: see
+    :func:`layer_norm`)."""
     if spec is None:
         return x
-    cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731
     if spec[0] == "layer":
         _, shape, weight, bias, eps = spec
-        return layer_norm(x, shape, cast(weight), cast(bias), eps, dtype)
+        return layer_norm(x, shape, cast(weight), cast(bias), eps, dtype, host)
     _, mean, var, weight, bias, eps = spec
     return TF.batch_norm(x, cast(mean), cast(var), cast(weight), cast(bias), False, 0.0, eps)
 
@@ -123,6 +152,7 @@ def eval_maths(
     g_shape: Sequence[int],
     dtype: torch.dtype,
     projection: str = "full",
+    host: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """RegBN in eval mode as plain torch ops: ``f_r = F − G·W`` between the norms.
 
@@ -133,19 +163,21 @@ def eval_maths(
         dtype: the compute dtype (float32 or float64); inputs, W and the norms' tensors are cast
             to it, the outputs stay in it.
         projection: ``"full"`` or ``"channel"``, as the layer's.
+        host: the layer's eager call: a LayerNorm may read its input's scale on the host (see
+            :func:`layer_norm`); the graphs of fold and the exporters leave it False.
 
     Sizes come from ``f_shape``/``g_shape``, never from data, so the graph exports with a
     symbolic batch size, and an empty batch gives empty outputs.
     """
     nf, ng, nfo, ngo = norms
-    f = apply_spec(nf, f.to(dtype), dtype)
-    g = apply_spec(ng, g.to(dtype), dtype)
+    f = apply_spec(nf, f.to(dtype), dtype, host)
+    g = apply_spec(ng, g.to(dtype), dtype, host)
     channel = projection == "channel"
     f_r = torch.addmm(
         as_rows(f, f_shape, channel), as_rows(g, g_shape, channel), W.to(dtype), alpha=-1
     )
     f_r = from_rows(f_r, f_shape, channel)
-    return apply_spec(nfo, f_r, dtype), apply_spec(ngo, g, dtype)
+    return apply_spec(nfo, f_r, dtype, host), apply_spec(ngo, g, dtype, host)
 
 
 def as_rows(x: Tensor, shape: Sequence[int], channel: bool) -> Tensor:

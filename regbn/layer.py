@@ -348,7 +348,7 @@ class RegBN(StateMixin):
         with guard:
             norms = [norm_spec(m) for m in self._norms()]
             f_r, g_n = eval_maths(
-                f, g, self.W, norms, fs, gs, self._compute_dtype(f), self.projection
+                f, g, self.W, norms, fs, gs, self._compute_dtype(f), self.projection, host=True
             )
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
