@@ -126,7 +126,9 @@ def apply_spec(spec: NormSpec, x: Tensor, dtype: torch.dtype, host: bool = False
     :func:`layer_norm`)."""
     if spec is None:
         return x
-    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731
+    def cast(t):  # a tensor already in dtype as it is; an fx Proxy is always cast
+        return t if t is None or (isinstance(t, Tensor) and t.dtype == dtype) else t.to(dtype)
+
     if spec[0] == "layer":
         _, shape, weight, bias, eps = spec
         return layer_norm(x, shape, cast(weight), cast(bias), eps, dtype, host)
