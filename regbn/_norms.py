@@ -23,6 +23,7 @@ __all__ = [
     "apply_spec",
     "as_rows",
     "eval_maths",
+    "host_reads",
     "from_rows",
     "input_norm",
     "layer_norm",
@@ -89,10 +90,11 @@ def layer_norm(
     lies below the dtype's round-off. t is a constant for autograd: the result does not depend
     on it, so the gradient is exact. ``dtype``: x's (given where x is an fx Proxy).
 
-    ``host``: where x is a plain CPU tensor in eager mode, read max|x| on the host (no device
-    to wait for) and, when every sample is within 2ᵏ, run the plain LayerNorm alone, the same
-    numbers with six ops fewer (eval at small shapes is bound by the number of ops). Elsewhere
-    (CUDA, compile, export, fold's graph, fake tensors, torch.func) the rescaled form runs.
+    ``host``: the caller found that x may be read on the host (:func:`host_reads`: a plain
+    CPU tensor in eager mode, no device to wait for); max|x| is read and, when every sample is
+    within 2ᵏ, the plain LayerNorm runs alone, the same numbers with six ops fewer (eval at
+    small shapes is bound by the number of ops). Elsewhere (CUDA, compile, export, fold's
+    graph, fake tensors, torch.func) the rescaled form runs.
     """
     k = _RESCALE_EXP.get(x.dtype if dtype is None else dtype, _RESCALE_EXP_DEFAULT)
     if host and _within(x, 2.0**k):
@@ -106,18 +108,23 @@ def layer_norm(
     return TF.layer_norm(x / t, list(shape), weight, bias, eps)
 
 
+def host_reads(x: Tensor) -> bool:
+    """Whether a call on ``x`` may read values on the host: a plain CPU tensor in eager mode
+    (not under compile, jit.trace, fake tensors or torch.func), where a read waits for nothing."""
+    return (
+        type(x) is Tensor
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
 def _within(x: Tensor, limit: float) -> bool:
-    """max|x| ≤ limit, read on the host, for a plain CPU tensor in eager mode; else False."""
-    if (
-        type(x) is not Tensor
-        or x.device.type != "cpu"
-        or x.numel() == 0
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-    ):
+    """max|x| ≤ limit, read on the host (the caller checked `host_reads`)."""
+    if type(x) is not Tensor or x.numel() == 0:
         return False
-    lo, hi = torch.aminmax(x.detach())
+    lo, hi = torch.aminmax(x.detach() if x.requires_grad else x)
     return max(float(hi), -float(lo)) <= limit  # False for NaN: the rescaled form then runs
 
 

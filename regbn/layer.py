@@ -19,6 +19,7 @@ from ._norms import (
     as_rows,
     eval_maths,
     from_rows,
+    host_reads,
     layer_norm,
     norm_spec,
     run_norm,
@@ -348,7 +349,8 @@ class RegBN(StateMixin):
         with guard:
             norms = [norm_spec(m) for m in self._norms()]
             f_r, g_n = eval_maths(
-                f, g, self.W, norms, fs, gs, self._compute_dtype(f), self.projection, host=True
+                f, g, self.W, norms, fs, gs, self._compute_dtype(f), self.projection,
+                host=host_reads(f),
             )
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)
