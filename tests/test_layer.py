@@ -624,6 +624,30 @@ def test_layer_norm_matches_torch_and_survives_extremes():
     assert torch.autograd.gradcheck(lambda t: regbn.layer.layer_norm(t, (3, 5), w, b, 1e-5), (x,))
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e15, 1e25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_host_read_layer_norm_is_the_rescaled_one_bit_for_bit(scale, dtype):
+    """Eager eval reads max|x| on the host and skips the rescaling when no sample needs it;
+    the numbers are those of the graph form (fold, export, compile), within 2**k or beyond."""
+    from regbn._norms import host_reads, layer_norm
+
+    x = torch.randn(6, 3, 5, dtype=dtype) * torch.tensor([1.0, scale, 1e-3] * 2,
+                                                        dtype=dtype)[:, None, None]
+    w, b = torch.randn(3, 5, dtype=dtype), torch.randn(3, 5, dtype=dtype)
+    assert host_reads(x)
+    assert torch.equal(layer_norm(x, (3, 5), w, b, 1e-5, host=True),
+                       layer_norm(x, (3, 5), w, b, 1e-5))
+    layer = make((5,), (3,), normalize_input=True, affine=True).to(dtype)
+    layer(*batch(8, (5,), (3,), dtype=dtype))
+    layer.eval()
+    f, g = x[:, 0], x[:, :, 0]  # (6, 5) and (6, 3), one sample at the large scale
+    specs = [regbn.layer.norm_spec(m) for m in layer._norms()]
+    with torch.no_grad():
+        eager = layer(f, g)
+        graph = regbn.layer.eval_maths(f, g, layer.W, specs, (5,), (3,), dtype)  # as fold's
+    assert torch.equal(eager[0], graph[0]) and torch.equal(eager[1], graph[1])
+
+
 def test_input_statistics_that_overflow_are_rejected_without_touching_buffers():
     fs, gs = LAYER_SHAPES["map2d"]  # the input norm is a BatchNorm2d: its variance overflows
     layer = make(fs, gs, normalize_input=True)
