@@ -21,7 +21,7 @@ from ._norms import input_norm, output_norm
 from ._spectrum import solve_dtype
 from .errors import RegBNValueError
 
-__all__ = ["NORMS", "StateMixin"]
+__all__ = ["NORMS", "StateMixin", "mean_abs"]
 
 # torch's type stubs omit this base class of UninitializedBuffer and UninitializedParameter.
 _UNINITIALIZED: type = getattr(nn.parameter, "UninitializedTensorMixin")  # noqa: B009
@@ -456,21 +456,18 @@ class StateMixin(nn.Module):
             return torch.maximum(hi, lo.neg()).to(solve_dtype(self.W.device))
 
 
-def running_delta(work: Tensor, W: Tensor, block: int = 1 << 18) -> tuple[Tensor, Tensor]:
-    """(D, mean |D|) for D = W_batch − W, written over W_batch in ``work``: one pass over W.
+def mean_abs(D: Tensor, block: int = 1 << 18) -> Tensor:
+    """mean |D| (0-dim), for the running update's step size: one pass over D.
 
-    On the CPU each block of D is summed while it is in cache (|D| through a small reused
-    buffer: a Dg×Df temporary costs a pass and page faults); elsewhere one L1 reduction with no
+    On the CPU each block is summed while it is in cache (|D| through a small reused buffer: a
+    Dg×Df temporary costs a pass and page faults); elsewhere one L1 reduction with no
     temporary. The block sums are added in float64 where the device has it.
     """
-    if work.device.type != "cpu" or not (work.is_contiguous() and W.is_contiguous()):
-        D = work.sub_(W)
-        return D, torch.linalg.vector_norm(D, 1) / max(D.numel(), 1)
-    x, w = work.reshape(-1), W.reshape(-1)
+    if D.device.type != "cpu" or not D.is_contiguous():
+        return torch.linalg.vector_norm(D, 1) / max(D.numel(), 1)
+    x = D.reshape(-1)
     buf = torch.empty(min(block, x.numel()), dtype=x.dtype)
-    sums = []
-    for i in range(0, x.numel(), block):
-        n = min(block, x.numel() - i)
-        sums.append(torch.abs(x[i : i + n].sub_(w[i : i + n]), out=buf[:n]).sum())
+    sums = [torch.abs(x[i : i + block], out=buf[: min(block, x.numel() - i)]).sum()
+            for i in range(0, x.numel(), block)]
     total = torch.stack(sums).sum(dtype=torch.float64) if sums else x.new_zeros(())
-    return work, total / max(x.numel(), 1)
+    return total / max(x.numel(), 1)

@@ -25,7 +25,7 @@ from ._norms import (
     run_norm,
 )
 from ._phases import phase
-from ._state import StateMixin, running_delta
+from ._state import StateMixin, mean_abs
 from .errors import RegBNTypeError, RegBNValueError
 from .solver import NonFiniteGuard, solve_batch, solve_dtype
 
@@ -412,9 +412,10 @@ class RegBN(StateMixin):
                 # The Gram of finite inputs overflowed (float64 features of size 1e200).
                 raise _checks.solve_failed(f, g, self.normalize_input) from err
             with phase("w_batch"):
-                # D = W_batch − W, written where W_batch was formed: one Dg×Df pass fewer than
-                # lerp.
-                D, d = running_delta(sol.projection(out=self._workspace()), self.W)
+                # D = W_batch − W, subtracted by the GEMM that forms W_batch (no Dg×Df pass of
+                # its own), then its mean |D| in one pass.
+                D = sol.delta(self.W, out=self._workspace())
+                d = mean_abs(D)
             with phase("output_norms"):
                 f_r = self._norm(self.norm_f_out, from_rows(sol.f_r, f.shape[1:], channel), True)
                 g_out = self._norm(self.norm_g_out, g_n, True)
