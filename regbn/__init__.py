@@ -1,7 +1,7 @@
 """regbn: RegBN multimodal normalisation, solved exactly, and torch.fx surgery to splice it in."""
 
 from .distributed import convert_sync_regbn
-from .errors import RegBNError, RegBNTypeError, RegBNValueError
+from .errors import RegBNError, RegBNTypeError, RegBNValueError, RegBNWarning
 from .fold import fold
 from .fx.analysis import find_fusions
 from .fx.dependence import DependenceReport, DependenceRow, dependence_of, measure_dependence
@@ -19,6 +19,7 @@ __all__ = [
     "RegBNError",
     "RegBNTypeError",
     "RegBNValueError",
+    "RegBNWarning",
     "Report",
     "TraceError",
     "convert_sync_regbn",

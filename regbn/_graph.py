@@ -83,10 +83,12 @@ def secular_root_device(d: Tensor, a: Tensor, steps: int = NEWTON_STEPS) -> tupl
 
 
 def _divided(e: Tensor, h: Tensor, hp: Tensor) -> Tensor:
-    """Γ_ij = (h_i − h_j)/(e_i − e_j), (h'_i + h'_j)/2 where e_i and e_j coincide."""
+    """Γ_ij = (h_i − h_j)/(e_i − e_j), (h'_i + h'_j)/2 where e_i and e_j coincide to within
+    eigh's round-off, which is absolute (about n·ε·max e): two small eigenvalues closer than
+    that are one cluster, and their difference quotient would be rounding noise."""
     de = e[:, None] - e[None, :]
-    scale = torch.maximum(e.abs()[:, None], e.abs()[None, :])
-    close = de.abs() <= 64 * torch.finfo(e.dtype).eps * scale
+    tol = 64 * e.shape[0] * torch.finfo(e.dtype).eps * e.abs().amax()
+    close = de.abs() <= tol
     dh = h[:, None] - h[None, :]
     return torch.where(close, 0.5 * (hp[:, None] + hp[None, :]), dh / torch.where(close, 1.0, de))
 
@@ -211,7 +213,7 @@ def graph_solve(
                 # φ = tr(Fᵀ h(K) F): dφ = 2⟨H F, dF⟩ + ⟨d h(K) F, F⟩ (Daleckii–Krein), written
                 # as zero-valued terms.
                 # h = e/(e + λ)² where kept; σ_MIN²/(σ_MIN² + λ)², constant, where thresholded.
-                h = e * nfun.square()
+                h = torch.where(thr, sigma_MIN**2 / den_t**2, e * nfun.square())  # exact
                 dh = torch.where(kept, (inv - 2 * e * inv.square()) * inv, zero)
                 # Between kept values Γ_h = (λ² − e_i e_j)/((e_i + λ)²(e_j + λ)²) exactly.
                 i2 = inv.square()

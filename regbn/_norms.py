@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .errors import RegBNValueError
 
@@ -94,7 +95,7 @@ def layer_norm(
     CPU tensor in eager mode, no device to wait for); max|x| is read and, when every sample is
     within 2ᵏ, the plain LayerNorm runs alone, the same numbers with six ops fewer (eval at
     small shapes is bound by the number of ops). Elsewhere (CUDA, compile, export, fold's
-    graph, fake tensors, torch.func) the rescaled form runs.
+    graph, fake tensors, torch.func, dispatch modes) the rescaled form runs.
     """
     k = _RESCALE_EXP.get(x.dtype if dtype is None else dtype, _RESCALE_EXP_DEFAULT)
     if host and _within(x, 2.0**k):
@@ -110,13 +111,15 @@ def layer_norm(
 
 def host_reads(x: Tensor) -> bool:
     """Whether a call on ``x`` may read values on the host: a plain CPU tensor in eager mode
-    (not under compile, jit.trace, fake tensors or torch.func), where a read waits for nothing."""
+    (not under compile, jit.trace, torch.func, or a dispatch mode such as make_fx's tracing or
+    FakeTensorMode), where a read waits for nothing."""
     return (
         type(x) is Tensor
         and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and torch._C._functorch.peek_interpreter_stack() is None
+        and _get_current_dispatch_mode() is None
     )
 
 

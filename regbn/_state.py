@@ -102,10 +102,12 @@ def _from_v1(state, layer: StateMixin) -> Tensor:
         if f is not None and g is not None:
             shapes = (tuple(f), tuple(g))
     elif isinstance(state, Tensor) and state.numel() > 0:
-        v = [int(x) for x in state.tolist()]
+        v = [int(x) for x in state.reshape(-1).tolist()]
         rest = v[1:]
         if v[0] != -1:
             nf = v[0]
+            if not 0 < nf < len(v) - 1:  # a layout no regbn wrote; the strict read refuses it
+                return state
             ng = v[1 + nf]
             shapes = (tuple(v[1 : 1 + nf]), tuple(v[2 + nf : 2 + nf + ng]))
             rest = v[2 + nf + ng :]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ __all__ = [
     "RegBNError",
     "RegBNTypeError",
     "RegBNValueError",
+    "RegBNWarning",
     "context",
     "current_entry",
     "public",
@@ -48,6 +48,11 @@ class RegBNValueError(RegBNError, ValueError):
 
 class RegBNTypeError(RegBNError, TypeError):
     """An argument has a type regbn cannot use."""
+
+
+class RegBNWarning(UserWarning):
+    """What regbn warns about (a ``UserWarning``): silence it with
+    ``warnings.filterwarnings("ignore", category=regbn.RegBNWarning)``."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,8 +93,8 @@ def public(fn: F | None = None, *, name: str | None = None) -> Any:
       chain of internal exceptions and frames, and with the entry's name in front of the
       message where the code that raised it did not say who refused (`with_context`). What
       caused it stays on the error as ``original`` (the exception it was raised from, or None).
-    - A warning regbn's code issued below it is shown at the caller's line, its message named
-      the same way.
+    - A `RegBNWarning` issued below it is shown at the caller's line, its message named the
+      same way; other warnings (torch's, the model's) are shown there as they were.
 
     An entry called by another (``insert`` runs ``inspect``'s analysis) adds nothing: the one
     the user called names itself."""
@@ -127,7 +132,6 @@ def public(fn: F | None = None, *, name: str | None = None) -> Any:
 
 # The public entry the user called, while it runs (None outside any).
 _ENTRY: contextvars.ContextVar[str | None] = contextvars.ContextVar("regbn_entry", default=None)
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def current_entry() -> str:
@@ -137,10 +141,10 @@ def current_entry() -> str:
 
 
 def _named(record: warnings.WarningMessage, entry: str) -> Warning | str:
-    """A warning regbn issued, with ``entry: `` in front unless it names who warned; others'
+    """A `RegBNWarning`, with ``entry: `` in front unless it names who warned; others'
     warnings (torch's, the model's) as they were."""
     message = record.message
     text = str(message)
-    if not os.path.abspath(record.filename).startswith(_PACKAGE) or _CONTEXT.match(text):
+    if not isinstance(message, RegBNWarning) or _CONTEXT.match(text):
         return message
-    return f"{entry}: {text}"
+    return RegBNWarning(f"{entry}: {text}")

@@ -26,7 +26,7 @@ from ._norms import (
 )
 from ._phases import phase
 from ._state import StateMixin, mean_abs
-from .errors import RegBNTypeError, RegBNValueError
+from .errors import RegBNTypeError, RegBNValueError, RegBNWarning
 from .solver import NonFiniteGuard, solve_batch, solve_dtype
 
 __all__ = ["RegBN", "NormSpec", "eval_maths", "layer_norm", "norm_spec"]
@@ -171,7 +171,7 @@ class RegBN(StateMixin):
         if gpu is not None:
             warnings.warn(
                 f"RegBN: gpu={gpu!r} is ignored; the layer follows .to(device) like any module",
-                UserWarning,
+                RegBNWarning,
                 stacklevel=2,
             )
         _checks.check_options(beta1, beta2, momentum, sigma_THR, sigma_MIN, lambda_rule, projection)

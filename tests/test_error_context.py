@@ -8,11 +8,16 @@ import pytest
 import torch
 
 from regbn import errors
-from regbn.errors import RegBNValueError, context, public
+from regbn.errors import RegBNValueError, RegBNWarning, context, public
 
-# Warnings count as regbn's by the file that issued them: one made to look like it.
-_warn_below = eval(
-    compile('lambda: warnings.warn("the branches may fuse inside", UserWarning, stacklevel=1)',
+
+def _warn_below() -> None:
+    warnings.warn("the branches may fuse inside", RegBNWarning, stacklevel=1)
+
+
+# A warning of torch's raised from a line of regbn's own file is still torch's.
+_torch_warns_in_regbn = eval(
+    compile('lambda: warnings.warn("torch at a regbn line", UserWarning, stacklevel=1)',
             errors.__file__, "eval"),
     {"warnings": warnings},
 )
@@ -73,13 +78,16 @@ def test_context_names_the_item_and_the_entry_names_the_call():
 def warns() -> None:
     _warn_below()  # regbn's own warning, issued deeper than the entry
     warnings.warn("torch's own words", UserWarning, stacklevel=1)
+    _torch_warns_in_regbn()
 
 
 def test_regbn_warnings_name_the_entry_and_are_shown_at_the_callers_line():
     with pytest.warns(UserWarning) as record:
         warns()
     texts = [str(w.message) for w in record]
-    assert texts == ["regbn.warns: the branches may fuse inside", "torch's own words"]
+    assert texts == ["regbn.warns: the branches may fuse inside", "torch's own words",
+                     "torch at a regbn line"]
+    assert [w.category for w in record] == [RegBNWarning, UserWarning, UserWarning]
     assert {w.filename for w in record} == {__file__}
 
 

@@ -648,6 +648,24 @@ def test_the_host_read_layer_norm_is_the_rescaled_one_bit_for_bit(scale, dtype):
     assert torch.equal(eager[0], graph[0]) and torch.equal(eager[1], graph[1])
 
 
+def test_eval_reads_nothing_on_the_host_under_a_dispatch_mode():
+    """make_fx's tracing and FakeTensorMode hold no values to read: eval runs the graph form."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = make((5,), (3,), normalize_input=True, affine=True)
+    f, g = batch(8, (5,), (3,))
+    layer(f, g)
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(f, g)
+        traced = make_fx(lambda a, b: layer(a, b), tracing_mode="real")(f, g)
+        torch.testing.assert_close(traced(f, g), expected, rtol=0, atol=0)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = layer(f, g)
+    assert out[0].shape == f.shape and out[1].shape == g.shape
+
+
 def test_input_statistics_that_overflow_are_rejected_without_touching_buffers():
     fs, gs = LAYER_SHAPES["map2d"]  # the input norm is a BatchNorm2d: its variance overflows
     layer = make(fs, gs, normalize_input=True)

@@ -20,7 +20,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegBNTypeError, RegBNValueError, public
+from ..errors import RegBNTypeError, RegBNValueError, RegBNWarning, public
 from ..layer import RegBN
 from .modality.fusions import Fusion, annotate_modalities, detect_fusions
 from .modality.inputs import describe_input_modalities, input_labels
@@ -152,7 +152,7 @@ def analyse(
             "instance of these classes is kept as one call (a leaf): it runs as written, and "
             "tensors inside it cannot be named. Pass leaf_modules=[...] yourself to choose "
             "other leaves",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
     if found.effects:
@@ -160,7 +160,7 @@ def analyse(
             f"the model's forward prints or logs ({'; '.join(found.effects[:3])}); "
             "tracing ran those lines once, and the patched model does not run them. Make the "
             "module that prints a leaf (leaf_modules=[...]) to keep them",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
     kinds = global_hooks()
@@ -172,7 +172,7 @@ def analyse(
             "model runs them for itself and for every module it calls as one call (leaves, "
             f"RegBN layers), but not for the modules traced through ({', '.join(inlined[:4])}"
             f"{' ...' if len(inlined) > 4 else ''}). Make those leaves if the hooks must see them",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
     traced = found.graph_module()
@@ -194,7 +194,7 @@ def analyse(
                 f"example_inputs ({'; '.join(differences[:3])}), so the shapes, modalities and "
                 "fusions shown here may not be the model's; regbn.insert would refuse this graph "
                 "and its message says how to proceed",
-                UserWarning,
+                RegBNWarning,
                 stacklevel=1,
             )
     # Modalities are structural: they hold for every node, even past a shape failure.
@@ -228,7 +228,7 @@ def _warn_hidden_fusions(gm: fx.GraphModule, fusions: set[str]) -> None:
             f"{'; '.join(hidden)}: the branches may fuse inside, where a leaf cannot "
             "be seen into, so no fusion is reported there. Pair tensors of each branch before "
             "they enter it, or make it traceable (drop it from leaf_modules)",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
 

@@ -48,7 +48,15 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..._progress import progress_bar
-from ...errors import RegBNError, RegBNTypeError, RegBNValueError, context, current_entry, public
+from ...errors import (
+    RegBNError,
+    RegBNTypeError,
+    RegBNValueError,
+    RegBNWarning,
+    context,
+    current_entry,
+    public,
+)
 from ..analysis import Analysis, analyse, split_by_projection, trace_options
 from ..modality.fusions import Fusion
 from ..names import resolve_name
@@ -434,7 +442,7 @@ def _auto(
     """`pairs_of_fusions`, with a warning per skipped fusion and an error when none is left."""
     chosen, names, skipped = pairs_of_fusions(fusions, max_projection_bytes)
     for message in skipped:
-        warnings.warn(message, UserWarning, stacklevel=1)
+        warnings.warn(message, RegBNWarning, stacklevel=1)
     if not chosen:
         raise RegBNValueError(
             "pairs='auto' found no fusion to measure (no node whose tensor operands "

@@ -30,7 +30,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ...errors import RegBNTypeError, RegBNValueError, public
+from ...errors import RegBNTypeError, RegBNValueError, RegBNWarning, public
 from ...layer import RegBN
 from ..analysis import Analysis, analyse, auto_pairs, capture_options, trace_options
 from ..modality.fusions import Fusion
@@ -125,7 +125,7 @@ def _auto_pairs(analysis: Analysis, regbn_kwargs: dict[str, Any]) -> list[tuple[
         gm=analysis.gm,
     )
     for message in skipped:
-        warnings.warn(message, UserWarning, stacklevel=1)
+        warnings.warn(message, RegBNWarning, stacklevel=1)
     return pairs
 
 
@@ -264,9 +264,9 @@ def _insert(
     _warn_similarity_pairs(plans, train.fusions)
     if regbn_kwargs.get("projection", "full") == "full":
         _warn_sequence_dims(plans, train.gm)
-    if min_dependence is not None:  # every pair checked first, in insert's words
+    if min_dependence is not None:  # each pair's own checks first, in insert's words
         plans = keep_dependent(train.gm, plans, batches, min_dependence, model)
-    check_order(plans, train.graph)
+    check_order(plans, train.graph)  # on the pairs kept: a dropped pair is not spliced
     per_mode = [(train.gm, plans)]
     if ev is not None:
         ev_plans = eval_plans(plans, train.gm, ev.gm)
@@ -297,7 +297,7 @@ def _warn_similarity_pairs(plans: list[Plan], fusions: list[Fusion]) -> None:
                     "row, so every call of the patched model, eval included, needs the two sets "
                     "paired sample by sample, in equal numbers (zero-shot calls with other "
                     "counts are refused)",
-                    UserWarning,
+                    RegBNWarning,
                     stacklevel=1,
                 )
 
@@ -325,7 +325,7 @@ def _warn_sequence_dims(plans: list[Plan], gm: fx.GraphModule) -> None:
                     "sized by it, so batches of another length are refused. Pair pooled or CLS "
                     "tensors of the same branches instead (regbn.inspect lists them), or pad "
                     "every batch to this length",
-                    UserWarning,
+                    RegBNWarning,
                     stacklevel=1,
                 )
 
@@ -341,7 +341,7 @@ def _warn_new_parameters(layers: list[RegBN], names: list[str]) -> None:
             "order, so its optimizer state still fits them; add the layers' as a group: "
             "optimizer.add_param_group({'params': [p for n, p in patched.named_parameters() "
             "if n.startswith('regbn_')]})",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
 
@@ -398,7 +398,7 @@ def _warn_kept(patched: nn.Module, names: set[str]) -> None:
         warnings.warn(
             f"regbn.remove: kept the RegBN layers {kept}, which regbn.insert did not add (the "
             "model had them before); delete them by hand if they should go",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import RegBNTypeError
+from ...errors import RegBNTypeError, RegBNWarning
 from ...layer import RegBN
 from ..tracing.capture import unwrap
 
@@ -65,7 +65,7 @@ def unwrapped(model: nn.Module) -> nn.Module:
             f"{type(inner).__name__} inside {' inside '.join(wrappers)}. The result is not "
             f"wrapped and its state_dict keys have no wrapper prefix; wrap it again after insert, "
             f"so that the new layers are part of it: {again}",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
     return inner
@@ -79,7 +79,7 @@ def warn_existing_layers(model: nn.Module) -> None:
             f"the model already holds RegBN layers {held}; the new layers are added next "
             "to them (numbered after them). regbn.remove(patched) removes only the layers "
             "insert added",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ...errors import RegBNTypeError, RegBNValueError
+from ...errors import RegBNTypeError, RegBNValueError, RegBNWarning
 from ..dependence import measure_graph
 from .plan import Plan
 
@@ -82,7 +82,7 @@ def keep_dependent(
             f"min_dependence={min_dependence}: skipped {len(skipped)} of "
             f"{len(pairs)} pairs whose dependence above chance (r2 - r2_shuffled) is below it: "
             f"{numbers}",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
     return kept

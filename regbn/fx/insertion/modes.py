@@ -16,7 +16,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ...errors import RegBNValueError
+from ...errors import RegBNValueError, RegBNWarning
 from ..names import INSPECT_HINT
 from ..shapes.record import tensor_record
 from ..tracing.mode_graph import ModeGraphModule
@@ -118,7 +118,7 @@ def warn_mixed_modes(model: nn.Module, train: fx.GraphModule, ev: fx.GraphModule
             f"the model is in {mode} mode but {sorted(other)} are not, and their code "
             f"reads self.training; the result runs it as in {mode} mode until patched.train() "
             "or patched.eval() sets every module",
-            UserWarning,
+            RegBNWarning,
             stacklevel=1,
         )
 

@@ -144,21 +144,16 @@ def _build_layer(f: tuple[int, ...], g: tuple[int, ...], f_node: fx.Node, kwargs
 
 
 def resolve_pairs(
-    gm: fx.GraphModule,
-    pairs: Sequence[tuple[str | fx.Node, str | fx.Node]],
-    model: nn.Module,
-    mode: str = "",
+    gm: fx.GraphModule, pairs: Sequence[tuple[str, str]], model: nn.Module
 ) -> list[Plan]:
-    """Each pair's nodes in ``gm`` (a name is resolved, a node taken as it is), checked on its
-    own: two different float tensors (batch, channels, ...) of one batch size. ``mode`` names
-    the graph in messages (" (eval-mode graph)"); a plan keeps the user's pair index."""
+    """Each pair's nodes in ``gm``, checked on its own: two different float tensors (batch,
+    channels, ...) of one batch size. A plan keeps the user's pair index."""
     plans = []
     for i, (f_name, g_name) in enumerate(pairs):
-        with context(f"pair {i}{mode}"):
-            f, g = (x if isinstance(x, fx.Node) else resolve_name(gm, x, model)
-                    for x in (f_name, g_name))
-            _check_pair(f, g, str(f_name), str(g_name))
-        plans.append(Plan(f, g, str(f_name), str(g_name), None, i))
+        with context(f"pair {i}"):
+            f, g = resolve_name(gm, f_name, model), resolve_name(gm, g_name, model)
+            _check_pair(f, g, f_name, g_name)
+        plans.append(Plan(f, g, f_name, g_name, None, i))
     return plans
 
 

@@ -357,6 +357,8 @@ def trace_graph(
             if (not auto_leaves or cls is None or cls in classes or len(made) >= _MAX_AUTO
                     or isinstance(failed.exc, RegionError)):
                 if failed.error is failed.exc:  # a RegionError says it all already
+                    # Its own cause, not this loop's wrapper, is what `public` reports as original.
+                    failed.error.original = failed.error.__cause__
                     raise failed.error from None
                 raise failed.error from failed.exc
             classes = (*classes, cls)
