@@ -356,10 +356,10 @@ def trace_graph(
             cls = type(module) if module is not None else None
             if (not auto_leaves or cls is None or cls in classes or len(made) >= _MAX_AUTO
                     or isinstance(failed.exc, RegionError)):
-                if failed.error is failed.exc:  # a RegionError says it all already
+                if isinstance(failed.exc, RegionError):  # it says it all already
                     # Its own cause, not this loop's wrapper, is what `public` reports as original.
-                    failed.error.original = failed.error.__cause__
-                    raise failed.error from None
+                    failed.exc.original = failed.exc.__cause__
+                    raise failed.exc from None
                 raise failed.error from failed.exc
             classes = (*classes, cls)
             reason = getattr(failed.error, "reason", None) or type(failed.exc).__name__
