@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._format import shape_str
 from ._norms import PROJECTIONS
@@ -27,6 +28,7 @@ __all__ = [
     "check_projection_size",
     "check_training_batch",
     "functorch_active",
+    "host_reads",
     "is_symbolic",
     "solve_failed",
 ]
@@ -225,6 +227,20 @@ def is_symbolic(x: Tensor) -> bool:
 def functorch_active() -> bool:
     """True inside a torch.func transform (vmap, grad, jacrev, ...)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def host_reads(x: Tensor) -> bool:
+    """Whether a call on ``x`` may read values on the host: a plain CPU tensor in eager mode
+    (not under compile, jit.trace, torch.func, or a dispatch mode such as make_fx's tracing or
+    FakeTensorMode), where a read waits for nothing."""
+    return (
+        type(x) is Tensor
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not functorch_active()
+        and _get_current_dispatch_mode() is None
+    )
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .errors import RegBNValueError
 
@@ -24,7 +23,6 @@ __all__ = [
     "apply_spec",
     "as_rows",
     "eval_maths",
-    "host_reads",
     "from_rows",
     "input_norm",
     "layer_norm",
@@ -91,11 +89,11 @@ def layer_norm(
     lies below the dtype's round-off. t is a constant for autograd: the result does not depend
     on it, so the gradient is exact. ``dtype``: x's (given where x is an fx Proxy).
 
-    ``host``: the caller found that x may be read on the host (:func:`host_reads`: a plain
-    CPU tensor in eager mode, no device to wait for); max|x| is read and, when every sample is
-    within 2ᵏ, the plain LayerNorm runs alone, the same numbers with six ops fewer (eval at
-    small shapes is bound by the number of ops). Elsewhere (CUDA, compile, export, fold's
-    graph, fake tensors, torch.func, dispatch modes) the rescaled form runs.
+    ``host``: the caller found that x may be read on the host (a plain CPU tensor in eager
+    mode, no device to wait for: :func:`regbn._checks.host_reads`); max|x| is read and, when
+    every sample is within 2ᵏ, the plain LayerNorm runs alone, the same numbers with six ops
+    fewer (eval at small shapes is bound by the number of ops). Elsewhere (CUDA, compile,
+    export, fold's graph, fake tensors, torch.func, dispatch modes) the rescaled form runs.
     """
     k = _RESCALE_EXP.get(x.dtype if dtype is None else dtype, _RESCALE_EXP_DEFAULT)
     if host and _within(x, 2.0**k):
@@ -109,22 +107,8 @@ def layer_norm(
     return TF.layer_norm(x / t, list(shape), weight, bias, eps)
 
 
-def host_reads(x: Tensor) -> bool:
-    """Whether a call on ``x`` may read values on the host: a plain CPU tensor in eager mode
-    (not under compile, jit.trace, torch.func, or a dispatch mode such as make_fx's tracing or
-    FakeTensorMode), where a read waits for nothing."""
-    return (
-        type(x) is Tensor
-        and x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and _get_current_dispatch_mode() is None
-    )
-
-
 def _within(x: Tensor, limit: float) -> bool:
-    """max|x| ≤ limit, read on the host (the caller checked `host_reads`)."""
+    """max|x| ≤ limit, read on the host (the caller checked `regbn._checks.host_reads`)."""
     if type(x) is not Tensor or x.numel() == 0:
         return False
     lo, hi = torch.aminmax(x.detach() if x.requires_grad else x)

@@ -19,7 +19,6 @@ from ._norms import (
     as_rows,
     eval_maths,
     from_rows,
-    host_reads,
     layer_norm,
     norm_spec,
     run_norm,
@@ -350,7 +349,7 @@ class RegBN(StateMixin):
             norms = [norm_spec(m) for m in self._norms()]
             f_r, g_n = eval_maths(
                 f, g, self.W, norms, fs, gs, self._compute_dtype(f), self.projection,
-                host=host_reads(f),
+                host=_checks.host_reads(f),
             )
         if not autocast and f_r.dtype != out_dtype:
             f_r, g_n = f_r.to(out_dtype), g_n.to(out_dtype)

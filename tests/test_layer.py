@@ -629,7 +629,8 @@ def test_layer_norm_matches_torch_and_survives_extremes():
 def test_the_host_read_layer_norm_is_the_rescaled_one_bit_for_bit(scale, dtype):
     """Eager eval reads max|x| on the host and skips the rescaling when no sample needs it;
     the numbers are those of the graph form (fold, export, compile), within 2**k or beyond."""
-    from regbn._norms import host_reads, layer_norm
+    from regbn._checks import host_reads
+    from regbn._norms import layer_norm
 
     x = torch.randn(6, 3, 5, dtype=dtype) * torch.tensor([1.0, scale, 1e-3] * 2,
                                                         dtype=dtype)[:, None, None]
