@@ -529,15 +529,9 @@ class RegBN(StateMixin):
     @torch.no_grad()
     def _update_running_masked(self, D: Tensor, d: Tensor, lam: Tensor, ok: Tensor) -> None:
         """:meth:`_update_running` where ``ok`` (a device flag) holds, no change elsewhere."""
-        t = self.num_batches_tracked.to(self.adam_m.dtype).reshape(1) + 1
-        d = d.to(self.adam_m.dtype).reshape(1)
-        m, v = self.adam_m.view(1), self.adam_v.view(1)
-        m_new = torch.lerp(m, d, 1 - self.beta1)
-        v_new = torch.lerp(v, d * d, 1 - self.beta2)
-        m_hat = m_new / _bias_correction(self.beta1, t)
-        v_hat = v_new / _bias_correction(self.beta2, t)
-        eta = (m_hat / (v_hat.sqrt() + 1e-8) * self.momentum).to(self.W.dtype)
+        m_new, v_new, eta = self._adam(d)
         self.W.copy_(torch.where(ok, torch.addcmul(self.W, D, eta), self.W))
+        m, v = self.adam_m.view(1), self.adam_v.view(1)
         m.copy_(torch.where(ok, m_new, m))
         v.copy_(torch.where(ok, v_new, v))
         self.num_batches_tracked.add_(ok.to(self.num_batches_tracked.dtype))
@@ -566,21 +560,29 @@ class RegBN(StateMixin):
         ``D`` is W_batch − W and ``d`` its mean absolute entry. Nothing is read on the host: t
         and η stay on the device.
         """
-        t = self.num_batches_tracked.to(self.adam_m.dtype).reshape(1) + 1
-        d = d.to(self.adam_m.dtype).reshape(1)
-        # m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d², as lerps. Written through 1-element
-        # views: torch.compile drops in-place updates of a 0-dim float64 CPU tensor (it treats
-        # one as a Python float), and the running W would silently drift from eager's.
-        m, v = self.adam_m.view(1), self.adam_v.view(1)
-        m.lerp_(d, 1 - self.beta1)
-        v.lerp_(d * d, 1 - self.beta2)
-        m_hat = m / _bias_correction(self.beta1, t)
-        v_hat = v / _bias_correction(self.beta2, t)
-        eta = m_hat.div_(v_hat.sqrt_().add_(1e-8)).mul_(self.momentum)
-        self.W.addcmul_(D, eta.to(self.W.dtype))
+        m_new, v_new, eta = self._adam(d)
+        # Written through 1-element views: torch.compile drops in-place updates of a 0-dim
+        # float64 CPU tensor (it treats one as a Python float), and the running W would
+        # silently drift from eager's.
+        self.adam_m.view(1).copy_(m_new)
+        self.adam_v.view(1).copy_(v_new)
+        self.W.addcmul_(D, eta)
         self.num_batches_tracked.add_(1)
         self.lambda_history.copy_(torch.roll(self.lambda_history, -1))
         self.lambda_history[-1:].fill_(lam)
+
+    def _adam(self, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(m, v, η) after one more step with mean |D| = ``d``, as 1-element tensors (η in W's
+        dtype): m ← β1 m + (1 − β1) d and v ← β2 v + (1 − β2) d² as lerps, η from their
+        bias-corrected ratio. Nothing is written: the eager and the masked updates store them."""
+        t = self.num_batches_tracked.to(self.adam_m.dtype).reshape(1) + 1
+        d = d.to(self.adam_m.dtype).reshape(1)
+        m_new = torch.lerp(self.adam_m.view(1), d, 1 - self.beta1)
+        v_new = torch.lerp(self.adam_v.view(1), d * d, 1 - self.beta2)
+        m_hat = m_new / _bias_correction(self.beta1, t)
+        v_hat = v_new / _bias_correction(self.beta2, t)
+        eta = m_hat / (v_hat.sqrt() + 1e-8) * self.momentum
+        return m_new, v_new, eta.to(self.W.dtype)
 
 
 def _bias_correction(beta: float, t: Tensor) -> Tensor:
