@@ -66,8 +66,14 @@ def with_context(error: RegBNError, name: str) -> RegBNError:
     who refused (``regbn.insert: ...``, ``RegBN: ...``). Added once, at the public entry, as
     einops re-raises an error with its pattern."""
     if error.args and isinstance(error.args[0], str) and not _CONTEXT.match(error.args[0]):
-        error.args = (f"{name}: {error.args[0]}", *error.args[1:])
+        _prepend(error, name)
     return error
+
+
+def _prepend(error: BaseException, text: str) -> None:
+    """``text: `` in front of the error's message, when it has one."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{text}: {error.args[0]}", *error.args[1:])
 
 
 @contextlib.contextmanager
@@ -77,8 +83,7 @@ def context(text: str) -> Iterator[None]:
     try:
         yield
     except RegBNError as error:
-        if error.args and isinstance(error.args[0], str):
-            error.args = (f"{text}: {error.args[0]}", *error.args[1:])
+        _prepend(error, text)
         raise
 
 
