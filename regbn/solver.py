@@ -243,6 +243,11 @@ def _attempt(
         lam = secular_root(d, a)
     if lam == 0.0:
         return _Next.GENERAL
+    eps = torch.finfo(wd).eps
+    if _root_error(d, a, lam, rule, primal, n * eps * top) > _SAFE * n * eps:
+        # An eigenvalue's round-off moves φ(λ⁺) more than round-off: where the general path
+        # reads s off G (or the float64 pass, for a float32 one), ‖W‖ keeps its precision.
+        return _Next.GENERAL if precise else _Next.RETRY
     if not precise and not (math.isfinite(lam) and lam > _SAFE * tol):
         return _Next.RETRY  # λ⁺ near the round-off of the float32 Gram: its root is ill-determined
     bound = bound_of_fast_path(eh, qn_h, nz, lam, primal, fn2_h)
@@ -257,6 +262,22 @@ def _attempt(
             sol = _dual_fast(F, G, (K, U, e, Q, nz, d, top), lam, dphi, rule, need_grad)
     sol.bound, sol.guard = bound, held
     return sol
+
+
+def _root_error(d: np.ndarray, a: np.ndarray, lam: float, rule: str, primal: bool,
+                err: float) -> float:
+    """How far φ(λ⁺) = Σ a_i/(d_i + λ⁺)² may be from 1 when every eigenvalue d_i is off by
+    ``err`` (the Gram's round-off, absolute): Σ |∂φ/∂d_i| · err, with a_i's own dependence on
+    d_i (a = d‖(UᵀF)_i‖² for the paper's rule on GGᵀ, d² for the official one). A small d_i
+    carrying much of φ makes it large although every eigenvalue passed the zero test."""
+    x = d + lam
+    if rule == "official":
+        slope = 2 * d * lam / x**3
+    elif primal:
+        slope = 2 * a / x**3
+    else:
+        slope = (a / d) * np.abs(lam - d) / x**3
+    return float(np.sum(np.abs(slope))) * err
 
 
 def _masked(e: Tensor, nz: np.ndarray, lam: float) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from reference import reference, ridge_direct
 
@@ -125,7 +125,7 @@ def test_official_rule_depends_on_g_alone_and_misses_the_paper_constraint():
     assert 0.05 < float(W.square().sum()) < 0.5
 
 
-def test_float32_constraint_at_seed_shape():
+def test_float32_constraint_at_the_official_readme_shape():
     gen = torch.Generator().manual_seed(0)
     F = torch.randn(50, 512, generator=gen)
     G = torch.randn(50, 64 * 7 * 7, generator=gen)
@@ -164,6 +164,9 @@ def test_gram_and_primal_paths_agree():
     f_scale=st.floats(0.01, 30.0),
     rule=st.sampled_from(["paper", "official"]),
 )
+# A small singular value (1e-4 of the largest) carrying most of ‖W(0)‖: its eigenvalue's
+# round-off in the Gram moved ‖W‖² by 6.5e-8 on the fast path.
+@example(seed=204, B=5, Dg=5, Df=1, g_scale=1.0, f_scale=1.0, rule="paper")
 def test_properties(seed, B, Dg, Df, g_scale, f_scale, rule):
     gen = torch.Generator().manual_seed(seed)
     G = g_scale * torch.randn(B, Dg, generator=gen, dtype=torch.float64)
